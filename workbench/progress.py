@@ -1,0 +1,93 @@
+"""Progress reporting and cancellation shared by every long step.
+
+Library code reports progress once through a :class:`Progress`; the CLI turns it into a tqdm bar, a panel into a
+progress widget. Cancellation is cooperative: long loops call :meth:`Progress.check` between chunks (or use
+:meth:`Progress.iter`, which does), and a cancelled run raises :class:`RunInterrupted` there.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
+
+from workbench.errors import RunInterrupted
+
+T = TypeVar("T")
+ProgressCallback = Callable[[float, str], None]
+
+
+class Progress:
+    """A fraction in [0, 1] plus a short message, mapped onto a sub-range of a parent's bar.
+
+    ``Progress(callback)`` reports to ``callback(fraction, message)``; ``progress.span(0.2, 0.9)`` gives a child
+    whose 0..1 maps to 0.2..0.9 of the parent, so nested steps need not know where they sit. All children share
+    one cancel event: ``cancel()`` on any of them stops the whole run at the next ``check()``.
+    """
+
+    def __init__(
+        self,
+        callback: ProgressCallback | None = None,
+        *,
+        cancel_event: threading.Event | None = None,
+        _start: float = 0.0,
+        _end: float = 1.0,
+    ) -> None:
+        self._callback = callback
+        self.cancel_event = cancel_event if cancel_event is not None else threading.Event()
+        self._start, self._end = _start, _end
+
+    @classmethod
+    def null(cls) -> Progress:
+        return cls(None)
+
+    def update(self, fraction: float, message: str = "") -> None:
+        """Report ``fraction`` (0..1 of this step) and check for cancellation."""
+        self.check()
+        if self._callback is not None:
+            f = min(max(float(fraction), 0.0), 1.0)
+            self._callback(self._start + (self._end - self._start) * f, message)
+
+    def span(self, start: float, end: float) -> Progress:
+        """A child progress covering ``start..end`` (fractions of this one)."""
+        width = self._end - self._start
+        return Progress(
+            self._callback,
+            cancel_event=self.cancel_event,
+            _start=self._start + width * start,
+            _end=self._start + width * end,
+        )
+
+    def iter(self, items: Iterable[T], desc: str = "", total: int | None = None) -> Iterator[T]:
+        """Yield ``items``, reporting progress and checking cancellation before each one."""
+        if total is None:
+            try:
+                total = len(items)  # type: ignore[arg-type]
+            except TypeError:
+                total = None
+        for i, item in enumerate(items):
+            self.update(i / total if total else 0.0, f"{desc} {i + 1}/{total}" if total else desc)
+            yield item
+        self.update(1.0, desc)
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    def check(self) -> None:
+        """Raise :class:`RunInterrupted` if the run was cancelled."""
+        if self.cancel_event.is_set():
+            raise RunInterrupted("Run stopped by the user.")
+
+
+def as_progress(progress: Progress | ProgressCallback | None) -> Progress:
+    """Accept a Progress, a plain ``callback(fraction, message)`` or None."""
+    if isinstance(progress, Progress):
+        return progress
+    return Progress(progress)
+
+
+__all__ = ["Progress", "ProgressCallback", "as_progress"]
