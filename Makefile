@@ -1,0 +1,70 @@
+# Efficiency Workbench: `make lab` opens the workbench, `make test` runs every test. Both set up what they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PORT ?= 8888
+TOKEN ?= workbench
+# The prepared demo model (a safetensors copy of the embedded GGUF) and cached base-model outputs live here.
+export WORKBENCH_HOME ?= $(CURDIR)/.cache/workbench-home
+# torch first, pinned to the CPU build this machine serves from disk; a looser requirement would pull CUDA wheels.
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: lab dashboard test test-fast setup setup-test demo browser bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Install torch only when the environment has none (a GPU user's own torch is kept), then the package with
+# a constraint that pins whatever torch is present so pip never swaps it.
+$(VENV)/.installed: $(PY) pyproject.toml
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION)
+	@$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-pin.txt
+	$(PIP) install -q -c $(VENV)/torch-pin.txt -e '.[quant,dashboard]'
+	@touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -q -c $(VENV)/torch-pin.txt -e '.[quant,dashboard,test,postgres]'
+	@touch $@
+
+setup: $(VENV)/.installed
+setup-test: $(VENV)/.installed-test
+
+demo: setup
+	$(PY) -m workbench.cli prepare-demo
+
+lab: demo
+	$(PY) -m workbench.cli lab --port $(PORT) --token $(TOKEN)
+
+dashboard: demo
+	$(PY) -m workbench.cli lab --dashboard --port $(PORT) --token $(TOKEN)
+
+# Debian's Chromium for the browser test (Playwright cannot download its own browser here).
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "Chromium missing: install Debian's 'chromium' package for the browser test."; fi; \
+	fi
+
+# pytest's exit code 5 means it collected no test: that is a failure too, said plainly.
+test: setup-test demo browser
+	@$(PY) -m pytest -q --timeout=900 $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc = 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+
+test-fast: setup-test
+	$(PY) -m pytest -q -m "not slow and not browser" $(PYTEST_ARGS)
+
+bench: setup-test demo
+	$(PY) bench/eval_throughput.py
+	$(PY) bench/quant_quality.py
+	$(PY) bench/registry_scale.py
+	$(PY) bench/ui_refresh.py
+
+lint: setup-test
+	$(PY) -m ruff check workbench widgets tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

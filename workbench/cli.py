@@ -1,0 +1,284 @@
+"""`workbench ...`: the headless front end. Argument parsing and printing only; the library does the work.
+
+    workbench prepare-demo                       # extract and cache the embedded demo model
+    workbench eval --model demo --suite quick    # baseline run, prints a table
+    workbench run --model demo --technique rtn --param bits=3 --param group_size=64
+    workbench sweep --model demo --technique rtn --bits 2 3 4 8
+    workbench runs --technique rtn --format md   # list / filter / export the registry
+    workbench registry upgrade --url sqlite:///workbench-runs.db
+    workbench lab [--dashboard]                  # JupyterLab (or a Voila dashboard) on notebooks/
+
+Bad input prints one line to stderr and exits with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from workbench.errors import ConfigError, WorkbenchError
+
+SHOWN_METRICS = (
+    "ppl",
+    "kl_mean",
+    "kl_p99",
+    "top1_agree",
+    "bits_per_weight",
+    "size_mb",
+    "prefill_tok_s",
+    "decode_tok_s",
+    "peak_mem_mb",
+)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        lowered = text.lower()
+        if lowered in ("true", "false"):
+            return lowered == "true"
+        return text
+
+
+def _params(pairs: Sequence[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--param {pair!r} must look like name=value, e.g. --param bits=4.")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+def _suite(args: argparse.Namespace) -> Any:
+    from workbench.evaluate import get_suite
+
+    suite = get_suite(args.suite)
+    text = getattr(args, "text", None)
+    if text:
+        if not Path(text).is_file():
+            raise ConfigError(f"--text {text}: no such file. Give a path to a UTF-8 text file.")
+        suite = dataclasses.replace(suite, corpus=str(Path(text).resolve()))
+    return suite
+
+
+class _Bar:
+    """A tqdm bar fed by the library's progress callback."""
+
+    def __init__(self, desc: str) -> None:
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=1000, desc=desc, leave=False, file=sys.stderr, bar_format="{l_bar}{bar}| {postfix}")
+
+    def __call__(self, fraction: float, message: str) -> None:
+        self._bar.n = int(fraction * 1000)
+        self._bar.set_postfix_str(message[:40], refresh=True)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _run_one(args: argparse.Namespace, pipeline: list[Any]) -> Any:
+    from workbench.experiment import run_experiment
+
+    bar = _Bar("run")
+    try:
+        return run_experiment(
+            args.model,
+            pipeline,
+            _suite(args),
+            registry=args.registry,
+            progress=bar,
+            tags=tuple(args.tag or ()),
+            notes=args.notes or "",
+            reuse=not args.force,
+        )
+    finally:
+        bar.close()
+
+
+def _print_results(results: Sequence[Any], fmt: str = "md") -> int:
+    import pandas as pd
+
+    from workbench.export import export_frame
+
+    rows = []
+    for res in results:
+        row: dict[str, Any] = {"run": res.run_id, "pipeline": res.label, "status": res.status}
+        row.update({k: res.metrics.get(k) for k in SHOWN_METRICS if k in res.metrics})
+        if res.reused:
+            row["status"] = "done (from registry)"
+        rows.append(row)
+    print(export_frame(pd.DataFrame(rows), fmt))
+    failed = [r for r in results if r.status != "done"]
+    for res in failed:
+        print(f"run {res.run_id} {res.status}: {res.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    return _print_results([_run_one(args, [])])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from workbench.techniques import make_config
+
+    pipeline = [make_config(args.technique, **_params(args.param or ()))]
+    return _print_results([_run_one(args, pipeline)])
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from workbench.techniques import make_config
+
+    base = _params(args.param or ())
+    configs = [make_config(args.technique, **{**base, "bits": b}) for b in args.bits]  # all validated first
+    results = [_run_one(args, [c]) for c in configs]
+    return _print_results(results)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from workbench.export import export_frame
+    from workbench.registry import Registry
+
+    reg = Registry.open(args.registry)
+    frame = reg.runs_frame(
+        model=args.model_fingerprint,
+        status=None if args.status == "all" else args.status,
+        technique=args.technique,
+        tag=args.tag,
+    )
+    if args.columns:
+        missing = [c for c in args.columns if c not in frame.columns]
+        if missing:
+            raise ConfigError(f"Unknown column(s) {', '.join(missing)}. Columns: {', '.join(frame.columns)}.")
+        frame = frame[list(args.columns)]
+    elif args.format == "md" and not args.output:
+        keep = ["run_id", "status", "pipeline", "suite"] + [f"metric_{m}" for m in SHOWN_METRICS]
+        frame = frame[[c for c in keep if c in frame.columns]]
+    if frame.empty and not args.output:
+        print("No runs match. Record one with: workbench eval --model demo", file=sys.stderr)
+        return 0
+    text = export_frame(frame, args.format, path=args.output)
+    if args.output:
+        print(f"wrote {len(frame)} run(s) to {args.output}")
+    else:
+        print(text)
+    return 0
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    from workbench.registry import Registry
+
+    if args.action == "upgrade":
+        Registry.upgrade(args.url)
+        print(f"Registry at {args.url or 'the default location'} is up to date.")
+    return 0
+
+
+def cmd_prepare_demo(args: argparse.Namespace) -> int:
+    from workbench.models import prepare_demo
+
+    print(prepare_demo())
+    return 0
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    root = Path(args.notebooks).resolve()
+    if not root.is_dir():
+        raise ConfigError(f"No notebooks folder at {root}. Run from the repository root or pass --notebooks.")
+    env = dict(os.environ)
+    if args.dashboard:
+        cmd = [sys.executable, "-m", "voila", str(root / args.notebook), "--no-browser", f"--port={args.port}",
+               "--Voila.ip=127.0.0.1", f"--ServerApp.token={args.token}"]
+        url = f"http://127.0.0.1:{args.port}/?token={args.token}"
+    else:
+        cmd = [sys.executable, "-m", "jupyter", "lab", f"--notebook-dir={root}", "--no-browser",
+               "--ip=127.0.0.1", f"--port={args.port}", f"--IdentityProvider.token={args.token}"]
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            cmd.append("--allow-root")
+        url = f"http://127.0.0.1:{args.port}/lab?token={args.token}"
+    print(f"Efficiency Workbench: open {url}", flush=True)
+    return subprocess.call(cmd, env=env)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="workbench", description="Shrink a language model and see what it costs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default="demo", help="demo, a Hugging Face id, a folder or a .gguf file")
+        p.add_argument("--suite", default="quick", help="quick (seconds) or standard (~20k tokens)")
+        p.add_argument("--text", help="evaluate on this local text file instead of the suite's corpus")
+        p.add_argument("--registry", default=None, help="SQLAlchemy URL (default $WORKBENCH_REGISTRY or ./workbench-runs.db)")
+        p.add_argument("--tag", action="append", help="tag the run (repeatable)")
+        p.add_argument("--notes", default="", help="free-text notes stored with the run")
+        p.add_argument("--force", action="store_true", help="recompute even if the registry has this run")
+
+    p = sub.add_parser("eval", help="evaluate the unmodified model (a baseline run)")
+    common(p)
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("run", help="apply one technique and evaluate")
+    common(p)
+    p.add_argument("--technique", required=True, help="e.g. rtn, gptq, awq, bnb, quanto")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE", help="technique parameter (repeatable)")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("sweep", help="run a technique at several bit widths")
+    common(p)
+    p.add_argument("--technique", required=True)
+    p.add_argument("--bits", type=int, nargs="+", default=[8, 6, 5, 4, 3, 2])
+    p.add_argument("--param", action="append", metavar="NAME=VALUE")
+    p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("runs", help="list, filter and export recorded runs")
+    p.add_argument("--registry", default=None)
+    p.add_argument("--status", default="done", choices=["done", "failed", "interrupted", "running", "all"])
+    p.add_argument("--technique")
+    p.add_argument("--tag")
+    p.add_argument("--model-fingerprint", default=None)
+    p.add_argument("--columns", nargs="+")
+    p.add_argument("--format", default="md", choices=["csv", "md", "html", "tex", "json"])
+    p.add_argument("--output", help="write to this file instead of printing")
+    p.set_defaults(fn=cmd_runs)
+
+    p = sub.add_parser("registry", help="registry maintenance")
+    p.add_argument("action", choices=["upgrade"])
+    p.add_argument("--url", default=None)
+    p.set_defaults(fn=cmd_registry)
+
+    p = sub.add_parser("prepare-demo", help="extract the embedded demo model and cache a safetensors copy")
+    p.set_defaults(fn=cmd_prepare_demo)
+
+    p = sub.add_parser("lab", help="open the workbench in JupyterLab (or as a dashboard)")
+    p.add_argument("--dashboard", action="store_true", help="serve the app alone with Voila")
+    p.add_argument("--notebooks", default="notebooks")
+    p.add_argument("--notebook", default="00_quickstart.ipynb", help="the notebook --dashboard serves")
+    p.add_argument("--port", type=int, default=int(os.environ.get("WORKBENCH_PORT", "8888")))
+    p.add_argument("--token", default=os.environ.get("WORKBENCH_TOKEN", "workbench"))
+    p.set_defaults(fn=cmd_lab)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except WorkbenchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

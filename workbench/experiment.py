@@ -1,0 +1,247 @@
+"""One run: load (cached) -> check -> apply the pipeline to a copy -> evaluate -> record.
+
+``run_experiment`` is the single entry point the CLI, the panels and sweeps use. A run with the same model
+fingerprint, pipeline and suite that is already ``done`` in the registry is returned at once instead of being
+recomputed, so a slider moved back answers immediately. Bad input raises :class:`ConfigError` before any heavy
+work and before anything is recorded; a run that then fails is recorded ``failed`` with its error, one that is
+cancelled ``interrupted``; no earlier run is touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from workbench.errors import ConfigError, RunInterrupted, WorkbenchError
+from workbench.progress import Progress, ProgressCallback, as_progress
+from workbench.techniques.base import (
+    ApplyContext,
+    apply_pipeline_,
+    check,
+    config_from_dict,
+    describe_pipeline,
+    pipeline_to_json,
+    technique_for,
+)
+
+# How often a running run tells the registry it is alive; a run whose heartbeat is older than a few periods
+# (on another host, where its pid cannot be checked) is considered dead and marked interrupted.
+HEARTBEAT_S = 10.0
+
+
+@dataclass
+class RunResult:
+    """What one call of :func:`run_experiment` produced (or found again in the registry)."""
+
+    run_id: int | None
+    status: str  # done | failed | interrupted
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    reused: bool = False
+    generations: list[dict[str, str]] = field(default_factory=list)
+    label: str = "baseline"
+    model_fingerprint: str = ""
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "done"
+
+
+def _as_pipeline(pipeline: Any) -> list[Any]:
+    if pipeline is None:
+        return []
+    if not isinstance(pipeline, (list, tuple)):
+        pipeline = [pipeline]
+    out = []
+    for step in pipeline:
+        out.append(config_from_dict(step) if isinstance(step, Mapping) else step)
+    for step in out:
+        technique_for(step)  # unknown config types fail here, before anything loads
+    return out
+
+
+def environment() -> dict[str, Any]:
+    """Library versions and the machine a run ran on, stored with every run."""
+    import torch
+    import transformers
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+    import sys
+
+    for name in ("bitsandbytes", "optimum.quanto", "gguf"):
+        module = sys.modules.get(name)
+        if module is not None:
+            env[name] = getattr(module, "__version__", "?")
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+class _Heartbeat:
+    """Touches the run's heartbeat from a daemon thread while the run works."""
+
+    def __init__(self, registry: Any, run_id: int, period: float = HEARTBEAT_S) -> None:
+        self._registry, self._run_id, self._period = registry, run_id, period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{run_id}", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._period):
+            try:
+                self._registry.heartbeat(self._run_id)
+            except WorkbenchError:
+                pass  # a missed heartbeat only delays stale detection; the run itself goes on
+
+
+def _open_registry(registry: Any) -> Any:
+    from workbench.registry import Registry
+
+    if registry is None or isinstance(registry, str):
+        return Registry.open(registry)
+    return registry
+
+
+def run_experiment(
+    model: Any,
+    pipeline: Any = (),
+    suite: Any = "quick",
+    *,
+    registry: Any = None,
+    progress: Progress | ProgressCallback | None = None,
+    tags: Sequence[str] = (),
+    notes: str = "",
+    parent_id: int | None = None,
+    reuse: bool = True,
+    seed: int = 0,
+) -> RunResult:
+    """Run one experiment and record it.
+
+    Args:
+        model: a model spec (``"demo"``, a Hugging Face id, a folder, a ``.gguf`` file, a
+            :class:`~workbench.models.ModelSpec`) or an already loaded :class:`~workbench.models.LoadedModel`.
+        pipeline: technique configs applied in order (a single config is a one-step pipeline); the empty
+            pipeline is the baseline. Stored dicts (``{"technique", "version", "params"}``) are accepted.
+        suite: ``"quick"``, ``"standard"`` or a :class:`~workbench.evaluate.Suite`.
+        registry: a :class:`~workbench.registry.Registry`, a SQLAlchemy URL, or None for the default.
+        progress: a :class:`Progress` (cancel it to stop the run) or a ``callback(fraction, message)``.
+        reuse: return a matching ``done`` run from the registry instead of recomputing.
+
+    Raises:
+        ConfigError: bad input (unknown model or technique, parameters the model cannot take), before any
+            heavy work and before anything is recorded.
+    """
+    from workbench.evaluate import evaluate, get_suite
+    from workbench.models import LoadedModel, load_model
+
+    progress = as_progress(progress)
+    steps = _as_pipeline(pipeline)
+    suite = get_suite(suite)
+    reg = _open_registry(registry)
+    label = describe_pipeline(steps)
+    pipeline_json = pipeline_to_json(steps)
+
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, progress=progress.span(0.0, 0.1))
+    if reuse:
+        hit = reg.find_done(loaded.fingerprint, pipeline_json, suite.key)
+        if hit is not None:
+            progress.update(1.0, "found in the registry")
+            return RunResult(
+                run_id=hit.id,
+                status="done",
+                metrics=dict(hit.metrics),
+                reused=True,
+                generations=list((hit.extras or {}).get("generations", [])),
+                label=label,
+                model_fingerprint=loaded.fingerprint,
+                extras=dict(hit.extras or {}),
+            )
+    if steps:
+        check(loaded.model, steps[0])  # ConfigError here: nothing is recorded, nothing heavy has run
+
+    run_id = reg.start_run(
+        model_fingerprint=loaded.fingerprint,
+        model_description=loaded.description,
+        pipeline_json=pipeline_json,
+        pipeline_label=label,
+        suite_key=suite.key,
+        suite_name=suite.name,
+        environment=environment(),
+        parent_id=parent_id,
+        tags=tuple(tags),
+        notes=notes,
+    )
+    extras: dict[str, Any] = {}
+    try:
+        with _Heartbeat(reg, run_id):
+            t0 = time.perf_counter()
+            if steps:
+                from workbench.corpus import get_corpus
+
+                work = copy.deepcopy(loaded.model)
+                ctx = ApplyContext(
+                    tokenizer=loaded.tokenizer,
+                    corpus=get_corpus(suite.corpus),
+                    base=loaded.model,
+                    device=str(loaded.spec.device),
+                    seed=seed,
+                    progress=progress.span(0.1, 0.55),
+                )
+                work = apply_pipeline_(work, steps, ctx)
+                extras.update(ctx.extras)
+            else:
+                work = loaded.model  # the baseline evaluates the loaded model itself; evaluation does not modify it
+            apply_s = time.perf_counter() - t0
+            result = evaluate(
+                work,
+                loaded.tokenizer,
+                suite,
+                base_model=loaded.model,
+                base_fingerprint=loaded.fingerprint,
+                progress=progress.span(0.55 if steps else 0.1, 1.0),
+            )
+            metrics = dict(result.metrics)
+            metrics["apply_seconds"] = apply_s
+            extras["generations"] = list(result.generations)
+            reg.finish_run(run_id, metrics, extras=extras)
+            del work
+        return RunResult(run_id, "done", metrics, None, False, list(result.generations), label,
+                         loaded.fingerprint, extras)
+    except RunInterrupted as err:
+        reg.fail_run(run_id, str(err), status="interrupted")
+        return RunResult(run_id, "interrupted", error=str(err), label=label, model_fingerprint=loaded.fingerprint)
+    except KeyboardInterrupt:
+        reg.fail_run(run_id, "Interrupted (KeyboardInterrupt).", status="interrupted")
+        raise
+    except Exception as err:  # recorded, never lost: the message for the user, the traceback for debugging
+        message = str(err) if isinstance(err, WorkbenchError) else f"{type(err).__name__}: {err}"
+        reg.fail_run(run_id, message + "\n\n" + traceback.format_exc(limit=8), status="failed")
+        return RunResult(run_id, "failed", error=message, label=label, model_fingerprint=loaded.fingerprint)
+
+
+__all__ = ["RunResult", "environment", "run_experiment"]
