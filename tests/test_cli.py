@@ -1,0 +1,47 @@
+"""The command line: one clear line and a non-zero exit for bad input, tables for good input."""
+
+from __future__ import annotations
+
+import pytest
+
+from workbench.cli import main
+
+
+def test_eval_prints_a_table_and_records_a_baseline(registry_url, capsys):
+    assert main(["eval", "--model", "tiny-llama", "--registry", registry_url]) == 0
+    out = capsys.readouterr().out
+    assert "baseline" in out and "ppl" in out
+    assert main(["runs", "--registry", registry_url, "--format", "csv"]) == 0
+    assert "baseline" in capsys.readouterr().out
+
+
+def test_runs_exports_to_a_file(registry_url, tmp_path, capsys):
+    main(["eval", "--model", "tiny-llama", "--registry", registry_url])
+    target = tmp_path / "runs.json"
+    assert main(["runs", "--registry", registry_url, "--format", "json", "--output", str(target)]) == 0
+    assert '"baseline"' in target.read_text()
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["eval", "--model", "/no/such/folder"], "/no/such/folder"),
+        (["eval", "--model", "tiny-llama", "--suite", "nope"], "nope"),
+        (["eval", "--model", "tiny-llama", "--text", "/no/such.txt"], "no such file"),
+        (["run", "--model", "tiny-llama", "--technique", "gtpq"], "Unknown technique"),
+        (["run", "--model", "tiny-llama", "--technique", "rtn", "--param", "bits"], "name=value"),
+        (["runs", "--columns", "nope"], "Unknown column"),
+    ],
+)
+def test_bad_input_prints_one_line_without_traceback(argv, needle, registry_url, capsys):
+    assert main([*argv, "--registry", registry_url] if argv[0] != "runs" else [*argv, "--registry", registry_url]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+    assert err.startswith("error: ")
+
+
+def test_text_file_evaluation_uses_that_text(registry_url, tmp_path, capsys):
+    text = tmp_path / "doc.txt"
+    text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog." * 3 for i in range(200)))
+    assert main(["eval", "--model", "tiny-llama", "--text", str(text), "--registry", registry_url]) == 0
+    assert "baseline" in capsys.readouterr().out
