@@ -1,0 +1,1 @@
+"""Alembic migrations of the run registry (run programmatically; see ``workbench.registry.store``)."""

@@ -1,0 +1,217 @@
+"""Registry queries that return pandas DataFrames, so views and panels never see SQL.
+
+Speed matters here (the trade-off plot re-reads the registry whenever it changes; target: 10,000 runs in well
+under a second), so the query fetches raw columns only and the JSON columns are parsed in one ``json.loads``
+call per column (the texts joined into one JSON array) instead of one per row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+from sqlalchemy import or_, select
+
+from workbench.errors import ConfigError
+from workbench.registry.models import RUN_STATUSES, RunRow
+
+if TYPE_CHECKING:
+    from workbench.registry.store import Registry
+
+# The columns every frame has, in this order, even an empty one; metric_* and param_* columns follow.
+BASE_COLUMNS = (
+    "run_id",
+    "created_at",
+    "finished_at",
+    "status",
+    "model",
+    "model_fingerprint",
+    "pipeline",
+    "pipeline_json",
+    "technique",
+    "suite",
+    "suite_key",
+    "tags",
+    "notes",
+    "parent_id",
+    "error",
+    "duration_s",
+)
+
+_FETCHED = (
+    RunRow.id,
+    RunRow.created_at,
+    RunRow.finished_at,
+    RunRow.status,
+    RunRow.model_description,
+    RunRow.model_fingerprint,
+    RunRow.pipeline_label,
+    RunRow.pipeline_json,
+    RunRow.technique,
+    RunRow.suite_name,
+    RunRow.suite_key,
+    RunRow.tags_json,
+    RunRow.notes,
+    RunRow.parent_id,
+    RunRow.error,
+    RunRow.metrics_json,
+)
+_NAMES = (
+    "run_id",
+    "created_at",
+    "finished_at",
+    "status",
+    "model",
+    "model_fingerprint",
+    "pipeline",
+    "pipeline_json",
+    "technique",
+    "suite",
+    "suite_key",
+    "tags_json",
+    "notes",
+    "parent_id",
+    "error",
+    "metrics_json",
+)
+
+
+def _as_list(value: str | Sequence[str] | None, what: str) -> list[str] | None:
+    if value is None:
+        return None
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+def _since(value: datetime | timedelta | str | pd.Timestamp) -> datetime:
+    """A naive UTC bound for created_at: a timedelta counts back from now; naive datetimes are taken as UTC."""
+    if isinstance(value, timedelta):
+        return datetime.now(timezone.utc).replace(tzinfo=None) - value
+    try:
+        stamp = pd.Timestamp(value)
+    except (ValueError, TypeError):
+        raise ConfigError(
+            f"since={value!r} is not a date; use e.g. '2026-11-01', a datetime or a timedelta."
+        ) from None
+    if stamp.tzinfo is not None:
+        stamp = stamp.tz_convert("UTC").tz_localize(None)
+    return stamp.to_pydatetime()
+
+
+def _bulk_json(texts: Sequence[str | None], empty: str) -> list[Any]:
+    """Parse many JSON texts with one ``json.loads`` call (about 3x faster than one call per row)."""
+    if not texts:
+        return []
+    return json.loads("[" + ",".join(t or empty for t in texts) + "]")
+
+
+def _scalar(value: Any) -> Any:
+    """Parameters that are lists or dicts become compact JSON text, so frame cells stay hashable."""
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return value
+
+
+def empty_frame() -> pd.DataFrame:
+    """The frame of an empty registry (or of a filter nothing matches): base columns, sensible dtypes."""
+    frame = pd.DataFrame({name: pd.Series(dtype=object) for name in BASE_COLUMNS})
+    frame["run_id"] = frame["run_id"].astype("int64")
+    frame["parent_id"] = frame["parent_id"].astype("Int64")
+    frame["duration_s"] = frame["duration_s"].astype("float64")
+    for name in ("created_at", "finished_at"):
+        frame[name] = pd.to_datetime(frame[name], utc=True)
+    return frame
+
+
+def runs_frame(
+    registry: Registry,
+    *,
+    model: str | None = None,
+    status: str | Sequence[str] | None = "done",
+    technique: str | Sequence[str] | None = None,
+    tag: str | None = None,
+    since: datetime | timedelta | str | None = None,
+    suite: str | None = None,
+) -> pd.DataFrame:
+    """One row per run, newest last, with flat columns, so views can plot and export without SQL.
+
+    Columns: ``run_id, created_at, finished_at`` (UTC), ``status, model`` (description),
+    ``model_fingerprint, pipeline`` (human label), ``pipeline_json, technique`` (first step or "baseline"),
+    ``suite`` (name), ``suite_key, tags`` (comma-joined), ``notes, parent_id, error, duration_s``, then
+    ``metric_<name>`` for every metric any selected run has and ``param_<name>`` for the first technique's
+    parameters (as Optuna's ``trials_dataframe`` flattens ``params_x``). An empty result has the base columns.
+
+    Args:
+        model: a model fingerprint or description.
+        status: one status, several, or None for all (default: ``done`` runs only).
+        technique: the first technique's name (``"baseline"`` for unmodified models), or several.
+        tag: runs carrying this tag.
+        since: runs created at or after this time (naive values are UTC; a timedelta counts back from now).
+        suite: a suite name (``quick``) or key.
+    """
+    statuses = _as_list(status, "status")
+    if statuses is not None:
+        unknown = [s for s in statuses if s not in RUN_STATUSES]
+        if unknown:
+            raise ConfigError(
+                f"Unknown status {', '.join(map(repr, unknown))}; use one of "
+                f"{', '.join(RUN_STATUSES)}, or None for all."
+            )
+    stmt = select(*_FETCHED).order_by(RunRow.id)
+    if statuses is not None:
+        stmt = stmt.where(RunRow.status.in_(statuses))
+    if model is not None:
+        stmt = stmt.where(or_(RunRow.model_fingerprint == model, RunRow.model_description == model))
+    techniques = _as_list(technique, "technique")
+    if techniques is not None:
+        stmt = stmt.where(RunRow.technique.in_(techniques))
+    if suite is not None:
+        stmt = stmt.where(or_(RunRow.suite_name == suite, RunRow.suite_key == suite))
+    if since is not None:
+        stmt = stmt.where(RunRow.created_at >= _since(since))
+    if tag is not None:
+        # Tags are a JSON list in text; LIKE narrows the rows in SQL, the exact check below settles it.
+        needle = json.dumps(str(tag), ensure_ascii=False)
+        escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        stmt = stmt.where(RunRow.tags_json.like(f"%{escaped}%", escape="\\"))
+
+    rows = registry._transact(lambda s: s.execute(stmt).all(), write=False)
+    if not rows:
+        return empty_frame()
+    raw = pd.DataFrame.from_records(rows, columns=list(_NAMES))
+
+    tag_lists = _bulk_json(raw["tags_json"].tolist(), "[]")
+    if tag is not None:
+        keep = [str(tag) in tags for tags in tag_lists]
+        raw = raw[keep].reset_index(drop=True)
+        tag_lists = [tags for tags, k in zip(tag_lists, keep) if k]
+        if raw.empty:
+            return empty_frame()
+    raw["tags"] = [",".join(tags) for tags in tag_lists]
+
+    for name in ("created_at", "finished_at"):
+        raw[name] = pd.to_datetime(raw[name], utc=True)
+    raw["duration_s"] = (raw["finished_at"] - raw["created_at"]).dt.total_seconds()
+    raw["parent_id"] = raw["parent_id"].astype("Int64")
+    raw["run_id"] = raw["run_id"].astype("int64")
+
+    metrics = pd.DataFrame.from_records(_bulk_json(raw["metrics_json"].tolist(), "{}"), index=raw.index)
+    metrics.columns = [f"metric_{c}" for c in metrics.columns]
+    steps = _bulk_json(raw["pipeline_json"].tolist(), "[]")
+    params = pd.DataFrame.from_records(
+        [
+            {k: _scalar(v) for k, v in (p[0].get("params") or {}).items()}
+            if p and isinstance(p[0], dict)
+            else {}
+            for p in steps
+        ],
+        index=raw.index,
+    )
+    params.columns = [f"param_{c}" for c in params.columns]
+    base = raw[list(BASE_COLUMNS)]
+    return pd.concat([base, metrics, params], axis=1)
+
+
+__all__ = ["BASE_COLUMNS", "empty_frame", "runs_frame"]
