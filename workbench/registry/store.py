@@ -700,11 +700,16 @@ def _create_engine(url: str) -> Engine:
         kwargs["pool_pre_ping"] = True  # a server may drop idle connections between two runs
     try:
         engine = create_engine(parsed, **kwargs)
-    except (NoSuchModuleError, ImportError, ModuleNotFoundError) as err:
+    except NoSuchModuleError:
+        raise RegistryError(
+            f"{_safe(parsed)!r} is not a database URL SQLAlchemy knows (no dialect {parsed.drivername!r}). Use "
+            f"e.g. sqlite:///runs.db, a file path, or postgresql+psycopg://user@host/dbname."
+        ) from None
+    except ImportError as err:
         hint = (
             "pip install 'efficiency-workbench[postgres]'"
-            if "postgres" in parsed.drivername
-            else f"install the driver for {parsed.drivername}"
+            if parsed.get_backend_name() == "postgresql"
+            else f"install the Python driver for {parsed.drivername}"
         )
         raise RegistryError(f"No database driver for {_safe(parsed)} ({err}). Install it: {hint}.") from None
     if parsed.get_backend_name() == "sqlite":
