@@ -1,0 +1,179 @@
+"""GPTQ (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers"), implemented after the authors' reference code.
+
+Why our own implementation: the maintained packages (llm-compressor, GPTQModel) pin transformers or torch
+versions that conflict with the workbench's own, so a user could not install them cleanly beside it (see
+docs/quantization.md). The algorithm is short, and this version follows the reference step by step:
+
+1. Layer by layer, the inputs of every linear are captured on calibration text (the corpus's calibration part)
+   and accumulated into H = 2 X Xᵀ / n.
+2. Dead inputs (H_ii = 0) are zeroed; H is damped by ``damp`` × mean(diag H).
+3. Optionally columns are processed in order of decreasing H_ii (``act_order``); group parameters are then
+   fixed from the original weights before the sweep ("static groups"), so each group keeps contiguous columns.
+4. The upper Cholesky factor of H⁻¹ drives the sweep: each column is quantized, its error divided by the
+   diagonal, and the remaining columns of the block are corrected; the block's error then updates the rest
+   (lazy batch updates, ``block_size`` columns at a time).
+5. The layer's outputs, with quantized weights, become the next layer's inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from workbench.errors import ConfigError
+from workbench.techniques._calibration import LayerRunner, calibration_ids, decoder_layers, named_linears
+from workbench.techniques._quant import (
+    check_group_size,
+    mark_quantized,
+    quant_params,
+    quantize_groups,
+    validate_common,
+)
+from workbench.techniques.base import ApplyContext, register
+from workbench.techniques.rtn import quantize_embeddings_
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """GPTQ: second-order error compensation, calibrated on the corpus's calibration part.
+
+    bits, group_size, symmetric, zero_point: as for RTN (the packed format is the same).
+    act_order: quantize columns in order of decreasing Hessian diagonal (helps at 2-3 bits).
+    damp: fraction of the mean Hessian diagonal added to it (numerical stability; 0.01 as in the paper).
+    n_samples, seq_len: calibration windows (n_samples × seq_len tokens).
+    block_size: columns per lazy batch update (128 as in the reference).
+    include_embeddings, include_head, embedding_bits: embeddings by RTN, as for RTN.
+    """
+
+    bits: int = 4
+    group_size: int = 32
+    symmetric: bool = False
+    zero_point: str = "float"
+    act_order: bool = False
+    damp: float = 0.01
+    n_samples: int = 32
+    seq_len: int = 256
+    block_size: int = 128
+    include_embeddings: bool = False
+    include_head: bool = False
+    embedding_bits: int = 8
+
+    def __post_init__(self) -> None:
+        validate_common("gptq", self.bits, self.group_size, self.zero_point)
+        if not 0 < self.damp < 1:
+            raise ConfigError(f"gptq: damp={self.damp} must be between 0 and 1 (0.01 is usual).")
+        if self.n_samples < 1 or self.seq_len < 8 or self.block_size < 1:
+            raise ConfigError("gptq: n_samples, seq_len (≥ 8) and block_size must be positive.")
+
+
+def check_gptq(model: Any, config: GPTQConfig) -> None:
+    layers = decoder_layers(model)
+    modules = [(f"model.layers.{i}.{n}", m) for i, layer in enumerate(layers) for n, m in named_linears(layer)]
+    check_group_size("gptq", model, config.group_size, modules)
+
+
+class _Hessian:
+    """Running H = 2/n Σ x xᵀ over a linear's inputs (the reference's streaming update)."""
+
+    def __init__(self, columns: int) -> None:
+        self.H = torch.zeros(columns, columns, dtype=torch.float32)
+        self.n = 0
+
+    def add(self, inp: torch.Tensor) -> None:
+        x = inp.reshape(-1, inp.shape[-1]).float()
+        m = x.shape[0]
+        self.H *= self.n / (self.n + m)
+        self.n += m
+        x = math.sqrt(2 / self.n) * x
+        self.H += x.T @ x
+
+
+def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> torch.Tensor:
+    """Return the dequantized GPTQ solution for one (rows, columns) weight given its Hessian."""
+    W = weight.detach().clone().float()
+    H = H.clone()
+    rows, cols = W.shape
+    bits, gs, sym, zp = config.bits, config.group_size, config.symmetric, config.zero_point
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    static: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    if gs == -1:
+        scale, offset = quant_params(W, bits, sym, zp)
+    elif config.act_order:
+        static = [quant_params(W[:, g : g + gs], bits, sym, zp) for g in range(0, cols, gs)]
+
+    perm = None
+    if config.act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+
+    H += config.damp * torch.mean(torch.diag(H)) * torch.eye(cols)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+    Q = torch.zeros_like(W)
+    bs = config.block_size
+    for i1 in range(0, cols, bs):
+        i2 = min(i1 + bs, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if gs != -1:
+                if static is not None:
+                    scale, offset = static[int(perm[col]) // gs]  # type: ignore[index]
+                elif col % gs == 0:
+                    # Parameters of the group starting here, from the weights as updated so far.
+                    ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
+                    scale, offset = quant_params(ahead, bits, sym, zp)
+            w = W1[:, i : i + 1]
+            q = quantize_groups(w, scale, offset, bits, sym)
+            Q1[:, i : i + 1] = q
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err @ Hinv1[i : i + 1, i:]
+            Err1[:, i : i + 1] = err
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    return Q.to(weight.dtype)
+
+
+@register("gptq", GPTQConfig, kind="quantize", check=check_gptq)
+def _apply_gptq(model: Any, config: GPTQConfig, ctx: ApplyContext) -> Any:
+    ids = calibration_ids(ctx, config.n_samples, config.seq_len, "gptq")
+    runner = LayerRunner(model, ids)
+    for layer in ctx.progress.iter(list(runner.layers), desc="gptq layer"):
+        linears = named_linears(layer)
+        stats = {name: _Hessian(mod.in_features) for name, mod in linears}
+        hooks = [
+            mod.register_forward_hook(lambda _m, inp, _out, s=stats[name]: s.add(inp[0]))
+            for name, mod in linears
+        ]
+        try:
+            for _ in runner.run(layer):
+                pass
+        finally:
+            for h in hooks:
+                h.remove()
+        with torch.no_grad():
+            for name, mod in linears:
+                mod.weight.data = gptq_quantize(mod.weight.data, stats[name].H, config)
+                mark_quantized(mod, config.bits, config.group_size, config.symmetric, config.zero_point, "gptq")
+        runner.advance(layer)
+    if config.include_embeddings or config.include_head:
+        quantize_embeddings_(model, config.embedding_bits, config.group_size, config.symmetric, config.zero_point,
+                             config.include_head, "gptq")
+    return model
+
+
+__all__ = ["GPTQConfig", "gptq_quantize"]
