@@ -156,13 +156,26 @@ def run_experiment(
         ConfigError: bad input (unknown model or technique, parameters the model cannot take), before any
             heavy work and before anything is recorded.
     """
-    from workbench.evaluate import evaluate, get_suite
-    from workbench.models import LoadedModel, load_model
+    from workbench.evaluate import get_suite
+    from workbench.registry import Registry
 
     progress = as_progress(progress)
     steps = _as_pipeline(pipeline)
     suite = get_suite(suite)
+    owned = not isinstance(registry, Registry)
     reg = _open_registry(registry)
+    try:
+        return _run(model, steps, suite, reg, progress, tags, notes, parent_id, reuse, seed)
+    finally:
+        if owned:
+            reg.close()
+
+
+def _run(model: Any, steps: list[Any], suite: Any, reg: Any, progress: Progress, tags: Sequence[str], notes: str,
+         parent_id: int | None, reuse: bool, seed: int) -> RunResult:
+    from workbench.evaluate import evaluate
+    from workbench.models import LoadedModel, load_model
+
     label = describe_pipeline(steps)
     pipeline_json = pipeline_to_json(steps)
 
