@@ -1,0 +1,197 @@
+"""Views: plain functions from a runs DataFrame (``Registry.runs_frame``) to a plotly figure.
+
+Pattern from Optuna's Pareto-front plot: ``tradeoff_info`` does the data work (validation, Pareto flags, hover
+text) and is what tests check; ``tradeoff_figure`` only draws it. Panels wrap these figures in a FigureWidget.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from workbench.errors import ConfigError
+
+# Human titles and which direction is better, for every metric a plot can use.
+METRICS: dict[str, tuple[str, str]] = {
+    "metric_ppl": ("Perplexity", "min"),
+    "metric_kl_mean": ("Mean KL divergence vs base", "min"),
+    "metric_kl_median": ("Median KL divergence vs base", "min"),
+    "metric_kl_p99": ("99th-percentile KL divergence vs base", "min"),
+    "metric_top1_agree": ("Same top token as base (fraction)", "max"),
+    "metric_size_mb": ("Size (MB)", "min"),
+    "metric_bits_per_weight": ("Bits per weight (all weights)", "min"),
+    "metric_bits_per_weight_linear": ("Bits per weight (decoder linears)", "min"),
+    "metric_prefill_tok_s": ("Prefill tokens/s", "max"),
+    "metric_decode_tok_s": ("Decode tokens/s", "max"),
+    "metric_peak_mem_mb": ("Peak memory (MB)", "min"),
+    "metric_eval_tok_s": ("Evaluation tokens/s", "max"),
+}
+_HOVER_METRICS = ("metric_ppl", "metric_kl_mean", "metric_top1_agree", "metric_bits_per_weight", "metric_size_mb",
+                  "metric_decode_tok_s")
+
+
+def title(column: str) -> str:
+    return METRICS.get(column, (column.removeprefix("metric_").replace("_", " "), "min"))[0]
+
+
+def direction(column: str) -> str:
+    return METRICS.get(column, ("", "min"))[1]
+
+
+class TradeoffInfo(NamedTuple):
+    points: pd.DataFrame  # the plotted runs, with a boolean "pareto" column and "hover" text
+    front: pd.DataFrame  # the Pareto-optimal runs sorted along x
+    x: str
+    y: str
+    color: str | None
+
+
+def pareto_mask(xs: np.ndarray, ys: np.ndarray, x_dir: str = "min", y_dir: str = "min") -> np.ndarray:
+    """True for points no other point beats on both axes (ties kept). O(n log n): sort by x, sweep y."""
+    x = xs if x_dir == "min" else -xs
+    y = ys if y_dir == "min" else -ys
+    order = np.lexsort((y, x))  # by x, then y
+    mask = np.zeros(len(x), dtype=bool)
+    best_y, best_x = np.inf, np.nan
+    for i in order:
+        if y[i] < best_y:
+            best_y, best_x = y[i], x[i]
+            mask[i] = True
+        elif y[i] == best_y and x[i] == best_x:
+            mask[i] = True  # an exact duplicate of an optimal point is optimal too
+    return mask
+
+
+def _hover(row: pd.Series) -> str:
+    parts = [f"<b>run {row['run_id']}</b>: {html.escape(str(row.get('pipeline', '')))}"]
+    for col in _HOVER_METRICS:
+        if col in row and pd.notna(row[col]):
+            value = row[col]
+            parts.append(f"{title(col)}: {value:.4g}")
+    if row.get("tags"):
+        parts.append(f"tags: {html.escape(str(row['tags']))}")
+    return "<br>".join(parts)
+
+
+def tradeoff_info(runs: pd.DataFrame, x: str = "metric_bits_per_weight", y: str = "metric_kl_mean",
+                  color: str | None = "metric_decode_tok_s") -> TradeoffInfo:
+    """Validate columns, drop runs lacking x or y, flag the Pareto front (direction per metric)."""
+    for col in (x, y):
+        if not runs.empty and col not in runs.columns:
+            known = ", ".join(c for c in runs.columns if c.startswith("metric_"))
+            raise ConfigError(f"No column {col!r} in the runs; metric columns are: {known}.")
+    if runs.empty or x not in runs.columns or y not in runs.columns:
+        empty = pd.DataFrame(columns=["run_id", x, y, "pareto", "hover"])
+        return TradeoffInfo(empty, empty, x, y, color)
+    points = runs[runs[x].notna() & runs[y].notna()].copy()
+    points["pareto"] = pareto_mask(points[x].to_numpy(float), points[y].to_numpy(float), direction(x), direction(y))
+    points["hover"] = [_hover(row) for _, row in points.iterrows()] if len(points) <= 2000 else _fast_hover(points)
+    front = points[points["pareto"]].sort_values(x)
+    use_color = color if color and color in points.columns and points[color].notna().any() else None
+    return TradeoffInfo(points, front, x, y, use_color)
+
+
+def _fast_hover(points: pd.DataFrame) -> list[str]:
+    # Vectorised hover text for large registries (thousands of runs): the same fields, built column-wise.
+    text = "<b>run " + points["run_id"].astype(str) + "</b>: " + points.get("pipeline", "").astype(str).map(html.escape)
+    for col in _HOVER_METRICS:
+        if col in points.columns:
+            text = text + "<br>" + title(col) + ": " + points[col].map(lambda v: f"{v:.4g}" if pd.notna(v) else "–")
+    return text.tolist()
+
+
+def _empty_figure(message: str) -> go.Figure:
+    fig = go.Figure()
+    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper", font={"size": 14})
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return fig.update_layout(height=420, template="plotly_white")
+
+
+def tradeoff_figure(runs: pd.DataFrame, x: str = "metric_bits_per_weight", y: str = "metric_kl_mean",
+                    color: str | None = "metric_decode_tok_s") -> go.Figure:
+    """Quality against size (or latency), a third quantity as colour, the Pareto front drawn and marked."""
+    info = tradeoff_info(runs, x=x, y=y, color=color)
+    if info.points.empty:
+        return _empty_figure("No runs yet: record a baseline, then quantize.")
+    pts = info.points
+    marker: dict[str, Any] = {"size": 10, "line": {"width": 1, "color": "#333"}}
+    if info.color:
+        marker.update(color=pts[info.color], colorscale="Viridis", showscale=True,
+                      colorbar={"title": {"text": title(info.color)}})
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=pts[x], y=pts[y], mode="markers", name="runs", marker=marker,
+                             hovertext=pts["hover"], hoverinfo="text", customdata=pts["run_id"]))
+    fig.add_trace(go.Scatter(x=info.front[x], y=info.front[y], mode="lines+markers", name="Pareto front",
+                             line={"color": "#d62728", "width": 2, "shape": "hv"},
+                             marker={"symbol": "diamond-open", "size": 16, "color": "#d62728"},
+                             hoverinfo="skip"))
+    base = pts[pts.get("technique", pd.Series(dtype=str)) == "baseline"] if "technique" in pts else pts.iloc[:0]
+    if len(base):
+        fig.add_trace(go.Scatter(x=base[x], y=base[y], mode="markers+text", name="baseline", text=["base"] * len(base),
+                                 textposition="top center", marker={"symbol": "star", "size": 16, "color": "#1f77b4"},
+                                 hoverinfo="skip"))
+    return fig.update_layout(xaxis_title=title(x), yaxis_title=title(y), template="plotly_white", height=460,
+                             legend={"orientation": "h", "y": -0.2}, margin={"l": 60, "r": 20, "t": 30, "b": 60})
+
+
+def bits_figure(runs: pd.DataFrame, y: str = "metric_kl_mean", x: str = "metric_bits_per_weight") -> go.Figure:
+    """Quality against bits per weight, one line per technique; latency in the hover."""
+    if runs.empty or y not in runs.columns or x not in runs.columns:
+        return _empty_figure("No quantized runs yet: move the bit-width slider.")
+    data = runs[runs[x].notna() & runs[y].notna()]
+    fig = go.Figure()
+    for technique, group in data.groupby("technique", sort=True):
+        group = group.sort_values(x)
+        hover = [_hover(row) for _, row in group.iterrows()]
+        mode = "markers" if technique == "baseline" else "lines+markers"
+        fig.add_trace(go.Scatter(x=group[x], y=group[y], mode=mode, name=str(technique), hovertext=hover,
+                                 hoverinfo="text", customdata=group["run_id"],
+                                 marker={"size": 9, "symbol": "star" if technique == "baseline" else "circle"}))
+    return fig.update_layout(xaxis_title=title(x), yaxis_title=title(y), template="plotly_white", height=420,
+                             margin={"l": 60, "r": 20, "t": 30, "b": 50})
+
+
+def sensitivity_figure(frame: pd.DataFrame, *, name: str = "name", value: str = "kl_mean") -> go.Figure:
+    """Per-layer (or per-type) KL contribution as bars: the tall ones deserve more bits."""
+    if frame.empty:
+        return _empty_figure("No sensitivity scan yet.")
+    fig = go.Figure(go.Bar(x=frame[name], y=frame[value], marker={"color": frame[value], "colorscale": "Reds"}))
+    return fig.update_layout(xaxis_title="Quantized alone", yaxis_title="Mean KL divergence vs base",
+                             template="plotly_white", height=380)
+
+
+def expert_load_figure(matrix: Sequence[Sequence[float]] | np.ndarray, *, title_text: str = "Expert load") -> go.Figure:
+    """Layers × experts heatmap of routed-token fractions: hot and cold experts at a glance."""
+    arr = np.asarray(matrix, dtype=float)
+    if arr.size == 0:
+        return _empty_figure("No expert loads recorded.")
+    fig = go.Figure(go.Heatmap(z=arr, colorscale="Viridis", colorbar={"title": {"text": "share of tokens"}},
+                               x=[f"e{i}" for i in range(arr.shape[1])], y=[f"layer {i}" for i in range(arr.shape[0])]))
+    return fig.update_layout(title=title_text, xaxis_title="Expert", yaxis_title="Layer", template="plotly_white")
+
+
+def loss_curve_figure(steps: Sequence[int], losses: Sequence[float], *, name: str = "train loss") -> go.Figure:
+    if not len(steps):
+        return _empty_figure("No training steps recorded.")
+    fig = go.Figure(go.Scatter(x=list(steps), y=list(losses), mode="lines", name=name))
+    return fig.update_layout(xaxis_title="Step", yaxis_title="Loss", template="plotly_white", height=360)
+
+
+__all__ = [
+    "METRICS",
+    "TradeoffInfo",
+    "bits_figure",
+    "expert_load_figure",
+    "loss_curve_figure",
+    "pareto_mask",
+    "sensitivity_figure",
+    "title",
+    "tradeoff_figure",
+    "tradeoff_info",
+]
