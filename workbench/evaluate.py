@@ -6,12 +6,13 @@ every position after the first of each chunk; ``"second_half"`` scores only the 
 KL(base ‖ model) per scored token, summarised as mean, median, 99th percentile and max, with the same-top-token
 rate, as ``llama-perplexity --kl-divergence`` reports them.
 
-The base model's outputs are computed once per (base fingerprint, suite) and kept on disk, memory-mapped, in a
-compact form: for each scored token the top-``k`` base log-probabilities with their token ids plus the log of
-the remaining tail mass. KL is then Σ_topk p (log p − log q) + p_tail (log p_tail − log q_tail): exact on the top
-tokens and a (slightly low) two-bin estimate of the tail. With k = 256 on a 49k vocabulary it stays within 1% of
-the exact full-vocabulary KL (``tests/test_evaluate.py`` checks that; ``bench/eval_throughput.py`` measures it on
-the demo model), while 20k tokens of full logits would take 4 GB.
+The base model's outputs are computed once per (base fingerprint, suite) and kept on disk, memory-mapped, never
+whole in RAM: as llama.cpp's ``--kl-divergence-base`` file does, each scored token's full-vocabulary
+log-probabilities are stored as uint16 codes with a per-token minimum and step (2 bytes per entry instead of 4;
+the step is ~0.0005 nats), plus the exact NLL and top token. KL computed from them agrees with the exact
+full-vocabulary value to well under 1% (``tests/test_evaluate.py`` checks it, ``bench/eval_throughput.py``
+measures it on the demo). A top-k summary would be far smaller but underestimates KL by 3-7% on the demo model
+at 2-4 bits, because quantization moves probability mass among tail tokens.
 """
 
 from __future__ import annotations
@@ -35,8 +36,7 @@ import torch
 from workbench.errors import ConfigError
 from workbench.progress import Progress, ProgressCallback, as_progress
 
-BASE_TOPK = 256  # base log-probs kept per scored token; see the module docstring for the accuracy it buys
-_FORMAT = 1  # bump when the on-disk base-output layout changes
+_FORMAT = 2  # bump when the on-disk base-output layout changes
 GENERATION_PROMPTS = (
     "The Python `with` statement",
     "def fibonacci(n):\n",
@@ -147,6 +147,8 @@ def suite_chunks(tokenizer: Any, suite: Suite) -> torch.Tensor:
     if add_bos is None:
         add_bos = bool(getattr(tokenizer, "add_bos_token", False)) and tokenizer.bos_token_id is not None
     if add_bos:
+        if tokenizer.bos_token_id is None:
+            raise ConfigError(f"Suite {suite.name} asks for a BOS token, but this tokenizer has none; use add_bos=None.")
         chunks[:, 0] = tokenizer.bos_token_id  # llama.cpp replaces the chunk's first token with BOS
     _CHUNK_CACHE[key] = chunks
     while len(_CHUNK_CACHE) > 8:
@@ -186,11 +188,33 @@ def scored_log_probs(model: torch.nn.Module, ids: torch.Tensor, start: int) -> t
 class BaseOutputs:
     """The base model's scored outputs for one suite, compact and memory-mapped."""
 
-    topk_logp: np.ndarray  # (N, k) float32, descending
-    topk_ids: np.ndarray  # (N, k) int32
-    tail_logp: np.ndarray  # (N,) float32: log of the probability mass outside the top k
+    codes: np.ndarray  # (N, V) uint16: log-prob = low + step * code
+    low: np.ndarray  # (N,) float32
+    step: np.ndarray  # (N,) float32
+    top1: np.ndarray  # (N,) int32: the base's most likely token
     nll: np.ndarray  # (N,) float32: base negative log-likelihood of each scored token
     generations: list[str]
+
+    def log_probs(self, rows: slice) -> torch.Tensor:
+        """Decoded, renormalised base log-probabilities for ``rows`` (fp32)."""
+        codes = torch.from_numpy(np.asarray(self.codes[rows]).astype(np.float32))
+        low = torch.from_numpy(np.array(self.low[rows]))[:, None]
+        step = torch.from_numpy(np.array(self.step[rows]))[:, None]
+        logp = low + step * codes
+        return logp - torch.logsumexp(logp, dim=-1, keepdim=True)
+
+
+_ARRAYS = ("codes", "low", "step", "top1", "nll")
+_FLOOR = -60.0  # log-probs below this (p < 1e-26) are stored as the floor: they cannot move KL
+
+
+def encode_log_probs(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint16 codes, per-row minimum and step for (N, V) log-probs, as llama.cpp stores its KL base."""
+    logp = logp.float().clamp_min(_FLOOR)
+    low = logp.amin(-1)
+    step = ((logp.amax(-1) - low) / 65535).clamp_min(1e-12)
+    codes = torch.round((logp - low[:, None]) / step[:, None]).clamp(0, 65535).to(torch.int32)
+    return codes.to(torch.uint16), low, step
 
 
 _BASE_LRU: OrderedDict[str, BaseOutputs] = OrderedDict()
@@ -206,16 +230,10 @@ def _cache_root() -> Path:
         return Path(os.environ.get("WORKBENCH_HOME", tempfile.gettempdir())) / "base_outputs"
 
 
-def _log_tail(topk_logp: torch.Tensor) -> torch.Tensor:
-    # log(1 - Σ exp(top)) computed in float64; clamped so a tail that rounds to 0 stays finite.
-    mass = torch.exp(topk_logp.double()).sum(-1)
-    return torch.log1p(-mass.clamp(max=1 - 1e-12)).float()
-
-
-def _compute_base(model: torch.nn.Module, tokenizer: Any, suite: Suite, chunks: torch.Tensor, k: int,
+def _compute_base(model: torch.nn.Module, tokenizer: Any, suite: Suite, chunks: torch.Tensor,
                   progress: Progress) -> BaseOutputs:
     start = suite.score_start
-    tk_lp, tk_id, tails, nlls = [], [], [], []
+    codes, lows, steps, top1s, nlls = [], [], [], [], []
     n = chunks.shape[0]
     with torch.inference_mode():
         for b in range(0, n, suite.batch_size):
@@ -223,22 +241,24 @@ def _compute_base(model: torch.nn.Module, tokenizer: Any, suite: Suite, chunks: 
             batch = chunks[b : b + suite.batch_size]
             logp = scored_log_probs(model, batch, start).flatten(0, 1)  # (B*T', V)
             targets = batch[:, start + 1 :].reshape(-1).to(logp.device)
-            values, indices = logp.topk(min(k, logp.shape[-1]), dim=-1)
-            tk_lp.append(values.cpu())
-            tk_id.append(indices.int().cpu())
-            tails.append(_log_tail(values).cpu())
+            c, lo, st = encode_log_probs(logp)
+            codes.append(c.cpu())
+            lows.append(lo.cpu())
+            steps.append(st.cpu())
+            top1s.append(logp.argmax(-1).int().cpu())
             nlls.append(-logp.gather(-1, targets[:, None])[:, 0].cpu())
             del logp
     gens = _generate(model, tokenizer, suite) if suite.n_generations else []
     return BaseOutputs(
-        torch.cat(tk_lp).numpy(), torch.cat(tk_id).numpy(), torch.cat(tails).numpy(), torch.cat(nlls).numpy(), gens
+        torch.cat(codes).numpy(), torch.cat(lows).numpy(), torch.cat(steps).numpy(), torch.cat(top1s).numpy(),
+        torch.cat(nlls).numpy(), gens,
     )
 
 
 def _save_base(path: Path, out: BaseOutputs) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
-    for name in ("topk_logp", "topk_ids", "tail_logp", "nll"):
+    for name in _ARRAYS:
         np.save(tmp / f"{name}.npy", getattr(out, name))
     (tmp / "generations.json").write_text(json.dumps(out.generations))
     try:
@@ -251,7 +271,7 @@ def _save_base(path: Path, out: BaseOutputs) -> None:
 
 def _load_base(path: Path) -> BaseOutputs | None:
     try:
-        arrays = {n: np.load(path / f"{n}.npy", mmap_mode="r") for n in ("topk_logp", "topk_ids", "tail_logp", "nll")}
+        arrays = {n: np.load(path / f"{n}.npy", mmap_mode="r") for n in _ARRAYS}
         gens = json.loads((path / "generations.json").read_text())
     except (OSError, ValueError):
         return None
@@ -259,12 +279,12 @@ def _load_base(path: Path) -> BaseOutputs | None:
 
 
 def base_outputs(base_model: torch.nn.Module, tokenizer: Any, suite: Suite, *, base_fingerprint: str | None = None,
-                 k: int = BASE_TOPK, progress: Progress | None = None) -> BaseOutputs:
+                 progress: Progress | None = None) -> BaseOutputs:
     """The base model's outputs on ``suite``: from memory, from disk, or computed once and stored."""
     progress = progress or Progress.null()
     chunks = suite_chunks(tokenizer, suite)
     ident = base_fingerprint or f"unfingerprinted-{id(base_model)}"
-    key = f"{ident}-{suite.key}-{_tokenizer_id(tokenizer)}-k{k}-v{_FORMAT}"
+    key = f"{ident}-{suite.key}-{_tokenizer_id(tokenizer)}-v{_FORMAT}"
     with _BASE_LOCK:
         if key in _BASE_LRU:
             _BASE_LRU.move_to_end(key)
@@ -272,7 +292,7 @@ def base_outputs(base_model: torch.nn.Module, tokenizer: Any, suite: Suite, *, b
     path = _cache_root() / key
     out = _load_base(path) if base_fingerprint else None
     if out is None or out.nll.shape[0] != chunks.shape[0] * (suite.context_length - suite.score_start - 1):
-        out = _compute_base(base_model, tokenizer, suite, chunks, k, progress)
+        out = _compute_base(base_model, tokenizer, suite, chunks, progress)
         if base_fingerprint:  # only weights we can identify are worth keeping across processes
             _save_base(path, out)
     with _BASE_LOCK:
@@ -282,15 +302,9 @@ def base_outputs(base_model: torch.nn.Module, tokenizer: Any, suite: Suite, *, b
     return out
 
 
-def kl_from_topk(base_topk_logp: torch.Tensor, base_topk_ids: torch.Tensor, base_tail: torch.Tensor,
-                 logq: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(base ‖ model) from the base's top-k and the model's full log-probs ``logq`` (N, V)."""
-    p = base_topk_logp.exp()
-    q_top = logq.gather(-1, base_topk_ids.long())  # (N, k)
-    kl_top = (p * (base_topk_logp - q_top)).sum(-1)
-    q_tail = torch.log1p(-q_top.double().exp().sum(-1).clamp(max=1 - 1e-12)).float()
-    kl_tail = base_tail.exp() * (base_tail - q_tail)
-    return (kl_top + kl_tail).clamp_min(0.0)
+def kl_divergence(base_logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(base ‖ model) from full log-probs (N, V), computed in fp32."""
+    return (base_logp.exp() * (base_logp - logq)).sum(-1).clamp_min(0.0)
 
 
 # ---- speed, memory, generations ---------------------------------------------------------------------------
@@ -407,7 +421,7 @@ def evaluate(
         t_eval = t_base if model_is_base else time.perf_counter()
         if model_is_base:
             assert base is not None
-            nll = torch.from_numpy(np.asarray(base.nll))
+            nll = torch.from_numpy(np.array(base.nll))
             kl = torch.zeros_like(nll)
             agree = torch.ones_like(nll)
         else:
@@ -423,11 +437,9 @@ def evaluate(
                     nll_parts.append(-logq.gather(-1, targets[:, None])[:, 0])
                     if base is not None:
                         sl = slice(offset, offset + logq.shape[0])
-                        b_lp = torch.from_numpy(np.asarray(base.topk_logp[sl]))
-                        b_id = torch.from_numpy(np.asarray(base.topk_ids[sl]))
-                        b_tail = torch.from_numpy(np.asarray(base.tail_logp[sl]))
-                        kl_parts.append(kl_from_topk(b_lp, b_id, b_tail, logq))
-                        agree_parts.append((logq.argmax(-1) == b_id[:, 0].long()).float())
+                        kl_parts.append(kl_divergence(base.log_probs(sl), logq))
+                        top1 = torch.from_numpy(np.array(base.top1[sl])).long()
+                        agree_parts.append((logq.argmax(-1) == top1).float())
                     offset += logq.shape[0]
                     del logq
             nll = torch.cat(nll_parts)
@@ -483,14 +495,14 @@ def _size_metrics(model: torch.nn.Module) -> dict[str, float]:
 
 
 __all__ = [
-    "BASE_TOPK",
     "EvalResult",
     "SUITES",
     "Suite",
     "base_outputs",
     "evaluate",
     "get_suite",
-    "kl_from_topk",
+    "encode_log_probs",
+    "kl_divergence",
     "measure_speed",
     "scored_log_probs",
     "suite_chunks",
