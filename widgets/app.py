@@ -1,0 +1,390 @@
+"""The Workbench app: one notebook cell, ``Workbench()``, shows everything.
+
+    from widgets import Workbench
+    Workbench()                                   # demo model, ./workbench-runs.db, quick suite
+    Workbench("sqlite:///team.db", model="tiny-llama")
+
+Layout, top to bottom: a settings row (registry URL, evaluation suite, export folder: set here once, used by
+every panel), the model bar (spec, Load, what was loaded), a first-run box while the registry is empty, and tabs:
+Quantize, Route experts, Distill, Compare.
+
+The app holds no numbers and makes no decisions: it builds nothing but widgets, and every value comes from
+library calls. Its back end is injectable for tests and for other front ends: ``runner`` defaults to
+:func:`workbench.experiment.run_experiment` and ``loader`` to :func:`workbench.models.load_model`.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as W
+import pandas as pd
+
+from widgets.common import ErrorArea, ProgressBar, RegistryWatcher, render_note
+from widgets.jobs import Job, Jobs
+
+Runner = Callable[..., Any]
+Loader = Callable[..., Any]
+
+DEFAULT_MODELS = ("demo", "tiny-llama", "tiny-moe")
+
+
+def _default_runner() -> Runner:
+    from workbench.experiment import run_experiment
+
+    return run_experiment
+
+
+def _default_loader() -> Loader:
+    from workbench.models import load_model
+
+    return load_model
+
+
+def _suite_names() -> list[str]:
+    try:
+        from workbench.evaluate import SUITES
+
+        return list(SUITES)
+    except ImportError:  # evaluation not installed yet: the names the contract promises
+        return ["quick", "standard"]
+
+
+def _open_registry(registry: Any) -> tuple[Any, bool]:
+    """A Registry from a URL/path/None (owned: we close it) or the given object (the caller's)."""
+    if registry is None or isinstance(registry, (str, Path)):
+        from workbench.registry import Registry
+
+        return Registry.open(None if registry is None else str(registry)), True
+    return registry, False
+
+
+def _registry_url(registry: Any) -> str:
+    url = getattr(registry, "url", None)
+    return str(url) if url is not None else repr(registry)
+
+
+class Workbench(W.VBox):
+    """The whole workbench as one widget; see the module docstring.
+
+    Args:
+        registry: a SQLAlchemy URL or file path, a :class:`~workbench.registry.Registry`, or None for the default
+            (``$WORKBENCH_REGISTRY`` or ``./workbench-runs.db``).
+        model: the model spec in the model bar (``"demo"``, ``"tiny-llama"``, a Hugging Face id, a folder, a
+            ``.gguf`` file).
+        suite: the evaluation suite every panel uses (``"quick"`` or ``"standard"``).
+        runner, loader: the back end (defaults: ``run_experiment`` and ``load_model``).
+        export_dir: where Compare writes exports.
+        poll_interval: seconds between registry checks (runs from other processes appear); 0 turns polling off.
+        load: start loading ``model`` in the background right away.
+    """
+
+    def __init__(
+        self,
+        registry: Any = None,
+        *,
+        model: str = "demo",
+        suite: str = "quick",
+        runner: Runner | None = None,
+        loader: Loader | None = None,
+        export_dir: str | Path = "exports",
+        poll_interval: float = 2.0,
+        load: bool = False,
+    ) -> None:
+        self.runner = runner or _default_runner()
+        self.loader = loader or _default_loader()
+        self.jobs = Jobs()
+        self.loaded: Any = None  # the LoadedModel in use (set on the worker thread)
+        self.last_result: Any = None
+        self._model_listeners: list[Callable[[Any], None]] = []
+        self._lock = threading.Lock()
+
+        # Settings row: the one place for registry, suite and export folder.
+        self.settings_errors = ErrorArea()
+        self._registry, self._owns_registry = None, False
+        self.registry_url = W.Text(description="Registry", layout=W.Layout(width="420px"),
+                                   tooltip="SQLAlchemy URL or file path of the run registry")
+        self.open_registry_button = W.Button(description="Open", tooltip="Open this registry",
+                                             layout=W.Layout(width="70px"))
+        self.open_registry_button.on_click(lambda _b: self.open_registry(self.registry_url.value))
+        self.suite_picker = W.Dropdown(options=_suite_names(), value=suite, description="Suite",
+                                       tooltip="Evaluation suite used by every run",
+                                       layout=W.Layout(width="200px"))
+        self.export_dir = W.Text(value=str(export_dir), description="Exports", layout=W.Layout(width="260px"),
+                                 tooltip="Folder where Compare writes tables and plots")
+        settings = W.VBox([W.HBox([self.registry_url, self.open_registry_button, self.suite_picker,
+                                   self.export_dir]), self.settings_errors])
+
+        # Model bar.
+        self.model_box = W.Combobox(value=model, options=DEFAULT_MODELS, description="Model",
+                                    placeholder="demo, tiny-llama, org/name, a folder or a .gguf file",
+                                    ensure_option=False, layout=W.Layout(width="420px"))
+        self.load_button = W.Button(description="Load", icon="download", button_style="primary",
+                                    layout=W.Layout(width="90px"))
+        self.load_button.on_click(lambda _b: self.load())
+        self.model_info = W.HTML(render_note("No model loaded yet: press Load (runs load it too)."))
+        self.model_progress = ProgressBar()
+        self.model_errors = ErrorArea()
+        model_bar = W.VBox([W.HBox([self.model_box, self.load_button, self.model_progress]), self.model_info,
+                            self.model_errors])
+
+        # First-run box: one click records the baseline every comparison needs.
+        self.baseline_button = W.Button(description="Run baseline", icon="play", button_style="success",
+                                        tooltip="Evaluate the unmodified model and record it",
+                                        layout=W.Layout(width="220px", height="48px"))
+        self.baseline_button.on_click(lambda _b: self.run_baseline())
+        self.baseline_progress = ProgressBar()
+        self.baseline_errors = ErrorArea()
+        self.first_run = W.VBox([
+            W.HTML("<h3 style='margin:4px 0'>Welcome: the registry has no runs yet</h3>"
+                   "<p>Start with the baseline: the unmodified model evaluated on the suite. Every quantized "
+                   "variant is then measured against it (KL divergence, same top token).</p>"),
+            W.HBox([self.baseline_button, self.baseline_progress]), self.baseline_errors,
+        ], layout=W.Layout(border="2px solid #2e7d32", padding="8px", margin="6px 0"))
+
+        self.status = W.HTML("")
+        self.jobs.on_change(self._show_status)
+
+        self.watcher = RegistryWatcher(lambda: self.registry, interval=poll_interval)
+        self.watcher.on_error = lambda err: self.settings_errors.show(err)
+        self.watcher.subscribe(self._update_first_run)
+
+        try:
+            self._set_registry(registry)
+        except Exception as err:  # noqa: BLE001 - a bad URL is shown, the app still opens
+            self.settings_errors.show(err)
+            self.registry_url.value = "" if registry is None else str(registry)
+
+        from widgets.panels import ComparePanel, PlaceholderPanel, QuantizePanel
+
+        self.quantize = QuantizePanel(self)
+        self.route = PlaceholderPanel(
+            "Route experts",
+            "Expert routing is coming: a slider for the number of active experts per token on Mixture-of-Experts "
+            "models (and on dense models split into experts), quality against active parameters, and per-layer "
+            "expert load heatmaps.",
+            kind="route",
+        )
+        self.distill = PlaceholderPanel(
+            "Distill",
+            "Distillation is coming: train a smaller student from the loaded model as teacher, watch the loss "
+            "curve, then stack quantization on the student and compare it with everything else.",
+            kind="distill",
+        )
+        self.compare = ComparePanel(self)
+        self.tabs = W.Tab(children=[self.quantize, self.route, self.distill, self.compare])
+        self.tabs.titles = ("Quantize", "Route experts", "Distill", "Compare")
+
+        super().__init__([W.HTML("<h2 style='margin:4px 0'>Efficiency Workbench</h2>"), settings, model_bar,
+                          self.first_run, self.status, self.tabs])
+        self.suite_picker.observe(lambda _c: self.watcher.notify(), names="value")
+        self.refresh()
+        self.watcher.start()
+        if load:
+            self.load()
+
+    # ---- registry -------------------------------------------------------------------------------------
+
+    @property
+    def registry(self) -> Any:
+        if self._registry is None:
+            from workbench.errors import ConfigError
+
+            raise ConfigError("No registry is open. Enter a URL such as sqlite:///runs.db and press Open.")
+        return self._registry
+
+    def _set_registry(self, registry: Any) -> None:
+        new, owned = _open_registry(registry)
+        old, old_owned = self._registry, self._owns_registry
+        self._registry, self._owns_registry = new, owned
+        self.registry_url.value = _registry_url(new)
+        self.watcher.reset()
+        if old is not None and old_owned and old is not new:
+            old.close()
+
+    def open_registry(self, url: str) -> bool:
+        """Switch every panel to the registry at ``url``; a bad URL is shown and the old one kept."""
+        try:
+            self._set_registry(url.strip() or None)
+        except Exception as err:  # noqa: BLE001 - RegistryError says what is wrong; others are shown folded
+            self.settings_errors.show(err)
+            return False
+        self.settings_errors.clear()
+        self.refresh()
+        return True
+
+    def runs_frame(self, **filters: Any) -> pd.DataFrame:
+        return self.registry.runs_frame(**filters)
+
+    @property
+    def suite(self) -> str:
+        return str(self.suite_picker.value)
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The fingerprint of the model in use, once it is loaded (panels filter their plots by it)."""
+        return None if self.loaded is None else self.loaded.fingerprint
+
+    # ---- the model ------------------------------------------------------------------------------------
+
+    def on_model_loaded(self, listener: Callable[[Any], None]) -> None:
+        """Call ``listener(loaded)`` on the worker thread after a (different) model is loaded."""
+        self._model_listeners.append(listener)
+
+    def _spec(self) -> str:
+        return str(self.model_box.value or "").strip()
+
+    def _ensure_loaded(self, progress: Any) -> Any:
+        """The LoadedModel for the spec in the model bar (the library caches loads, so this is cheap)."""
+        spec = self._spec()
+        current = self.loaded
+        if current is not None and str(getattr(current.spec, "source", "")) == spec:
+            return current
+        loaded = self.loader(spec, progress=progress)
+        self._set_loaded(loaded)
+        return loaded
+
+    def _set_loaded(self, loaded: Any) -> None:
+        previous = self.loaded
+        self.loaded = loaded
+        size = loaded.size
+        self.model_info.value = (
+            f"<b>{html.escape(str(loaded.description))}</b><br>"
+            f"{size.n_params:,} parameters · {size.size_mb:.1f} MB · {size.bits_per_weight:.2f} bits per weight · "
+            f"fingerprint <code>{html.escape(str(loaded.fingerprint))}</code>"
+        )
+        if previous is None or previous.fingerprint != loaded.fingerprint:
+            for listener in list(self._model_listeners):
+                try:
+                    listener(loaded)
+                except Exception as err:  # noqa: BLE001 - a panel's extra (grid check) must not fail the load
+                    self.model_errors.show(err)
+            self.watcher.notify()
+
+    def load(self) -> Job:
+        """Load the model named in the model bar, in the background."""
+        self.model_errors.clear()
+        spec = self._spec()
+
+        def work(progress: Any) -> Any:
+            return self._ensure_loaded(progress)
+
+        def done(job: Job) -> None:
+            self.model_progress.finish(job)
+            if job.error is not None and job.status != "cancelled":
+                self.model_errors.show(job.error, None if _user_error(job.error) else job.traceback)
+
+        return self.jobs.submit(work, label=f"load {spec}", key=("load", spec), on_done=done,
+                                on_start=self.model_progress.attach, on_progress=self.model_progress.report)
+
+    # ---- runs -----------------------------------------------------------------------------------------
+
+    def run(
+        self,
+        pipeline: Sequence[Any],
+        *,
+        label: str = "",
+        progress_bar: ProgressBar | None = None,
+        errors: ErrorArea | None = None,
+        on_result: Callable[[Any], None] | None = None,
+        tags: Sequence[str] = (),
+    ) -> Job:
+        """Evaluate ``pipeline`` on the model in the model bar with the chosen suite, in the background.
+
+        The same work already queued or running is not queued again (the same job comes back); a pipeline
+        already in the registry is answered by the runner's lookup at once.
+        """
+        from workbench.techniques import pipeline_to_json
+
+        spec, suite = self._spec(), self.suite
+        key = ("run", spec, suite, pipeline_to_json(list(pipeline)))
+        registry = self.registry
+        bar = progress_bar
+        if errors is not None:
+            errors.clear()
+
+        def work(progress: Any) -> Any:
+            loaded = self._ensure_loaded(progress.span(0.0, 0.05))
+            return self.runner(loaded, list(pipeline), suite, registry=registry, progress=progress.span(0.05, 1.0),
+                               tags=tuple(tags))
+
+        def done(job: Job) -> None:
+            if bar is not None:
+                bar.finish(job)
+            result = job.result
+            if result is not None:
+                self.last_result = result
+                if errors is not None and getattr(result, "error", None):
+                    # A failed run says why in one line; the stored error has the traceback.
+                    errors.show(f"Run {result.run_id} {result.status}: {_first_line(result.error)}")
+            elif job.error is not None and errors is not None and job.status != "cancelled":
+                errors.show(job.error, None if _user_error(job.error) else job.traceback)
+            if on_result is not None:
+                on_result(job)
+            self.watcher.poke()
+
+        return self.jobs.submit(work, label=label or _label(pipeline), key=key, on_done=done,
+                                on_start=bar.attach if bar is not None else None,
+                                on_progress=bar.report if bar is not None else None)
+
+    def run_baseline(self) -> Job:
+        """The first-run button: evaluate the unmodified model and record it."""
+        return self.run([], label="baseline", progress_bar=self.baseline_progress, errors=self.baseline_errors)
+
+    # ---- refresh and status ---------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Redraw every panel from the registry now (the watcher does this by itself on changes)."""
+        self.watcher.notify()
+
+    def _update_first_run(self) -> None:
+        try:
+            empty = self.registry.runs_frame(status="done").empty
+        except Exception:  # noqa: BLE001 - no registry: the settings row already says so
+            empty = True
+        self.first_run.layout.display = "flex" if empty else "none"
+
+    def _show_status(self) -> None:
+        current, pending = self.jobs.current, len(self.jobs.pending)
+        if current is None and not pending:
+            self.status.value = ""
+            return
+        parts = [f"running: {html.escape(current.label)}"] if current is not None else []
+        if pending:
+            parts.append(f"{pending} queued")
+        self.status.value = "<span style='color:#555'>" + " · ".join(parts) + "</span>"
+
+    def close(self) -> None:
+        """Stop the registry watcher and the worker, close the registry if the app opened it."""
+        self.watcher.stop()
+        self.jobs.close()
+        if self._owns_registry and self._registry is not None:
+            self._registry.close()
+        super().close()
+
+
+def _label(pipeline: Sequence[Any]) -> str:
+    try:
+        from workbench.techniques import describe_pipeline
+
+        return describe_pipeline(list(pipeline))
+    except Exception:  # noqa: BLE001 - a label is cosmetic
+        return "run"
+
+
+def _first_line(text: str | None) -> str:
+    lines = [line for line in str(text or "").strip().splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def _user_error(err: BaseException) -> bool:
+    from workbench.errors import WorkbenchError
+
+    return isinstance(err, WorkbenchError)
+
+
+__all__ = ["DEFAULT_MODELS", "Workbench"]

@@ -1,0 +1,270 @@
+"""Pieces every panel shares: a progress bar with a Stop button, an error area, a plot that follows the registry.
+
+All of them are updated by setting widget attributes only, so the worker thread of :mod:`widgets.jobs` and the
+registry watcher's timer thread may call them (see the module docstring there).
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import ipywidgets as W
+import pandas as pd
+import plotly.graph_objects as go
+
+from widgets.jobs import Job
+from workbench.errors import WorkbenchError
+
+# ---- progress ------------------------------------------------------------------------------------------
+
+
+class ProgressBar(W.HBox):
+    """A bar, a short message and a Stop button bound to the job that is running (Stop calls ``cancel``)."""
+
+    def __init__(self, description: str = "") -> None:
+        self.bar = W.FloatProgress(value=0.0, min=0.0, max=1.0, description=description,
+                                   layout=W.Layout(width="320px"))
+        self.label = W.HTML("")
+        self.stop = W.Button(description="Stop", icon="stop", button_style="danger", disabled=True,
+                             tooltip="Stop the running job (it is recorded as interrupted)",
+                             layout=W.Layout(width="90px"))
+        self.stop.on_click(self._on_stop)
+        self._job: Job | None = None
+        super().__init__([self.bar, self.stop, self.label])
+        self.layout.visibility = "hidden"
+
+    def attach(self, job: Job) -> None:
+        """Follow ``job`` from now on (called on the worker thread when the job starts)."""
+        self._job = job
+        self.bar.value, self.bar.bar_style = 0.0, ""
+        self.label.value = html.escape(job.label)
+        self.stop.disabled = False
+        self.layout.visibility = "visible"
+
+    def report(self, fraction: float, message: str) -> None:
+        self.bar.value = fraction
+        text = f"{self._job.label}: {message}" if self._job and self._job.label else message
+        self.label.value = html.escape(text)
+
+    def finish(self, job: Job) -> None:
+        if job is not self._job:
+            return
+        self.stop.disabled = True
+        self.bar.value = 1.0 if job.status == "done" else self.bar.value
+        self.bar.bar_style = {"done": "success", "failed": "danger", "cancelled": "warning"}.get(job.status, "")
+        self._job = None
+
+    def _on_stop(self, _button: Any = None) -> None:
+        if self._job is not None:
+            self._job.cancel()
+            self.label.value = html.escape("stopping…")
+
+
+# ---- errors --------------------------------------------------------------------------------------------
+
+
+class ErrorArea(W.HTML):
+    """A short message for the user, details folded away.
+
+    A :class:`~workbench.errors.WorkbenchError` (``ConfigError`` …) is the user's to fix and its text says how,
+    so only the text is shown. Anything else is a bug or an environment problem: a one-line summary, and the
+    traceback inside a closed ``<details>`` for whoever reports it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("")
+
+    def show(self, error: BaseException | str | None, details: str | None = None) -> None:
+        if error is None:
+            self.clear()
+            return
+        if isinstance(error, WorkbenchError):
+            message, details = str(error), details if details is not None else None
+        elif isinstance(error, BaseException):
+            message = f"Unexpected error: {type(error).__name__}: {_first_line(str(error))}"
+            if details is None:
+                details = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        else:
+            message = str(error)
+        self.value = render_error(message, details)
+
+    def clear(self) -> None:
+        self.value = ""
+
+    @property
+    def message(self) -> str:
+        """The visible text (tests and the status line read this)."""
+        return self.value
+
+
+def _first_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def render_error(message: str, details: str | None = None) -> str:
+    body = f'<div class="wb-error" style="color:#b00020"><b>⚠</b> {html.escape(message)}</div>'
+    if details:
+        body += ('<details><summary>Details</summary><pre style="font-size:11px;white-space:pre-wrap">'
+                 f"{html.escape(details)}</pre></details>")
+    return body
+
+
+def render_note(message: str, kind: str = "info") -> str:
+    color = {"info": "#333", "ok": "#1b5e20", "warn": "#8a6d00"}.get(kind, "#333")
+    return f'<div style="color:{color}">{html.escape(message)}</div>'
+
+
+# ---- a plot that follows the registry ------------------------------------------------------------------
+
+
+def replace_figure(widget: go.FigureWidget, figure: go.Figure) -> None:
+    """Show ``figure`` in ``widget``, sent to the browser as one message (plotly's ``batch_update``)."""
+    with widget.batch_update():
+        widget.data = ()
+        widget.add_traces(list(figure.data))
+        widget.layout = figure.layout
+
+
+class RegistryWatcher:
+    """Calls listeners when the registry changes, from this kernel or any other process.
+
+    A daemon timer thread compares ``registry.change_token()`` (one cheap aggregate query) every ``interval``
+    seconds; ``poke()`` checks at once (after a run of our own). ``stop()`` ends the thread; it also ends when
+    the registry cannot be read, after telling the listeners' error handler.
+    """
+
+    def __init__(self, registry_fn: Callable[[], Any], interval: float = 2.0) -> None:
+        self._registry_fn = registry_fn
+        self.interval = interval
+        self._listeners: list[Callable[[], None]] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._token: str | None = None
+        self._thread: threading.Thread | None = None
+        self.on_error: Callable[[BaseException], None] | None = None
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def start(self) -> None:
+        if self.interval <= 0 or (self._thread is not None and self._thread.is_alive()):
+            return
+        self._stop.clear()
+        self._token = self._read_token()
+        self._thread = threading.Thread(target=self._loop, name="workbench-registry-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+
+    def reset(self) -> None:
+        """Forget the token (a different registry was opened): the next check notifies."""
+        self._token = None
+
+    def _read_token(self) -> str | None:
+        try:
+            return str(self._registry_fn().change_token())
+        except Exception as err:  # noqa: BLE001 - reported, the timer keeps trying
+            if self.on_error is not None:
+                self.on_error(err)
+            return None
+
+    def poke(self) -> bool:
+        """Check now; notify and return True when the token moved."""
+        with self._lock:
+            token = self._read_token()
+            if token is None or token == self._token:
+                return False
+            self._token = token
+        self._notify()
+        return True
+
+    def notify(self) -> None:
+        """Refresh every listener whether or not the registry changed (a filter moved)."""
+        self._notify()
+
+    def _notify(self) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener()
+            except Exception as err:  # noqa: BLE001 - one broken view must not stop the others
+                if self.on_error is not None:
+                    self.on_error(err)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poke()
+
+
+class LivePlot(W.VBox):
+    """A ``go.FigureWidget`` redrawn from ``figure_fn()`` whenever :meth:`refresh` is called.
+
+    ``figure_fn`` does the library work (runs_frame → views); a failure shows in the error area under the plot
+    instead of vanishing in a thread.
+    """
+
+    def __init__(self, figure_fn: Callable[[], go.Figure], *, on_click: Callable[[int], None] | None = None) -> None:
+        self._figure_fn = figure_fn
+        self.figure = go.FigureWidget()
+        self.errors = ErrorArea()
+        self.refreshes = 0
+        self._lock = threading.Lock()
+        self._on_click = on_click
+        super().__init__([self.figure, self.errors])
+
+    def refresh(self) -> None:
+        with self._lock:  # the watcher thread and a worker may both refresh; draw one at a time
+            try:
+                figure = self._figure_fn()
+            except Exception as err:  # noqa: BLE001 - shown under the plot
+                self.errors.show(err)
+                return
+            replace_figure(self.figure, figure)
+            self._bind_clicks()
+            self.errors.clear()
+            self.refreshes += 1
+
+    def _bind_clicks(self) -> None:
+        if self._on_click is None:
+            return
+        for trace in self.figure.data:
+            if getattr(trace, "customdata", None) is not None:
+                trace.on_click(self._clicked)
+
+    def _clicked(self, trace: Any, points: Any, _state: Any) -> None:
+        if self._on_click is not None and points.point_inds:
+            run_id = trace.customdata[points.point_inds[0]]
+            self._on_click(int(run_id))
+
+    def trace_points(self, name: str | None = None) -> int:
+        """How many points the plot shows (in traces called ``name``, or all): tests count with this."""
+        return sum(0 if t.x is None else len(t.x) for t in self.figure.data if name is None or t.name == name)
+
+
+def frame_or_empty(fn: Callable[[], pd.DataFrame]) -> pd.DataFrame:
+    """``fn()`` or an empty frame; for places where a missing registry should show 'no runs', not a crash."""
+    try:
+        return fn()
+    except WorkbenchError:
+        return pd.DataFrame()
+
+
+__all__ = [
+    "ErrorArea",
+    "LivePlot",
+    "ProgressBar",
+    "RegistryWatcher",
+    "frame_or_empty",
+    "render_error",
+    "render_note",
+    "replace_figure",
+]

@@ -1,0 +1,221 @@
+"""Quantize panel: pick a method, drag the bit width, watch quality against size fill in.
+
+Each slider position becomes a technique config built by ``make_config`` (bad parameters come back as the
+library's ``ConfigError`` text), goes to the app's background queue, is evaluated with the current suite by
+``run_experiment`` and recorded; the plot then gains a point. A position already measured is answered from
+the registry by ``run_experiment``'s lookup, and a position already queued is not queued twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+from typing import TYPE_CHECKING, Any
+
+import ipywidgets as W
+import pandas as pd
+import plotly.graph_objects as go
+
+from widgets.common import ErrorArea, LivePlot, ProgressBar, render_note
+from widgets.jobs import Job
+from workbench.errors import ConfigError
+
+if TYPE_CHECKING:
+    from widgets.app import Workbench
+
+GROUP_SIZES = (("32", 32), ("64", 64), ("128", 128), ("per-channel", -1))
+QUALITY_METRICS = ("metric_kl_mean", "metric_ppl", "metric_top1_agree")
+SIZE_METRICS = ("metric_bits_per_weight", "metric_size_mb")
+
+
+def _format_choices(method: str) -> tuple[str, list[str]] | None:
+    """Methods whose bit width is a storage format rather than a number: the field and its formats.
+
+    The formats come from the technique modules themselves (bitsandbytes' modes, quanto's weight types), so a
+    format added there shows up here.
+    """
+    if method == "bnb":
+        from workbench.techniques.bnb import MODES
+
+        return "mode", list(MODES)
+    if method == "quanto":
+        from workbench.techniques.quanto import WEIGHTS
+
+        return "weights", list(WEIGHTS)
+    return None
+
+
+def build_config(method: str, bits: int, group_size: int = 32, symmetric: bool = False) -> Any:
+    """The config for one slider position, through ``make_config``; impossible settings raise ConfigError.
+
+    Methods with a ``bits`` field get bits, group size and symmetry (those they have). Format-based methods
+    (bnb, quanto) get the first of their formats whose ``bits`` equals the slider's value; a value none has is
+    refused with the widths that exist.
+    """
+    from workbench.techniques import get_technique, make_config
+
+    fields = {f.name for f in dataclasses.fields(get_technique(method).config_cls)}
+    if "bits" in fields:
+        params: dict[str, Any] = {"bits": int(bits)}
+        if "group_size" in fields:
+            params["group_size"] = int(group_size)
+        if "symmetric" in fields:
+            params["symmetric"] = bool(symmetric)
+        return make_config(method, **params)
+    choices = _format_choices(method)
+    if choices is None:
+        raise ConfigError(f"{method}: has no bit-width setting; use it from code with make_config({method!r}, ...).")
+    field, formats = choices
+    widths: dict[int, str] = {}
+    for fmt in formats:
+        widths.setdefault(int(make_config(method, **{field: fmt}).bits), fmt)
+    if int(bits) not in widths:
+        listed = ", ".join(f"{b} ({widths[b]})" for b in sorted(widths))
+        raise ConfigError(f"{method} takes {listed} bits, not {bits}; move the slider to one of those.")
+    return make_config(method, **{field: widths[int(bits)]})
+
+
+def method_fields(method: str) -> set[str]:
+    from workbench.techniques import get_technique
+
+    return {f.name for f in dataclasses.fields(get_technique(method).config_cls)}
+
+
+class QuantizePanel(W.VBox):
+    """Method, bits, group size, symmetry; a run per slider position; a live quality-vs-size plot."""
+
+    def __init__(self, app: Workbench, methods: list[str] | None = None) -> None:
+        from workbench.techniques import technique_names
+        from workbench.views import title
+
+        self.app = app
+        names = list(methods) if methods is not None else technique_names(kind="quantize")
+        self.method = W.Dropdown(options=names, value="rtn" if "rtn" in names else (names[0] if names else None),
+                                 description="Method", layout=W.Layout(width="220px"))
+        self.bits = W.IntSlider(value=4, min=2, max=8, step=1, continuous_update=False, description="Bits",
+                                layout=W.Layout(width="320px"))
+        self.group_size = W.Dropdown(options=GROUP_SIZES, value=32, description="Group",
+                                     layout=W.Layout(width="200px"))
+        self.symmetric = W.Checkbox(value=False, description="symmetric", indent=False,
+                                    layout=W.Layout(width="110px"))
+        self.run_button = W.Button(description="Run", icon="play", button_style="primary",
+                                   tooltip="Evaluate these settings", layout=W.Layout(width="90px"))
+        self.sweep_button = W.Button(description="Sweep all bits", icon="forward",
+                                     tooltip="Queue every bit width this method takes", layout=W.Layout(width="140px"))
+        self.quality = W.Dropdown(options=[(title(m), m) for m in QUALITY_METRICS], value="metric_kl_mean",
+                                  description="Quality", layout=W.Layout(width="330px"))
+        self.size_axis = W.Dropdown(options=[(title(m), m) for m in SIZE_METRICS], value="metric_bits_per_weight",
+                                    description="against", layout=W.Layout(width="330px"))
+        self.grid_warning = W.HTML("")
+        self.message = W.HTML("")
+        self.progress = ProgressBar()
+        self.errors = ErrorArea()
+        self.plot = LivePlot(self._figure)
+        self.results: list[Any] = []  # every RunResult this panel received, newest last
+
+        self.bits.observe(self._on_bits, names="value")
+        self.method.observe(self._on_method, names="value")
+        for control in (self.quality, self.size_axis):
+            control.observe(lambda _c: self.plot.refresh(), names="value")
+        self.run_button.on_click(lambda _b: self.submit())
+        self.sweep_button.on_click(lambda _b: self.sweep())
+        app.watcher.subscribe(self.plot.refresh)
+        app.on_model_loaded(self._check_grid)
+        self._on_method()
+
+        super().__init__([
+            W.HBox([self.method, self.bits, self.group_size, self.symmetric]),
+            W.HBox([self.run_button, self.sweep_button, self.progress]),
+            self.errors, self.grid_warning, self.message,
+            W.HBox([self.quality, self.size_axis]),
+            self.plot,
+        ])
+
+    # ---- controls -------------------------------------------------------------------------------------
+
+    def _on_method(self, _change: Any = None) -> None:
+        # Group size and symmetry only where the method's config has them (bnb and quanto fix their own).
+        fields = method_fields(self.method.value) if self.method.value else set()
+        self.group_size.disabled = "group_size" not in fields
+        self.symmetric.disabled = "symmetric" not in fields
+
+    def _on_bits(self, _change: Any) -> None:
+        self.submit()
+
+    def config(self, bits: int | None = None) -> Any:
+        return build_config(self.method.value, self.bits.value if bits is None else bits, self.group_size.value,
+                            self.symmetric.value)
+
+    # ---- running --------------------------------------------------------------------------------------
+
+    def submit(self, bits: int | None = None) -> Job | None:
+        """Evaluate the current settings (or ``bits``) in the background; a bad setting shows why and runs nothing."""
+        try:
+            config = self.config(bits)
+        except ConfigError as err:
+            self.errors.show(err)
+            return None
+        self.errors.clear()
+        return self.app.run([config], progress_bar=self.progress, errors=self.errors, on_result=self._on_result)
+
+    def sweep(self) -> list[Job]:
+        """Queue every bit width of the slider's range that the method takes (the queue runs them in turn)."""
+        jobs, skipped = [], []
+        for bits in range(self.bits.max, self.bits.min - 1, -1):
+            try:
+                config = self.config(bits)
+            except ConfigError:
+                skipped.append(str(bits))
+                continue
+            jobs.append(self.app.run([config], progress_bar=self.progress, errors=self.errors,
+                                     on_result=self._on_result))
+        note = f"Queued {len(jobs)} bit widths of {self.method.value}."
+        if skipped:
+            note += f" Skipped {', '.join(skipped)} bits ({self.method.value} does not take them)."
+        self.message.value = render_note(note)
+        return jobs
+
+    def _on_result(self, job: Job) -> None:
+        result = job.result
+        if result is None:
+            return
+        self.results.append(result)
+        if result.status == "done":
+            how = "found in the registry (no new run)" if result.reused else "evaluated and recorded"
+            self.message.value = render_note(f"Run {result.run_id} · {result.label}: {how}.", "ok")
+        elif result.status == "interrupted":
+            self.message.value = render_note(f"Run {result.run_id} · {result.label}: stopped, recorded as "
+                                             "interrupted.", "warn")
+
+    # ---- grid check -----------------------------------------------------------------------------------
+
+    def _check_grid(self, loaded: Any) -> None:
+        """Warn when the weights already sit on a low-bit grid (then that grid's RTN is lossless by accident)."""
+        try:
+            from workbench.quant_analysis import detect_grid
+        except ImportError:
+            self.grid_warning.value = ""
+            return
+        report = detect_grid(loaded.model)
+        self.grid_warning.value = "" if report is None else (
+            '<div style="background:#fff8e1;border-left:4px solid #f9a825;padding:4px 8px">'
+            f"<b>Grid detected.</b> {html.escape(report.message)}</div>")
+
+    # ---- the plot -------------------------------------------------------------------------------------
+
+    def frame(self) -> pd.DataFrame:
+        """The runs this panel plots: the loaded model (once known), the current suite, quantizers + baseline."""
+        frame = self.app.runs_frame(model=self.app.fingerprint, suite=self.app.suite)
+        if frame.empty:
+            return frame
+        keep = set(self.method.options) | {"baseline"}
+        return frame[frame["technique"].isin(keep)]
+
+    def _figure(self) -> go.Figure:
+        from workbench.views import bits_figure
+
+        fig = bits_figure(self.frame(), y=self.quality.value, x=self.size_axis.value)
+        return fig.update_layout(legend_title_text="method")
+
+
+__all__ = ["GROUP_SIZES", "QuantizePanel", "build_config"]
