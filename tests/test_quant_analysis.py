@@ -14,6 +14,16 @@ from workbench.techniques._quant import packed_bytes
 from workbench.techniques.mixed import mixed_from_sensitivity
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine two threads waiting on each other make
+    each small op many times slower; the previous setting is restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_random_weights_are_not_on_a_grid(tiny_llama):
     assert detect_grid(tiny_llama) is None
 

@@ -14,6 +14,16 @@ from workbench.progress import Progress
 from workbench.techniques import ApplyContext, apply_, config_from_dict, config_to_dict, make_config
 from workbench.techniques._quant import fake_quantize, packed_bytes
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine two threads waiting on each other make
+    each small op many times slower; the previous setting is restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 # One row per technique, as in PEFT's TEST_CASES: (name, extra parameters).
 TEST_CASES = [
     ("rtn", {}),

@@ -1,13 +1,15 @@
 """Looking at a model before quantizing it: is it already on a low-bit grid, and which layers are sensitive.
 
 **Grid detection.** A model dequantized from a low-bit format keeps its grid: every group of weights holds at
-most 2^b distinct values, evenly spaced. The demo model was dequantized from llama.cpp's Q4_1 (groups of 32, a
-float scale and minimum each), so 4-bit group-32 RTN with a float minimum reproduces it exactly and its KL is
-~0 — which says nothing about the method. :func:`detect_grid` finds such grids so the panel and reports warn.
+most 2^b distinct values, each equal to min + k·step. The demo model was dequantized from llama.cpp's Q4_1
+(groups of 32, an fp16 scale and minimum each), so 4-bit group-32 asymmetric RTN with a float minimum reproduces
+it exactly and its KL is ~0, which says nothing about the method. :func:`detect_grid` finds such grids (on a
+sample of layers, in well under a second) so panels and reports can warn.
 
 **Sensitivity.** :func:`layer_sensitivity` quantizes one decoder block (or one linear type across all blocks)
-at a time and measures the KL divergence it alone causes; the most sensitive parts are the ones to keep at
-higher precision (:class:`~workbench.techniques.mixed.MixedPrecisionConfig`).
+at a time, measures the KL divergence that part alone causes on a few calibration chunks, restores it, and moves
+on. The most sensitive parts are the ones to keep at higher precision: :func:`mixed_from_sensitivity` in
+:mod:`workbench.techniques.mixed` turns the frame into a :class:`~workbench.techniques.mixed.MixedPrecisionConfig`.
 """
 
 from __future__ import annotations
@@ -19,117 +21,194 @@ import pandas as pd
 import torch
 from torch import nn
 
-from workbench.progress import Progress
-from workbench.techniques._quant import decoder_linears, fake_quantize
+from workbench.errors import ConfigError
+from workbench.progress import Progress, ProgressCallback, as_progress
+from workbench.techniques._quant import decoder_linears, fake_quantize, fake_quantize_
+
+# Searched coarsest first: the fewest bits, then the largest group that fits.
+_GRID_BITS = (2, 3, 4, 5, 6, 8)
+_GRID_GROUPS = (128, 64, 32)
 
 
 @dataclass(frozen=True)
 class GridReport:
-    """A low-bit grid the weights already sit on."""
+    """A low-bit grid the sampled weights already sit on, and what that means for comparisons."""
 
     bits: int
     group_size: int
-    form: str  # "asymmetric" (a minimum per group, Q4_1-style) or "symmetric" (Q4_0-style)
-    fraction_of_layers: float
+    form: str  # "asymmetric" (a float minimum per group, Q4_1-style) or "symmetric" (Q4_0-style)
+    layers_checked: int
+
+    @property
+    def style(self) -> str:
+        return f"Q{self.bits}_1-style" if self.form == "asymmetric" else f"Q{self.bits}_0-style"
 
     @property
     def message(self) -> str:
+        """The warning shown next to results: why RTN at this setting looks perfect, and what to compare instead."""
+        lower = " or ".join(str(b) for b in range(self.bits - 1, max(1, self.bits - 3), -1))
+        other = f", {self.bits}-bit symmetric" if self.form == "asymmetric" else ""
         return (
             f"This model's weights already sit on a {self.bits}-bit grid (groups of {self.group_size}, "
-            f"{'a float scale and minimum each: Q4_1-style' if self.form == 'asymmetric' else 'one scale each: Q4_0-style'}"
-            f"). {self.bits}-bit group-{self.group_size} RTN of that form reproduces it exactly, which says nothing "
-            f"about the method. Compare methods at {self.bits - 1} or {self.bits - 2} bits, {self.bits}-bit "
-            f"{'symmetric' if self.form == 'asymmetric' else 'asymmetric'}, or group {2 * self.group_size} / "
-            f"per-channel."
+            f"{self.style}). {self.bits}-bit group-{self.group_size} {self.form} RTN reproduces it exactly, which "
+            f"says nothing about the method. Compare methods at {lower} bits{other}, or group "
+            f"{2 * self.group_size} / per-channel."
         )
 
 
 def _on_grid(w: torch.Tensor, bits: int, group: int, symmetric: bool) -> bool:
-    """True when every group of ``w`` is reproduced by ``bits``-bit RTN of that form (to float precision)."""
+    """True when every group of ``w`` equals min + k·step for ``bits``-bit RTN of that form (to float precision).
+
+    Reproduction by RTN is the test: a group on a b-bit grid whose extreme codes are used (as Q4_1 and Q4_0
+    quantizers ensure) is mapped onto itself, and a group that is not on it moves by at least part of a step.
+    """
     if w.shape[1] % group:
         return False
-    q = fake_quantize(w.float(), bits, group, symmetric, "float")
-    tol = 1e-5 * w.abs().amax().clamp_min(1e-12)
-    return bool(((q - w.float()).abs() <= tol).all())
+    q = fake_quantize(w, bits, group, symmetric, "float")
+    tol = 1e-5 * float(w.abs().amax().clamp_min(1e-12))
+    return bool(((q - w).abs() <= tol).all())
 
 
 def detect_grid(model: nn.Module, *, max_layers: int = 6, rows: int = 64) -> GridReport | None:
-    """The coarsest grid (fewest bits, largest group) that sampled decoder linears sit on, or None."""
+    """The coarsest grid (fewest bits, then largest group) that ``max_layers`` sampled decoder linears sit on.
+
+    Only the first ``rows`` output rows of each sampled linear are read: grids are per group, so a slice is as
+    telling as the whole weight and keeps this fast on any model size. Returns None for ordinary float weights.
+    """
     linears = list(decoder_linears(model))
     if not linears:
         return None
     step = max(1, len(linears) // max_layers)
-    sample = [m.weight.detach()[:rows] for _, m in linears[::step][:max_layers]]
-    for bits in (2, 3, 4, 5, 6, 8):
-        for group in (128, 64, 32, 16):
+    sample = [m.weight.detach()[:rows].float() for _, m in linears[::step][:max_layers]]
+    for bits in _GRID_BITS:
+        for group in _GRID_GROUPS:
             for symmetric in (False, True):
-                hits = sum(_on_grid(w, bits, group, symmetric) for w in sample)
-                if hits == len(sample):
-                    return GridReport(bits, group, "symmetric" if symmetric else "asymmetric", 1.0)
+                if all(_on_grid(w, bits, group, symmetric) for w in sample):
+                    return GridReport(bits, group, "symmetric" if symmetric else "asymmetric", len(sample))
     return None
 
 
-def _kl(base_logp: torch.Tensor, logits: torch.Tensor) -> float:
+def _kl_per_token(base_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(base ‖ quantized) per position, as llama-perplexity's KL divergence statistics compute it."""
     q = torch.log_softmax(logits.float(), -1)
-    return float((base_logp.exp() * (base_logp - q)).sum(-1).mean())
+    return (base_logp.exp() * (base_logp - q)).sum(-1)
 
 
 _TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def _calibration_chunks(tokenizer: Any, corpus: Any, n_chunks: int, chunk_len: int) -> torch.Tensor:
+    from workbench.corpus import get_corpus
+
+    corpus = get_corpus(corpus) if isinstance(corpus, str) else corpus
+    ids = tokenizer(corpus.text("calibration"), add_special_tokens=False)["input_ids"]
+    if len(ids) < chunk_len:
+        raise ConfigError(
+            f"sensitivity: the calibration text has {len(ids)} tokens, fewer than "
+            f"chunk_len={chunk_len}. Use a smaller chunk_len or a larger corpus."
+        )
+    n = min(n_chunks, len(ids) // chunk_len)
+    return torch.tensor(ids[: n * chunk_len], dtype=torch.long).view(n, chunk_len)
+
+
+def _parts(model: nn.Module, by: str) -> dict[str, tuple[str, list[tuple[str, nn.Linear]]]]:
+    """Part name → (module-name glob pattern, its linears)."""
+    linears = list(decoder_linears(model))
+    if not linears:
+        raise ConfigError(f"sensitivity: found no decoder linear layers in {type(model).__name__}.")
+    parts: dict[str, tuple[str, list[tuple[str, nn.Linear]]]] = {}
+    if by == "layer":
+        for name, module in linears:
+            prefix, rest = (
+                name.rsplit(".layers.", 1) if ".layers." in name else ("", name.split("layers.", 1)[1])
+            )
+            index = rest.split(".", 1)[0]
+            base = f"{prefix}.layers.{index}" if prefix else f"layers.{index}"
+            parts.setdefault(f"layer {index}", (f"{base}.*", []))[1].append((name, module))
+    elif by == "type":
+        for t in _TYPES:
+            members = [(n, m) for n, m in linears if n.endswith(f".{t}")]
+            if members:
+                parts[t] = (f"*.{t}", members)
+    else:
+        raise ConfigError(
+            f"sensitivity: by={by!r} must be 'layer' (one decoder block at a time) or 'type' "
+            "(one kind of linear, e.g. all down_proj, at a time)."
+        )
+    return parts
+
+
 def layer_sensitivity(
     model: nn.Module,
-    input_ids: torch.Tensor,
+    tokenizer_or_ids: Any,
     *,
     config: Any = None,
     by: str = "layer",
-    progress: Progress | None = None,
+    corpus: Any = "python-docs",
+    n_chunks: int = 4,
+    chunk_len: int = 128,
+    progress: Progress | ProgressCallback | None = None,
 ) -> pd.DataFrame:
-    """KL divergence caused by quantizing one part at a time (``by="layer"`` blocks or ``by="type"`` linears).
+    """KL divergence caused by quantizing one part at a time (``by="layer"`` blocks, ``by="type"`` linear kinds).
 
-    ``config`` is an RTN-style config (bits, group_size, symmetric, zero_point); default 3-bit group 32 RTN,
-    where differences between parts are clear. ``input_ids``: (batch, seq) token ids (calibration text).
-    Returns columns ``name, kl_mean, n_params`` sorted by the part's position.
+    ``tokenizer_or_ids``: a tokenizer (then ``n_chunks`` × ``chunk_len`` tokens of the corpus's calibration part
+    are used, never its evaluation part) or a (batch, seq) tensor of token ids. ``config``: an RTN-style config
+    (bits, group_size, symmetric, zero_point); default 3-bit group-32 RTN, where differences between parts are
+    clear. The model is left as it was (each part's weights are restored).
+
+    Returns one row per part, in model order: ``name``, ``kl_mean`` (mean KL per token vs the unquantized
+    model), ``n_params``, ``pattern`` (a module-name glob selecting the part, for mixed precision) and
+    ``modules``.
     """
     from workbench.techniques.rtn import RTNConfig
 
-    config = config or RTNConfig(bits=3, group_size=32)
-    progress = progress or Progress.null()
-    linears = list(decoder_linears(model))
-    if by == "layer":
-        keys = sorted({int(n.split(".layers.")[1].split(".")[0]) for n, _ in linears})
-        parts = {f"layer {k}": [(n, m) for n, m in linears if f".layers.{k}." in f".{n}"] for k in keys}
-    elif by == "type":
-        parts = {t: [(n, m) for n, m in linears if n.endswith(t)] for t in _TYPES}
-        parts = {k: v for k, v in parts.items() if v}
+    config = config if config is not None else RTNConfig(bits=3, group_size=32)
+    for needed in ("bits", "group_size"):
+        if not hasattr(config, needed):
+            raise ConfigError(
+                f"sensitivity: config {type(config).__name__} has no `{needed}`; pass an RTN config, "
+                "e.g. RTNConfig(bits=3)."
+            )
+    progress = as_progress(progress)
+    parts = _parts(model, by)
+    if isinstance(tokenizer_or_ids, torch.Tensor):
+        ids = tokenizer_or_ids.long()
+        ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
     else:
-        raise ValueError(f"by={by!r} must be 'layer' or 'type'")
-    with torch.inference_mode():
-        base_logp = torch.log_softmax(model(input_ids).logits.float(), -1)
+        ids = _calibration_chunks(tokenizer_or_ids, corpus, n_chunks, chunk_len)
+    device = next(model.parameters()).device
+    symmetric, zero_point = bool(getattr(config, "symmetric", False)), getattr(config, "zero_point", "float")
+
+    with torch.no_grad():
+        base = [
+            torch.log_softmax(model(ids[i : i + 1].to(device)).logits.float(), -1) for i in range(len(ids))
+        ]
     rows = []
-    for name, members in progress.iter(list(parts.items()), desc="sensitivity"):
+    for name, (pattern, members) in progress.iter(list(parts.items()), desc="sensitivity"):
         saved = [m.weight.data.clone() for _, m in members]
         try:
             with torch.no_grad():
                 for _, m in members:
-                    m.weight.data = fake_quantize(m.weight.data, config.bits, config.group_size, config.symmetric,
-                                                  getattr(config, "zero_point", "float"))
-                kl = _kl(base_logp, model(input_ids).logits)
+                    fake_quantize_(m.weight.data, config.bits, config.group_size, symmetric, zero_point)
+                kl = torch.cat(
+                    [
+                        _kl_per_token(b, model(ids[i : i + 1].to(device)).logits).flatten()
+                        for i, b in enumerate(base)
+                    ]
+                )
         finally:
             for (_, m), w in zip(members, saved, strict=True):
                 m.weight.data = w
-        rows.append({"name": name, "kl_mean": kl, "n_params": sum(m.weight.numel() for _, m in members),
-                     "modules": [n for n, _ in members]})
-    return pd.DataFrame(rows)
+        rows.append(
+            {
+                "name": name,
+                "kl_mean": float(kl.mean()),
+                "n_params": sum(m.weight.numel() for _, m in members),
+                "pattern": pattern,
+                "modules": [n for n, _ in members],
+            }
+        )
+    return pd.DataFrame(rows, columns=["name", "kl_mean", "n_params", "pattern", "modules"])
 
 
-def sensitivity_patterns(frame: pd.DataFrame, top_n: int) -> tuple[str, ...]:
-    """Module-name glob patterns for the ``top_n`` most sensitive parts of a :func:`layer_sensitivity` frame."""
-    top = frame.sort_values("kl_mean", ascending=False).head(top_n)
-    patterns: list[str] = []
-    for modules in top["modules"]:
-        patterns.extend(modules)
-    return tuple(patterns)
-
-
-__all__ = ["GridReport", "detect_grid", "layer_sensitivity", "sensitivity_patterns"]
+__all__ = ["GridReport", "detect_grid", "layer_sensitivity"]

@@ -30,7 +30,9 @@ def validate_common(name: str, bits: int, group_size: int, zero_point: str = "fl
     if not isinstance(bits, int) or not 2 <= bits <= 8:
         raise ConfigError(f"{name}: bits={bits} is out of range; choose 2 to 8.")
     if not isinstance(group_size, int) or (group_size != -1 and group_size < 2):
-        raise ConfigError(f"{name}: group_size={group_size} must be -1 (per-channel) or at least 2, e.g. 32 or 64.")
+        raise ConfigError(
+            f"{name}: group_size={group_size} must be -1 (per-channel) or at least 2, e.g. 32 or 64."
+        )
     if zero_point not in ZERO_POINTS:
         raise ConfigError(f"{name}: zero_point={zero_point!r} must be one of {', '.join(ZERO_POINTS)}.")
 
@@ -60,7 +62,9 @@ def divisors_for_all(widths: list[int]) -> list[int]:
     return [d for d in range(16, g + 1) if g % d == 0]
 
 
-def check_group_size(name: str, model: nn.Module, group_size: int, modules: list[tuple[str, nn.Module]] | None = None) -> None:
+def check_group_size(
+    name: str, model: nn.Module, group_size: int, modules: list[tuple[str, nn.Module]] | None = None
+) -> None:
     """Refuse a group size that does not divide some layer's input width, naming it and what would work."""
     if group_size == -1:
         return
@@ -77,52 +81,104 @@ def check_group_size(name: str, model: nn.Module, group_size: int, modules: list
             )
 
 
-def quant_params(w: torch.Tensor, bits: int, symmetric: bool, zero_point: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and offset per row of ``w`` (…, group): dequantized value = code * scale + offset.
+def quant_params(
+    w: torch.Tensor, bits: int, symmetric: bool, zero_point: str = "float"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero per group (last dimension of ``w``): the grid :func:`quantize_groups_` rounds onto.
 
-    Symmetric: codes in [-2^(b-1), 2^(b-1)-1], offset 0, the value of largest magnitude maps onto -2^(b-1). Asymmetric with a float zero point (Q4_1-style): offset = min,
-    scale = (max - min) / (2^b - 1). With an integer zero point: offset = -z * scale, z rounded to an integer.
+    - symmetric (llama.cpp's Q*_0 rule): the signed value of largest magnitude maps exactly onto the code
+      -2^(b-1); the scale may be negative, which puts the grid's extra negative code on the side that needs it.
+      ``zero`` is 0.
+    - asymmetric, ``zero_point="float"`` (Q4_1-style): ``zero`` is the group minimum as a float, scale =
+      (max - min) / (2^b - 1); min and max are both exactly on the grid.
+    - asymmetric, ``zero_point="int"`` (the GPTQ/AWQ checkpoint form): the range is widened to include 0, and
+      ``zero`` is the integer code z = round(-min / scale) in [0, 2^b - 1], so 0.0 is exactly representable.
     """
-    qmax = 2**bits - 1
     if symmetric:
-        # llama.cpp's Q*_0 rule: the signed value of largest magnitude maps exactly onto the code -2^(b-1);
-        # the scale may be negative, which uses the grid's extra negative code on the side that needs it.
         half = 2 ** (bits - 1)
         idx = w.abs().argmax(-1, keepdim=True)
-        extreme = w.gather(-1, idx)
-        scale = extreme / -half
+        scale = w.gather(-1, idx).div_(-half)
         scale = torch.where(scale.abs() < 1e-10, torch.full_like(scale, 1e-10), scale)
         return scale, torch.zeros_like(scale)
-    wmin = w.amin(-1, keepdim=True).clamp_max(0) if zero_point == "int" else w.amin(-1, keepdim=True)
-    wmax = w.amax(-1, keepdim=True).clamp_min(0) if zero_point == "int" else w.amax(-1, keepdim=True)
-    scale = ((wmax - wmin) / qmax).clamp_min(1e-10)
+    qmax = 2**bits - 1
+    wmin = w.amin(-1, keepdim=True)
+    wmax = w.amax(-1, keepdim=True)
     if zero_point == "int":
-        z = torch.round(-wmin / scale).clamp(0, qmax)
-        return scale, -z * scale
+        wmin.clamp_(max=0)
+        wmax.clamp_(min=0)
+    scale = (wmax - wmin).div_(qmax).clamp_(min=1e-10)
+    if zero_point == "int":
+        return scale, torch.round(-wmin / scale).clamp_(0, qmax)
     return scale, wmin
 
 
-def quantize_groups(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
-    """Round ``w`` (…, group) onto the grid given by scale/offset and return the dequantized values."""
+def quantize_groups_(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    zero_point: str = "float",
+) -> torch.Tensor:
+    """Round ``w`` (…, group) onto the grid of :func:`quantize_params` and dequantize, in place.
+
+    In-place arithmetic matters for speed: a fresh 100 MB temporary per step costs more (page faults) than the
+    arithmetic itself, which is what keeps RTN of a 135M model well under a second.
+    """
     if symmetric:
         half = 2 ** (bits - 1)
-        q = torch.clamp(torch.round(w / scale), -half, half - 1)
-        return q * scale
-    q = torch.clamp(torch.round((w - offset) / scale), 0, 2**bits - 1)
-    return q * scale + offset
+        return w.div_(scale).round_().clamp_(-half, half - 1).mul_(scale)
+    qmax = 2**bits - 1
+    if zero_point == "int":  # the reference quantizer: q = clamp(round(w / s) + z), w' = s (q - z)
+        return w.div_(scale).round_().add_(zero).clamp_(0, qmax).sub_(zero).mul_(scale)
+    return w.sub_(zero).div_(scale).round_().clamp_(0, qmax).mul_(scale).add_(zero)
 
 
-def fake_quantize(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
-                  zero_point: str = "float") -> torch.Tensor:
-    """Quantize then dequantize a (out, in) weight group-wise; returns a tensor of the same shape and dtype."""
+def quantize_groups(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    zero_point: str = "float",
+) -> torch.Tensor:
+    """Out-of-place :func:`quantize_groups_`."""
+    return quantize_groups_(w.clone(), scale, zero, bits, symmetric, zero_point)
+
+
+# Rows per step of fake_quantize_: about 64k weights (256 KB in float32) stay in cache through all the steps.
+_CHUNK = 65536
+
+
+def fake_quantize_(
+    weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, zero_point: str = "float"
+) -> torch.Tensor:
+    """Quantize then dequantize a (out, in) weight group-wise, in place; returns ``weight``."""
     out_f, in_f = weight.shape
     g = in_f if group_size == -1 else group_size
-    w = weight.detach().float().reshape(out_f, in_f // g, g)
-    scale, offset = quant_params(w, bits, symmetric, zero_point)
-    return quantize_groups(w, scale, offset, bits, symmetric).reshape(out_f, in_f).to(weight.dtype)
+    rows = max(1, _CHUNK // in_f)
+    with torch.no_grad():
+        for r in range(0, out_f, rows):
+            part = weight[r : r + rows]
+            w = part if part.dtype == torch.float32 else part.float()
+            w3 = w.view(-1, in_f // g, g)
+            scale, zero = quant_params(w3, bits, symmetric, zero_point)
+            quantize_groups_(w3, scale, zero, bits, symmetric, zero_point)
+            if w is not part:
+                part.copy_(w)
+    return weight
 
 
-def packed_bytes(shape: tuple[int, int], bits: int, group_size: int, symmetric: bool, zero_point: str = "float") -> int:
+def fake_quantize(
+    weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, zero_point: str = "float"
+) -> torch.Tensor:
+    """Out-of-place :func:`fake_quantize_`: a new tensor of the same shape and dtype."""
+    return fake_quantize_(weight.detach().clone(), bits, group_size, symmetric, zero_point)
+
+
+def packed_bytes(
+    shape: tuple[int, int], bits: int, group_size: int, symmetric: bool, zero_point: str = "float"
+) -> int:
     """Bytes a packed (out, in) weight takes: codes + fp16 scales + zero points (see module docstring)."""
     out_f, in_f = shape
     n = out_f * in_f
@@ -133,23 +189,75 @@ def packed_bytes(shape: tuple[int, int], bits: int, group_size: int, symmetric: 
     return total
 
 
-def mark_quantized(module: nn.Module, bits: int, group_size: int, symmetric: bool, zero_point: str,
-                   method: str) -> None:
+def mark_quantized(
+    module: nn.Module, bits: int, group_size: int, symmetric: bool, zero_point: str, method: str
+) -> None:
     """Record what a module's weight now is, for size accounting and for later steps of a pipeline."""
     shape = tuple(module.weight.shape)
     module.wb_storage_bytes = packed_bytes(shape, bits, group_size, symmetric, zero_point)  # type: ignore[assignment]
-    module.wb_quant = {"method": method, "bits": bits, "group_size": group_size, "symmetric": symmetric,
-                       "zero_point": zero_point}  # type: ignore[assignment]
+    module.wb_quant = {
+        "method": method,
+        "bits": bits,
+        "group_size": group_size,
+        "symmetric": symmetric,
+        "zero_point": zero_point,
+    }  # type: ignore[assignment]
 
 
-def embedding_modules(model: nn.Module, include_head: bool) -> list[tuple[str, nn.Module]]:
-    """The input embedding and, when untied and asked for, the output head."""
-    found: list[tuple[str, nn.Module]] = []
+def embedding_modules(
+    model: nn.Module, include_embeddings: bool, include_head: bool
+) -> list[tuple[str, list[nn.Module]]]:
+    """The embedding-like weights asked for, one entry per distinct tensor: (label, modules sharing it).
+
+    Small models often tie the output head to the token embedding (SmolLM2, the demo model, does). A tied pair
+    is one tensor, so quantizing either quantizes both: it appears once, labelled "embed_tokens = lm_head", and
+    both modules are marked so that size accounting (which counts a tied tensor once) sees the packed size.
+    """
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = {id(m): n for n, m in model.named_modules()}
-    if emb is not None:
-        found.append((names.get(id(emb), "embed_tokens"), emb))
-    if include_head and head is not None and emb is not None and head.weight.data_ptr() != emb.weight.data_ptr():
-        found.append((names.get(id(head), "lm_head"), head))
+    tied = emb is not None and head is not None and head.weight is emb.weight
+    found: list[tuple[str, list[nn.Module]]] = []
+    if tied and (include_embeddings or include_head):
+        found.append(
+            (f"{names.get(id(emb), 'embed_tokens')} = {names.get(id(head), 'lm_head')}", [emb, head])
+        )
+        return found
+    if include_embeddings and emb is not None:
+        found.append((names.get(id(emb), "embed_tokens"), [emb]))
+    if include_head and head is not None:
+        found.append((names.get(id(head), "lm_head"), [head]))
     return found
+
+
+def check_embedding_groups(
+    name: str, model: nn.Module, group_size: int, include_embeddings: bool, include_head: bool
+) -> None:
+    """Refuse a group size that does not divide the embedding/head width, before any work."""
+    if group_size == -1:
+        return
+    for label, modules in embedding_modules(model, include_embeddings, include_head):
+        width = modules[0].weight.shape[1]
+        if width % group_size:
+            raise ConfigError(
+                f"{name}: group_size={group_size} does not divide the width {width} of '{label}'. "
+                f"Pick a group size that divides {width}, or -1 for per-channel."
+            )
+
+
+def quantize_embeddings_(
+    model: nn.Module,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    zero_point: str,
+    include_embeddings: bool,
+    include_head: bool,
+    method: str,
+) -> None:
+    """Round-to-nearest for the embedding and/or head (calibrated methods also use RTN here, as llama.cpp and
+    the GPTQ/AWQ references leave these to a plain per-row quantizer)."""
+    for _, modules in embedding_modules(model, include_embeddings, include_head):
+        fake_quantize_(modules[0].weight.data, bits, group_size, symmetric, zero_point)
+        for module in modules:
+            mark_quantized(module, bits, group_size, symmetric, zero_point, method)

@@ -1,23 +1,32 @@
 """AWQ (Lin et al., 2023, "AWQ: Activation-aware Weight Quantization for LLM Compression and Acceleration"),
-implemented after the authors' reference code (``llm-awq``: ``auto_scale`` and ``auto_clip``).
+implemented after the authors' reference code (``llm-awq``: ``run_awq``, ``auto_scale_block``, ``auto_clip_block``).
 
 Why our own implementation: the maintained AWQ packages need CUDA kernels or pin library versions that conflict
-with the workbench's own (see docs/quantization.md). Per decoder layer:
+with the workbench's own (see docs/quantization.md). Per decoder layer, on calibration text:
 
-1. **Scale search.** For each group of linears that read the same input (q/k/v after the input norm; gate/up
-   after the post-attention norm; down after up; o after v when the shapes allow), a per-input-channel scale
-   s = mean|x|^α (normalised) is searched over an α grid, minimising the MSE between the group's original
-   outputs and the outputs with Q(W·s)/s. The best s is folded into the layer: W ← W·s, and the producer of the
-   input divides by s (the RMSNorm weight, or the rows of the previous linear), so the float function is
-   unchanged while salient channels get finer quantization steps.
-2. **Clipping search.** Per linear (q and k are skipped, as in the reference: their errors are hidden by the
-   softmax), the weight range of each group is shrunk by a factor from a grid, keeping the factor that
-   minimises the group's output error on calibration inputs.
-3. The layer's float outputs feed the next layer; the layer's linears are then quantized group-wise.
+1. **Capture.** The layer runs once on its calibration inputs; hooks record the inputs of q_proj (= k, v), o_proj,
+   gate_proj (= up) and down_proj. Its outputs (float, before any change, as in the reference) become the next
+   layer's inputs.
+2. **Scale search** (``auto_scale_block``). For each group of linears that read the same input, a per-input-
+   channel scale s = mean|x|^α (normalised by sqrt(max·min)) is tried for α = 0, 1/n_grid, …, and the α with the
+   smallest output MSE is kept. The output is that of the module the reference inspects: the attention block
+   for q/k/v (after ``input_layernorm``), the MLP for gate/up (after ``post_attention_layernorm``), and the
+   linear itself for o_proj (after v_proj, only without grouped-query attention) and down_proj (after up_proj).
+   The weights tried are Q(W·s)/s. The best s is folded in: W ← W·s, and the producer of the input divides by s
+   (the RMSNorm weight, or the rows of the previous linear), so the float function is unchanged while salient
+   input channels get finer quantization steps.
+3. **Clipping search** (``auto_clip_layer``). Per linear (q and k skipped, as in the reference: the softmax hides
+   their errors), each group's max |w| is shrunk by 1 - i/20 for i < 10, keeping per group the factor that
+   minimises that group's share of the output error on 512 evenly spread calibration tokens.
+4. The layer's linears are quantized group-wise (round to nearest on the scaled, clipped weights).
+
+Searches use the first ``search_tokens`` calibration tokens (whole sequences, since attention needs them); the
+activation statistic mean|x| uses all of them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,13 +36,14 @@ from torch import nn
 from workbench.errors import ConfigError
 from workbench.techniques._calibration import LayerRunner, calibration_ids, decoder_layers, named_linears
 from workbench.techniques._quant import (
+    check_embedding_groups,
     check_group_size,
-    fake_quantize,
+    fake_quantize_,
     mark_quantized,
+    quantize_embeddings_,
     validate_common,
 )
 from workbench.techniques.base import ApplyContext, register
-from workbench.techniques.rtn import quantize_embeddings_
 
 
 @dataclass(frozen=True)
@@ -41,19 +51,22 @@ class AWQConfig:
     """AWQ: activation-aware per-channel scaling and weight clipping, calibrated on the corpus.
 
     bits, group_size, symmetric, zero_point: as for RTN (the packed format is the same).
-    n_samples, seq_len: calibration windows. n_grid: points of the α grid (20 as in the paper).
-    search_tokens: calibration tokens used by the searches (a sample keeps them fast on a CPU).
-    clip: run the clipping search. include_embeddings, include_head, embedding_bits: as for RTN.
+    n_samples, seq_len: calibration windows (n_samples × seq_len tokens) for the activation statistics.
+    n_grid: points of the α grid (20 as in the paper).
+    search_tokens: calibration tokens (whole sequences) on which scales and clipping are searched; 512 keeps a
+        CPU run of the demo model near a minute, and is already many outputs per candidate.
+    clip: run the clipping search.
+    include_embeddings, include_head, embedding_bits: embedding/head by RTN, as for RTN.
     """
 
     bits: int = 4
     group_size: int = 32
     symmetric: bool = False
     zero_point: str = "float"
-    n_samples: int = 32
+    n_samples: int = 64
     seq_len: int = 256
     n_grid: int = 20
-    search_tokens: int = 2048
+    search_tokens: int = 512
     clip: bool = True
     include_embeddings: bool = False
     include_head: bool = False
@@ -61,15 +74,31 @@ class AWQConfig:
 
     def __post_init__(self) -> None:
         validate_common("awq", self.bits, self.group_size, self.zero_point)
-        if self.n_grid < 2 or self.n_samples < 1 or self.seq_len < 8 or self.search_tokens < 16:
-            raise ConfigError("awq: n_grid ≥ 2, n_samples ≥ 1, seq_len ≥ 8 and search_tokens ≥ 16 are needed.")
+        if self.n_grid < 2:
+            raise ConfigError(f"awq: n_grid={self.n_grid} must be at least 2 (20 as in the paper).")
+        if self.n_samples < 1 or self.seq_len < 8:
+            raise ConfigError(f"awq: n_samples={self.n_samples} must be ≥ 1 and seq_len={self.seq_len} ≥ 8.")
+        if self.search_tokens < 16:
+            raise ConfigError(f"awq: search_tokens={self.search_tokens} must be at least 16 (512 is usual).")
+        if not 2 <= self.embedding_bits <= 8:
+            raise ConfigError(f"awq: embedding_bits={self.embedding_bits} is out of range; choose 2 to 8.")
 
 
-_NEEDED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-           "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
+_NEEDED = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+    "input_layernorm",
+    "post_attention_layernorm",
+)
 
 
 def check_awq(model: Any, config: AWQConfig) -> None:
+    """AWQ needs to know which op produces each linear's input: Llama-style layers only."""
     layers = decoder_layers(model)
     names = {n for n, _ in layers[0].named_modules()}
     missing = [n for n in _NEEDED if n not in names]
@@ -78,35 +107,70 @@ def check_awq(model: Any, config: AWQConfig) -> None:
             f"awq: the decoder layers of {type(model).__name__} lack {', '.join(missing)}; AWQ here supports "
             "Llama-style layers (Llama, Mistral, Qwen2, SmolLM). Use gptq or rtn for this model."
         )
-    modules = [(f"model.layers.{i}.{n}", m) for i, layer in enumerate(layers) for n, m in named_linears(layer)]
+    modules = [
+        (f"model.layers.{i}.{n}", m) for i, layer in enumerate(layers) for n, m in named_linears(layer)
+    ]
     check_group_size("awq", model, config.group_size, modules)
+    check_embedding_groups("awq", model, config.group_size, config.include_embeddings, config.include_head)
 
 
-def _sample(x: torch.Tensor, n: int) -> torch.Tensor:
-    flat = x.reshape(-1, x.shape[-1]).float()
-    if flat.shape[0] <= n:
-        return flat
-    idx = torch.linspace(0, flat.shape[0] - 1, n).long()  # evenly spread, deterministic
-    return flat[idx]
+class _Features:
+    """Inputs of the watched linears: mean |x| over every calibration token, and the first sequences kept whole."""
+
+    def __init__(self, keep_batches: int) -> None:
+        self.keep_batches = keep_batches
+        self.abs_sum: dict[str, torch.Tensor] = {}
+        self.count: dict[str, int] = {}
+        self.kept: dict[str, list[torch.Tensor]] = {}
+        self.batch = 0
+
+    def hook(self, key: str) -> Callable[..., None]:
+        def record(_module: nn.Module, inp: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+            x = inp[0].detach().float()
+            flat = x.reshape(-1, x.shape[-1])
+            self.abs_sum[key] = self.abs_sum.get(key, 0) + flat.abs().sum(0)
+            self.count[key] = self.count.get(key, 0) + flat.shape[0]
+            if self.batch < self.keep_batches:
+                self.kept.setdefault(key, []).append(x)
+
+        return record
+
+    def x_mean(self, key: str) -> torch.Tensor:
+        return self.abs_sum[key] / self.count[key]  # the reference's get_act_scale: mean |x| per channel
 
 
-def _search_scale(x: torch.Tensor, linears: list[nn.Linear], config: AWQConfig) -> torch.Tensor:
-    """Best per-channel scale for the linears reading ``x`` (tokens, C)."""
-    originals = [lin.weight.data.float() for lin in linears]
-    ref = torch.cat([x @ w.T for w in originals], dim=1)
-    x_mean = x.abs().mean(0)
-    best_loss, best = float("inf"), torch.ones_like(x_mean)
-    for k in range(config.n_grid):
-        alpha = k / config.n_grid
-        s = x_mean.pow(alpha).clamp(min=1e-4)
-        s = s / (s.max() * s.min()).sqrt()
-        outs = []
-        for w in originals:
-            wq = fake_quantize(w * s, config.bits, config.group_size, config.symmetric, config.zero_point) / s
-            outs.append(x @ wq.T)
-        loss = float((torch.cat(outs, dim=1) - ref).pow(2).mean())
-        if loss < best_loss:
-            best_loss, best = loss, s
+def _search_scale(
+    block: Callable[[torch.Tensor, dict[str, Any]], torch.Tensor],
+    xs: list[torch.Tensor],
+    kwargs: list[dict[str, Any]],
+    linears: list[nn.Linear],
+    x_mean: torch.Tensor,
+    config: AWQConfig,
+) -> torch.Tensor:
+    """``auto_scale_block._search_module_scale``: the s = x_mean^α minimising the inspected block's output MSE."""
+    originals = [lin.weight.data.clone() for lin in linears]
+    with torch.no_grad():
+        ref = [block(x, kw) for x, kw in zip(xs, kwargs, strict=True)]
+        best_loss, best = float("inf"), torch.ones_like(x_mean)
+        try:
+            for k in range(config.n_grid):
+                alpha = k / config.n_grid
+                s = x_mean.pow(alpha).clamp(min=1e-4)
+                s = s / (s.max() * s.min()).sqrt()
+                for lin, w in zip(linears, originals, strict=True):
+                    scaled = fake_quantize_(
+                        w * s.view(1, -1), config.bits, config.group_size, config.symmetric, config.zero_point
+                    )
+                    lin.weight.data = scaled.div_(s.view(1, -1)).to(w.dtype)
+                loss = sum(
+                    float((block(x, kw) - r).float().pow(2).mean())
+                    for x, kw, r in zip(xs, kwargs, ref, strict=True)
+                ) / len(xs)
+                if loss < best_loss:
+                    best_loss, best = loss, s
+        finally:
+            for lin, w in zip(linears, originals, strict=True):
+                lin.weight.data = w
     return best
 
 
@@ -125,81 +189,135 @@ def _apply_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> 
             lin.weight.mul_(s.view(1, -1).to(lin.weight.dtype))
 
 
-def _search_clip(x: torch.Tensor, linear: nn.Linear, config: AWQConfig, n_shrink: int = 10,
-                 max_shrink: float = 0.5) -> None:
-    """Shrink each group's weight range to the factor that minimises its output error (in place)."""
-    w = linear.weight.data.float()
-    out_f, in_f = w.shape
+def _search_clip(
+    x: torch.Tensor,
+    linear: nn.Linear,
+    config: AWQConfig,
+    n_tokens: int = 512,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+    rows_per_step: int = 64,
+) -> None:
+    """``auto_clip_layer`` + ``apply_clip``: clamp each group to ±(best shrink of its max |w|), in place."""
+    w_all = linear.weight.data.float()
+    out_f, in_f = w_all.shape
     gs = in_f if config.group_size == -1 else config.group_size
     n_groups = in_f // gs
-    xg = x[: min(512, x.shape[0])].reshape(-1, n_groups, gs)  # (T, G, gs)
-    wg = w.reshape(out_f, n_groups, gs)
-    ref = torch.einsum("tgk,ogk->otg", xg, wg)  # (O, T, G): each group's share of each output
-    best_err = torch.full((out_f, n_groups), float("inf"))
-    best_w = wg.clone()
-    wmax = wg.amax(-1, keepdim=True)
-    wmin = wg.amin(-1, keepdim=True)
-    amax = wg.abs().amax(-1, keepdim=True)
-    for k in range(n_shrink + 1):
-        ratio = 1 - max_shrink * k / n_shrink
-        if config.symmetric:
-            clipped = wg.clamp(-amax * ratio, amax * ratio)
-        else:
-            clipped = wg.clamp(wmin * ratio, wmax * ratio)
-        q = fake_quantize(clipped.reshape(out_f, in_f), config.bits, config.group_size, config.symmetric,
-                          config.zero_point).reshape(out_f, n_groups, gs)
-        err = (torch.einsum("tgk,ogk->otg", xg, q) - ref).pow(2).mean(1)  # (O, G)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_w = torch.where(better[..., None], clipped, best_w)
-    linear.weight.data = best_w.reshape(out_f, in_f).to(linear.weight.dtype)
+    flat = x.reshape(-1, in_f)
+    step = max(1, flat.shape[0] // n_tokens)
+    xg = flat[0::step].reshape(-1, n_groups, gs)  # (T, G, gs), evenly spread tokens as in the reference
+    best_max = torch.empty(out_f, n_groups, 1)
+    with torch.no_grad():
+        for r in range(
+            0, out_f, rows_per_step
+        ):  # the reference's oc_batch_size: bounds the (O, T, G) tensors
+            wg = w_all[r : r + rows_per_step].reshape(-1, n_groups, gs)
+            org_max = wg.abs().amax(-1, keepdim=True)  # (O, G, 1)
+            ref = torch.einsum("tgk,ogk->otg", xg, wg)
+            min_err = torch.full(org_max.shape[:2], float("inf"))
+            best = org_max.clone()
+            for i in range(int(max_shrink * n_grid)):
+                max_val = org_max * (1 - i / n_grid)
+                clipped = torch.maximum(torch.minimum(wg, max_val), -max_val)
+                q = fake_quantize_(
+                    clipped.reshape(-1, in_f),
+                    config.bits,
+                    config.group_size,
+                    config.symmetric,
+                    config.zero_point,
+                ).reshape(-1, n_groups, gs)
+                err = (torch.einsum("tgk,ogk->otg", xg, q) - ref).pow(2).mean(1)  # (O, G)
+                better = err < min_err
+                min_err = torch.where(better, err, min_err)
+                best = torch.where(better[..., None], max_val, best)
+            best_max[r : r + rows_per_step] = best
+        w3 = w_all.reshape(out_f, n_groups, gs)
+        clamped = torch.maximum(torch.minimum(w3, best_max), -best_max).reshape(out_f, in_f)
+        linear.weight.data = clamped.to(linear.weight.dtype)
+
+
+def _layer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache", "position_ids")}
 
 
 @register("awq", AWQConfig, kind="quantize", check=check_awq)
 def _apply_awq(model: Any, config: AWQConfig, ctx: ApplyContext) -> Any:
     ids = calibration_ids(ctx, config.n_samples, config.seq_len, "awq")
-    runner = LayerRunner(model, ids)
+    batch_size = max(1, min(8, config.search_tokens // config.seq_len))
+    runner = LayerRunner(model, ids, batch_size=batch_size)
+    keep = max(1, -(-config.search_tokens // (batch_size * config.seq_len)))
     for layer in ctx.progress.iter(list(runner.layers), desc="awq layer"):
         attn, mlp = layer.self_attn, layer.mlp
-        captured: dict[str, list[torch.Tensor]] = {"q": [], "o": [], "gate": [], "down": []}
+        feats = _Features(keep)
         watch = {"q": attn.q_proj, "o": attn.o_proj, "gate": mlp.gate_proj, "down": mlp.down_proj}
-        hooks = [
-            mod.register_forward_hook(lambda _m, inp, _o, key=key: captured[key].append(inp[0].detach()))
-            for key, mod in watch.items()
-        ]
+        hooks = [mod.register_forward_hook(feats.hook(key)) for key, mod in watch.items()]
+        outputs = []
         try:
-            for _ in runner.run(layer):
-                pass
+            for out in runner.run(layer):
+                outputs.append(out)
+                feats.batch += 1
+                ctx.progress.check()
         finally:
             for h in hooks:
                 h.remove()
-        xs = {k: _sample(torch.cat([t.reshape(-1, t.shape[-1]) for t in v]), config.search_tokens)
-              for k, v in captured.items()}
-        groups: list[tuple[nn.Module, list[nn.Linear], str]] = [
-            (layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], "q"),
-            (layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], "gate"),
-            (mlp.up_proj, [mlp.down_proj], "down"),
+        kw = [_layer_kwargs(k) for k in runner.kwargs[:keep]]
+        no_kw: list[dict[str, Any]] = [{} for _ in range(keep)]
+        x = feats.kept
+
+        def attn_block(h: torch.Tensor, k: dict[str, Any], attn: nn.Module = attn) -> torch.Tensor:
+            return attn(hidden_states=h, **k)[0]
+
+        groups: list[
+            tuple[nn.Module, list[nn.Linear], str, Callable[..., torch.Tensor], list[dict[str, Any]]]
+        ] = [
+            (layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], "q", attn_block, kw),
+            (
+                layer.post_attention_layernorm,
+                [mlp.gate_proj, mlp.up_proj],
+                "gate",
+                lambda h, _k, mlp=mlp: mlp(h),
+                no_kw,
+            ),
+            (mlp.up_proj, [mlp.down_proj], "down", lambda h, _k, mlp=mlp: mlp.down_proj(h), no_kw),
         ]
-        if attn.v_proj.out_features == attn.o_proj.in_features:  # no grouped-query attention: v → o folds
-            groups.append((attn.v_proj, [attn.o_proj], "o"))
-        for prev, linears, key in groups:
-            s = _search_scale(xs[key], linears, config)
+        if (
+            attn.v_proj.weight.shape == attn.o_proj.weight.shape
+        ):  # the reference's condition for folding v → o
+            groups.insert(
+                1, (attn.v_proj, [attn.o_proj], "o", lambda h, _k, attn=attn: attn.o_proj(h), no_kw)
+            )
+        for prev, linears, key, block, block_kw in groups:
+            ctx.progress.check()
+            s = _search_scale(block, x[key], block_kw, linears, feats.x_mean(key), config)
             _apply_scale(prev, linears, s)
-            xs[key] = xs[key] / s  # the producer now emits x / s
+            x[key] = [t / s for t in x[key]]  # the producer now emits x / s
         if config.clip:
-            for key, lin in (("o", attn.o_proj), ("gate", mlp.gate_proj), ("gate", mlp.up_proj),
-                             ("q", attn.v_proj), ("down", mlp.down_proj)):
-                _search_clip(xs[key], lin, config)
-        runner.advance(layer)  # next inputs from this layer in float (scaled, clipped), as the reference does
-        with torch.no_grad():
-            for _, lin in named_linears(layer):
-                lin.weight.data = fake_quantize(lin.weight.data, config.bits, config.group_size, config.symmetric,
-                                                config.zero_point)
-                mark_quantized(lin, config.bits, config.group_size, config.symmetric, config.zero_point, "awq")
-    if config.include_embeddings or config.include_head:
-        quantize_embeddings_(model, config.embedding_bits, config.group_size, config.symmetric, config.zero_point,
-                             config.include_head, "awq")
+            for key, lin in (
+                ("q", attn.v_proj),
+                ("o", attn.o_proj),
+                ("gate", mlp.gate_proj),
+                ("gate", mlp.up_proj),
+                ("down", mlp.down_proj),
+            ):
+                ctx.progress.check()
+                _search_clip(torch.cat([t.reshape(-1, t.shape[-1]) for t in x[key]]), lin, config)
+        for _, lin in named_linears(layer):
+            fake_quantize_(
+                lin.weight.data, config.bits, config.group_size, config.symmetric, config.zero_point
+            )
+            mark_quantized(lin, config.bits, config.group_size, config.symmetric, config.zero_point, "awq")
+        runner.inputs = outputs  # the next layer's inputs: this layer's float outputs, as in the reference
+    quantize_embeddings_(
+        model,
+        config.embedding_bits,
+        config.group_size,
+        config.symmetric,
+        config.zero_point,
+        config.include_embeddings,
+        config.include_head,
+        "awq",
+    )
     return model
 
 
-__all__ = ["AWQConfig"]
+__all__ = ["AWQConfig", "check_awq"]

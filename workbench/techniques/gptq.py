@@ -23,18 +23,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from workbench.errors import ConfigError
 from workbench.techniques._calibration import LayerRunner, calibration_ids, decoder_layers, named_linears
 from workbench.techniques._quant import (
+    check_embedding_groups,
     check_group_size,
     mark_quantized,
     quant_params,
+    quantize_embeddings_,
     quantize_groups,
     validate_common,
 )
 from workbench.techniques.base import ApplyContext, register
-from workbench.techniques.rtn import quantize_embeddings_
 
 
 @dataclass(frozen=True)
@@ -72,12 +74,15 @@ class GPTQConfig:
 
 def check_gptq(model: Any, config: GPTQConfig) -> None:
     layers = decoder_layers(model)
-    modules = [(f"model.layers.{i}.{n}", m) for i, layer in enumerate(layers) for n, m in named_linears(layer)]
+    modules = [
+        (f"model.layers.{i}.{n}", m) for i, layer in enumerate(layers) for n, m in named_linears(layer)
+    ]
     check_group_size("gptq", model, config.group_size, modules)
+    check_embedding_groups("gptq", model, config.group_size, config.include_embeddings, config.include_head)
 
 
 class _Hessian:
-    """Running H = 2/n Σ x xᵀ over a linear's inputs (the reference's streaming update)."""
+    """Running H = 2/n Σ x xᵀ over a linear's inputs (the reference's streaming update, n counted in tokens)."""
 
     def __init__(self, columns: int) -> None:
         self.H = torch.zeros(columns, columns, dtype=torch.float32)
@@ -89,24 +94,60 @@ class _Hessian:
         self.H *= self.n / (self.n + m)
         self.n += m
         x = math.sqrt(2 / self.n) * x
-        self.H += x.T @ x
+        self.H.addmm_(x.T, x)
+
+
+class _HessianHooks:
+    """Forward hooks that accumulate one Hessian per distinct input.
+
+    q/k/v read the same tensor, as do gate/up: the reference keeps one (identical) Hessian per linear, here a
+    linear whose input is the very tensor the previous hook saw shares that Hessian, which saves most of the
+    X Xᵀ work on a CPU without changing any number.
+    """
+
+    def __init__(self, linears: list[tuple[str, nn.Linear]]) -> None:
+        self.stats: dict[str, _Hessian] = {}
+        self._last: tuple[torch.Tensor, _Hessian] | None = None
+        self._handles = [mod.register_forward_hook(self._hook(name)) for name, mod in linears]
+
+    def _hook(self, name: str) -> Any:
+        def hook(_module: nn.Module, inp: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+            x = inp[0].detach()
+            if self._last is not None and self._last[0] is x:
+                self.stats.setdefault(name, self._last[1])  # same input as the previous linear: shared H
+                return
+            stats = self.stats.setdefault(name, _Hessian(x.shape[-1]))
+            stats.add(x)
+            self._last = (x, stats)
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._last = None
 
 
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> torch.Tensor:
-    """Return the dequantized GPTQ solution for one (rows, columns) weight given its Hessian."""
+    """Return the dequantized GPTQ solution for one (rows, columns) weight given its Hessian.
+
+    Follows ``GPTQ.fasterquant`` of the reference step by step; the comments name its variables.
+    """
     W = weight.detach().clone().float()
     H = H.clone()
     rows, cols = W.shape
     bits, gs, sym, zp = config.bits, config.group_size, config.symmetric, config.zero_point
 
-    dead = torch.diag(H) == 0
+    dead = torch.diag(H) == 0  # inputs that were always 0: any weight there is free, set it to 0
     H[dead, dead] = 1
     W[:, dead] = 0
 
     static: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     if gs == -1:
-        scale, offset = quant_params(W, bits, sym, zp)
+        scale, zero = quant_params(W, bits, sym, zp)
     elif config.act_order:
+        # Static groups: with act_order the columns of a group are not reached together, so each group's grid
+        # is fixed from the original weights first, keeping groups contiguous in the stored layout.
         static = [quant_params(W[:, g : g + gs], bits, sym, zp) for g in range(0, cols, gs)]
 
     perm = None
@@ -115,7 +156,14 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> 
         W, H = W[:, perm], H[perm][:, perm]
 
     H += config.damp * torch.mean(torch.diag(H)) * torch.eye(cols)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    try:
+        L = torch.linalg.cholesky(H)
+    except torch.linalg.LinAlgError:
+        raise ConfigError(
+            f"gptq: the Hessian of a {rows}x{cols} layer is not positive definite even with "
+            f"damp={config.damp}; raise damp (e.g. 0.1) or use more calibration tokens."
+        ) from None
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
 
     Q = torch.zeros_like(W)
     bs = config.block_size
@@ -129,19 +177,19 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> 
             col = i1 + i
             if gs != -1:
                 if static is not None:
-                    scale, offset = static[int(perm[col]) // gs]  # type: ignore[index]
+                    scale, zero = static[int(perm[col]) // gs]  # type: ignore[index]
                 elif col % gs == 0:
-                    # Parameters of the group starting here, from the weights as updated so far.
-                    ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
-                    scale, offset = quant_params(ahead, bits, sym, zp)
+                    # The group's grid, computed when its first column is reached, from W as updated by the
+                    # earlier blocks (the reference reads W[:, col:col+gs], not the in-block copy).
+                    scale, zero = quant_params(W[:, col : col + gs], bits, sym, zp)
             w = W1[:, i : i + 1]
-            q = quantize_groups(w, scale, offset, bits, sym)
+            q = quantize_groups(w, scale, zero, bits, sym, zp)
             Q1[:, i : i + 1] = q
             err = (w - q) / Hinv1[i, i]
             W1[:, i:] -= err @ Hinv1[i : i + 1, i:]
             Err1[:, i : i + 1] = err
         Q[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the columns after this block
 
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
@@ -154,25 +202,27 @@ def _apply_gptq(model: Any, config: GPTQConfig, ctx: ApplyContext) -> Any:
     runner = LayerRunner(model, ids)
     for layer in ctx.progress.iter(list(runner.layers), desc="gptq layer"):
         linears = named_linears(layer)
-        stats = {name: _Hessian(mod.in_features) for name, mod in linears}
-        hooks = [
-            mod.register_forward_hook(lambda _m, inp, _out, s=stats[name]: s.add(inp[0]))
-            for name, mod in linears
-        ]
+        hooks = _HessianHooks(linears)
         try:
             for _ in runner.run(layer):
-                pass
+                ctx.progress.check()
         finally:
-            for h in hooks:
-                h.remove()
-        with torch.no_grad():
-            for name, mod in linears:
-                mod.weight.data = gptq_quantize(mod.weight.data, stats[name].H, config)
-                mark_quantized(mod, config.bits, config.group_size, config.symmetric, config.zero_point, "gptq")
-        runner.advance(layer)
-    if config.include_embeddings or config.include_head:
-        quantize_embeddings_(model, config.embedding_bits, config.group_size, config.symmetric, config.zero_point,
-                             config.include_head, "gptq")
+            hooks.remove()
+        for name, mod in linears:
+            ctx.progress.check()
+            mod.weight.data = gptq_quantize(mod.weight.data, hooks.stats[name].H, config)
+            mark_quantized(mod, config.bits, config.group_size, config.symmetric, config.zero_point, "gptq")
+        runner.advance(layer)  # inputs of the next layer come from this one with its weights quantized
+    quantize_embeddings_(
+        model,
+        config.embedding_bits,
+        config.group_size,
+        config.symmetric,
+        config.zero_point,
+        config.include_embeddings,
+        config.include_head,
+        "gptq",
+    )
     return model
 
 

@@ -1,8 +1,10 @@
 """Mixed precision: round-to-nearest at a base bit width, with the most sensitive modules kept at higher bits.
 
 Which modules deserve more bits comes from a sensitivity scan (:func:`workbench.quant_analysis.layer_sensitivity`)
-via :func:`mixed_from_sensitivity`, or from name patterns given by hand (``"*.down_proj"``,
-``"model.layers.0.*"``). The bits per weight it costs follow from each module's packed size.
+via :func:`mixed_from_sensitivity` (the top N parts, or as many as fit a bits-per-weight budget), or from name
+patterns given by hand (``"*.down_proj"``, ``"model.layers.0.*"``). What it costs is counted like every other
+quantizer, through each module's packed size (``wb_storage_bytes``); :func:`mixed_bits_per_weight` gives the
+decoder linears' bits per weight before anything is applied, and the run records it in ``ctx.extras["mixed"]``.
 """
 
 from __future__ import annotations
@@ -12,28 +14,31 @@ from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
-import torch
 
 from workbench.errors import ConfigError
 from workbench.techniques._quant import (
+    check_embedding_groups,
     check_group_size,
     decoder_linears,
-    fake_quantize,
+    fake_quantize_,
     mark_quantized,
+    packed_bytes,
+    quantize_embeddings_,
     validate_common,
 )
 from workbench.techniques.base import ApplyContext, register
-from workbench.techniques.rtn import quantize_embeddings_
 
 
 @dataclass(frozen=True)
 class MixedPrecisionConfig:
-    """RTN at ``bits``, modules matching ``high_precision`` patterns at ``high_bits``.
+    """RTN at ``bits``, with the decoder linears matching ``high_precision`` patterns at ``high_bits``.
 
     bits, group_size, symmetric, zero_point: the base quantization (as for RTN).
-    high_bits: bits for the modules kept at higher precision (8 by default).
-    high_precision: glob patterns of module names (e.g. "*.layers.0.*", "*.down_proj").
-    include_embeddings, embedding_bits: quantize the token embedding too (8 bits by default).
+    high_bits: bits for the modules kept at higher precision (8 by default: close to lossless).
+    high_precision: glob patterns of module names (e.g. "model.layers.0.*", "*.down_proj"); build it from a
+        sensitivity scan with :func:`mixed_from_sensitivity`.
+    include_embeddings, include_head: quantize the token embedding / output head too, at ``embedding_bits``
+        (tied in the demo model: one tensor, quantized once).
     """
 
     bits: int = 3
@@ -43,45 +48,162 @@ class MixedPrecisionConfig:
     high_bits: int = 8
     high_precision: tuple[str, ...] = ()
     include_embeddings: bool = False
+    include_head: bool = False
     embedding_bits: int = 8
 
     def __post_init__(self) -> None:
         validate_common("mixed", self.bits, self.group_size, self.zero_point)
-        validate_common("mixed", self.high_bits, self.group_size, self.zero_point)
+        if not isinstance(self.high_bits, int) or not 2 <= self.high_bits <= 8:
+            raise ConfigError(f"mixed: high_bits={self.high_bits} is out of range; choose 2 to 8.")
+        if self.high_bits < self.bits:
+            raise ConfigError(
+                f"mixed: high_bits={self.high_bits} is below bits={self.bits}; the kept modules "
+                "should get more bits, not fewer."
+            )
+        if not isinstance(self.embedding_bits, int) or not 2 <= self.embedding_bits <= 8:
+            raise ConfigError(f"mixed: embedding_bits={self.embedding_bits} is out of range; choose 2 to 8.")
         if isinstance(self.high_precision, str):
             raise ConfigError("mixed: high_precision must be a list of name patterns, e.g. ['*.down_proj'].")
+        if isinstance(self.high_precision, list):  # lists are not hashable; a frozen config stores a tuple
+            object.__setattr__(self, "high_precision", tuple(self.high_precision))
+
+
+def _is_high(name: str, config: MixedPrecisionConfig) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in config.high_precision)
 
 
 def check_mixed(model: Any, config: MixedPrecisionConfig) -> None:
+    """Every pattern must select something: a typo would otherwise silently keep nothing at high bits."""
     check_group_size("mixed", model, config.group_size)
+    check_embedding_groups("mixed", model, config.group_size, config.include_embeddings, config.include_head)
     names = [n for n, _ in decoder_linears(model)]
     for pattern in config.high_precision:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            raise ConfigError(f"mixed: pattern {pattern!r} matches no decoder linear (e.g. {names[0]!r}).")
+            raise ConfigError(
+                f"mixed: pattern {pattern!r} matches no decoder linear (names look like "
+                f"{names[0]!r}; use e.g. '*.down_proj' or '{names[0].rsplit('.', 2)[0]}.*')."
+            )
+
+
+def mixed_bits_per_weight(model: Any, config: MixedPrecisionConfig) -> float:
+    """Bits per weight of the decoder linears under ``config`` (packed codes, scales and zero points)."""
+    n_weights = n_bytes = 0
+    for name, linear in decoder_linears(model):
+        bits = config.high_bits if _is_high(name, config) else config.bits
+        n_weights += linear.weight.numel()
+        n_bytes += packed_bytes(
+            tuple(linear.weight.shape), bits, config.group_size, config.symmetric, config.zero_point
+        )
+    return 8 * n_bytes / max(n_weights, 1)
 
 
 @register("mixed", MixedPrecisionConfig, kind="quantize", check=check_mixed)
 def _apply_mixed(model: Any, config: MixedPrecisionConfig, ctx: ApplyContext) -> Any:
-    with torch.no_grad():
-        for name, linear in ctx.progress.iter(list(decoder_linears(model)), desc="mixed"):
-            high = any(fnmatch.fnmatchcase(name, p) for p in config.high_precision)
-            bits = config.high_bits if high else config.bits
-            linear.weight.data = fake_quantize(linear.weight.data, bits, config.group_size, config.symmetric,
-                                               config.zero_point)
-            mark_quantized(linear, bits, config.group_size, config.symmetric, config.zero_point, "mixed")
-    if config.include_embeddings:
-        quantize_embeddings_(model, config.embedding_bits, config.group_size, config.symmetric, config.zero_point,
-                             False, "mixed")
+    n_high = 0
+    for name, linear in ctx.progress.iter(list(decoder_linears(model)), desc="mixed"):
+        high = _is_high(name, config)
+        n_high += high
+        bits = config.high_bits if high else config.bits
+        fake_quantize_(linear.weight.data, bits, config.group_size, config.symmetric, config.zero_point)
+        mark_quantized(linear, bits, config.group_size, config.symmetric, config.zero_point, "mixed")
+    quantize_embeddings_(
+        model,
+        config.embedding_bits,
+        config.group_size,
+        config.symmetric,
+        config.zero_point,
+        config.include_embeddings,
+        config.include_head,
+        "mixed",
+    )
+    ctx.extras["mixed"] = {
+        "high_modules": n_high,
+        "bits_per_weight_linear": mixed_bits_per_weight(model, config),
+    }
     return model
 
 
-def mixed_from_sensitivity(frame: pd.DataFrame, bits: int, *, high_bits: int = 8, top_n: int = 2,
-                           **params: Any) -> MixedPrecisionConfig:
-    """Keep the ``top_n`` most sensitive parts of a sensitivity frame at ``high_bits``."""
-    from workbench.quant_analysis import sensitivity_patterns
+def _part_bits_per_weight(
+    bits: int, group_size: int, symmetric: bool, zero_point: str, n_params: int, rows: int | None
+) -> float:
+    """Packed bits per weight of a part (codes + fp16 scale + zero point per group), as :func:`packed_bytes`."""
+    if group_size == -1:
+        per_group = n_params / rows if rows else float("inf")  # per-channel: one group per row
+    else:
+        per_group = group_size
+    overhead = 16.0 if symmetric else (32.0 if zero_point == "float" else 16.0 + bits)
+    return bits + overhead / per_group
 
-    return MixedPrecisionConfig(bits=bits, high_bits=high_bits, high_precision=sensitivity_patterns(frame, top_n),
-                                **params)
+
+def mixed_from_sensitivity(
+    frame: pd.DataFrame,
+    base_bits: int,
+    high_bits: int = 8,
+    *,
+    top_n: int | None = None,
+    budget_bpw: float | None = None,
+    group_size: int = 32,
+    symmetric: bool = False,
+    zero_point: str = "float",
+    **params: Any,
+) -> MixedPrecisionConfig:
+    """A :class:`MixedPrecisionConfig` keeping the most sensitive parts of a :func:`layer_sensitivity` frame high.
+
+    Give exactly one of ``top_n`` (the N parts with the largest KL) or ``budget_bpw`` (bits per weight of the
+    decoder linears not to exceed: parts are raised greedily by KL per extra bit, i.e. ``kl_mean / n_params``,
+    the usual knapsack heuristic, while they fit). Other parameters go to the config.
+    """
+    if (top_n is None) == (budget_bpw is None):
+        raise ConfigError(
+            "mixed: give exactly one of top_n (how many parts to keep high) or budget_bpw "
+            "(bits per weight to spend)."
+        )
+    missing = {"kl_mean", "n_params", "pattern"} - set(frame.columns)
+    if missing:
+        raise ConfigError(
+            f"mixed: the sensitivity frame lacks {', '.join(sorted(missing))}; build it with "
+            "workbench.quant_analysis.layer_sensitivity."
+        )
+    if top_n is not None:
+        if top_n < 0:
+            raise ConfigError(f"mixed: top_n={top_n} must be 0 or more.")
+        chosen = list(frame.sort_values("kl_mean", ascending=False, kind="stable").head(top_n)["pattern"])
+    else:
+        total = float(frame["n_params"].sum())
+        rows = frame["rows"] if "rows" in frame.columns else [None] * len(frame)
+        low = [
+            _part_bits_per_weight(base_bits, group_size, symmetric, zero_point, int(n), r)
+            for n, r in zip(frame["n_params"], rows, strict=True)
+        ]
+        high = [
+            _part_bits_per_weight(high_bits, group_size, symmetric, zero_point, int(n), r)
+            for n, r in zip(frame["n_params"], rows, strict=True)
+        ]
+        spent = sum(b * n for b, n in zip(low, frame["n_params"], strict=True))
+        if spent / total > budget_bpw + 1e-9:  # type: ignore[operator]
+            raise ConfigError(
+                f"mixed: budget_bpw={budget_bpw} is below what {base_bits}-bit alone costs "
+                f"({spent / total:.3f} bits per weight); raise the budget or lower base_bits."
+            )
+        order = sorted(
+            range(len(frame)),
+            key=lambda i: -float(frame["kl_mean"].iloc[i]) / float(frame["n_params"].iloc[i]),
+        )
+        chosen = []
+        for i in order:
+            extra = (high[i] - low[i]) * float(frame["n_params"].iloc[i])
+            if (spent + extra) / total <= budget_bpw + 1e-9:  # type: ignore[operator]
+                spent += extra
+                chosen.append(frame["pattern"].iloc[i])
+    return MixedPrecisionConfig(
+        bits=base_bits,
+        high_bits=high_bits,
+        high_precision=tuple(chosen),
+        group_size=group_size,
+        symmetric=symmetric,
+        zero_point=zero_point,
+        **params,
+    )
 
 
-__all__ = ["MixedPrecisionConfig", "mixed_from_sensitivity"]
+__all__ = ["MixedPrecisionConfig", "check_mixed", "mixed_bits_per_weight", "mixed_from_sensitivity"]
