@@ -45,13 +45,14 @@ def _default_loader() -> Loader:
     return load_model
 
 
-def _suite_names() -> list[str]:
-    try:
-        from workbench.evaluate import SUITES
+def _suite_options(suite: Any) -> list[tuple[str, Any]]:
+    """The named suites, plus ``suite`` itself when it is a custom :class:`~workbench.evaluate.Suite` object."""
+    from workbench.evaluate import SUITES
 
-        return list(SUITES)
-    except ImportError:  # evaluation not installed yet: the names the contract promises
-        return ["quick", "standard"]
+    options: list[tuple[str, Any]] = [(name, name) for name in SUITES]
+    if not isinstance(suite, str):
+        options.append((f"{suite.name} (custom)", suite))
+    return options
 
 
 def _open_registry(registry: Any) -> tuple[Any, bool]:
@@ -76,7 +77,7 @@ class Workbench(W.VBox):
             (``$WORKBENCH_REGISTRY`` or ``./workbench-runs.db``).
         model: the model spec in the model bar (``"demo"``, ``"tiny-llama"``, a Hugging Face id, a folder, a
             ``.gguf`` file).
-        suite: the evaluation suite every panel uses (``"quick"`` or ``"standard"``).
+        suite: the evaluation suite every panel uses (``"quick"``, ``"standard"`` or a custom ``Suite``).
         runner, loader: the back end (defaults: ``run_experiment`` and ``load_model``).
         export_dir: where Compare writes exports.
         poll_interval: seconds between registry checks (runs from other processes appear); 0 turns polling off.
@@ -88,7 +89,7 @@ class Workbench(W.VBox):
         registry: Any = None,
         *,
         model: str = "demo",
-        suite: str = "quick",
+        suite: Any = "quick",
         runner: Runner | None = None,
         loader: Loader | None = None,
         export_dir: str | Path = "exports",
@@ -111,7 +112,7 @@ class Workbench(W.VBox):
         self.open_registry_button = W.Button(description="Open", tooltip="Open this registry",
                                              layout=W.Layout(width="70px"))
         self.open_registry_button.on_click(lambda _b: self.open_registry(self.registry_url.value))
-        self.suite_picker = W.Dropdown(options=_suite_names(), value=suite, description="Suite",
+        self.suite_picker = W.Dropdown(options=_suite_options(suite), value=suite, description="Suite",
                                        tooltip="Evaluation suite used by every run",
                                        layout=W.Layout(width="200px"))
         self.export_dir = W.Text(value=str(export_dir), description="Exports", layout=W.Layout(width="260px"),
@@ -221,8 +222,15 @@ class Workbench(W.VBox):
         return self.registry.runs_frame(**filters)
 
     @property
-    def suite(self) -> str:
-        return str(self.suite_picker.value)
+    def suite(self) -> Any:
+        """The suite runs use: a name, or the custom Suite object given to the app."""
+        return self.suite_picker.value
+
+    @property
+    def suite_filter(self) -> str:
+        """What ``runs_frame(suite=...)`` matches: the name of a named suite, the key of a custom one."""
+        suite = self.suite
+        return suite if isinstance(suite, str) else str(suite.key)
 
     @property
     def fingerprint(self) -> str | None:
@@ -301,7 +309,7 @@ class Workbench(W.VBox):
         from workbench.techniques import pipeline_to_json
 
         spec, suite = self._spec(), self.suite
-        key = ("run", spec, suite, pipeline_to_json(list(pipeline)))
+        key = ("run", spec, self.suite_filter, pipeline_to_json(list(pipeline)))
         registry = self.registry
         bar = progress_bar
         if errors is not None:
@@ -313,9 +321,11 @@ class Workbench(W.VBox):
                                tags=tuple(tags))
 
         def done(job: Job) -> None:
-            if bar is not None:
-                bar.finish(job)
             result = job.result
+            if bar is not None:
+                # run_experiment reports a stopped or failed run in its result instead of raising.
+                ended = {"interrupted": "cancelled", "failed": "failed"}.get(getattr(result, "status", ""))
+                bar.finish(job, ended)
             if result is not None:
                 self.last_result = result
                 if errors is not None and getattr(result, "error", None):

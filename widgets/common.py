@@ -50,12 +50,16 @@ class ProgressBar(W.HBox):
         text = f"{self._job.label}: {message}" if self._job and self._job.label else message
         self.label.value = html.escape(text)
 
-    def finish(self, job: Job) -> None:
+    def finish(self, job: Job, status: str | None = None) -> None:
+        """Show how ``job`` ended; ``status`` overrides the job's own (a run that returned 'interrupted')."""
         if job is not self._job:
             return
+        status = status or job.status
         self.stop.disabled = True
-        self.bar.value = 1.0 if job.status == "done" else self.bar.value
-        self.bar.bar_style = {"done": "success", "failed": "danger", "cancelled": "warning"}.get(job.status, "")
+        self.bar.value = 1.0 if status == "done" else self.bar.value
+        self.bar.bar_style = {"done": "success", "failed": "danger", "cancelled": "warning"}.get(status, "")
+        ended = {"done": "done", "failed": "failed", "cancelled": "stopped"}.get(status, status)
+        self.label.value = html.escape(f"{job.label}: {ended}" if job.label else ended)
         self._job = None
 
     def _on_stop(self, _button: Any = None) -> None:

@@ -50,7 +50,7 @@ def comparison_table(frame: pd.DataFrame, sort_by: str = "run_id", descending: b
     table = frame[columns].copy()
     if table.empty:
         return table.rename(columns=lambda c: c.removeprefix("metric_"))
-    key = sort_by if sort_by in table.columns else "run_id"
+    key = next((c for c in (sort_by, f"metric_{sort_by}") if c in table.columns), "run_id")
     not_baseline = (table["technique"] != "baseline") if "technique" in table.columns else pd.Series(False, table.index)
     table = table.assign(_not_baseline=not_baseline.astype(int))
     table = table.sort_values(["_not_baseline", key], ascending=[True, not descending], kind="stable",

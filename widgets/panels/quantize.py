@@ -107,7 +107,8 @@ class QuantizePanel(W.VBox):
         self.size_axis = W.Dropdown(options=[(title(m), m) for m in SIZE_METRICS], value="metric_bits_per_weight",
                                     description="against", layout=W.Layout(width="330px"))
         self.grid_warning = W.HTML("")
-        self.message = W.HTML("")
+        self.message = W.HTML("")  # the last point: recorded, found again, or stopped
+        self.sweep_message = W.HTML("")
         self.progress = ProgressBar()
         self.errors = ErrorArea()
         self.plot = LivePlot(self._figure)
@@ -126,7 +127,7 @@ class QuantizePanel(W.VBox):
         super().__init__([
             W.HBox([self.method, self.bits, self.group_size, self.symmetric]),
             W.HBox([self.run_button, self.sweep_button, self.progress]),
-            self.errors, self.grid_warning, self.message,
+            self.errors, self.grid_warning, self.sweep_message, self.message,
             W.HBox([self.quality, self.size_axis]),
             self.plot,
         ])
@@ -172,7 +173,7 @@ class QuantizePanel(W.VBox):
         note = f"Queued {len(jobs)} bit widths of {self.method.value}."
         if skipped:
             note += f" Skipped {', '.join(skipped)} bits ({self.method.value} does not take them)."
-        self.message.value = render_note(note)
+        self.sweep_message.value = render_note(note)
         return jobs
 
     def _on_result(self, job: Job) -> None:
@@ -205,7 +206,7 @@ class QuantizePanel(W.VBox):
 
     def frame(self) -> pd.DataFrame:
         """The runs this panel plots: the loaded model (once known), the current suite, quantizers + baseline."""
-        frame = self.app.runs_frame(model=self.app.fingerprint, suite=self.app.suite)
+        frame = self.app.runs_frame(model=self.app.fingerprint, suite=self.app.suite_filter)
         if frame.empty:
             return frame
         keep = set(self.method.options) | {"baseline"}

@@ -1,0 +1,386 @@
+"""The notebook app without a browser: build it on a temp registry, press its buttons, read what it shows.
+
+Everything runs through the real library on the tiny model (milliseconds per run); a fake back end is used
+only where a test needs an error the library would never raise.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import pathlib
+import shutil
+import threading
+import time
+
+import pandas as pd
+import pytest
+
+from widgets import Workbench
+from widgets.jobs import Jobs
+from workbench.errors import ConfigError
+from workbench.evaluate import Suite
+from workbench.registry import Registry
+from workbench.techniques import base as tbase
+
+WAIT = 60
+# A small custom suite (given to the app like "quick"): every metric, a fraction of the tokens.
+SUITE = Suite("ui-test", n_tokens=256, context_length=64, n_generations=0, speed_prompt=16, speed_tokens=2,
+              speed_repeats=1)
+
+
+@pytest.fixture()
+def app(registry_url, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # exports land under tmp_path/exports
+    bench = Workbench(registry_url, model="tiny-llama", suite=SUITE, poll_interval=0)
+    yield bench
+    bench.close()
+
+
+@pytest.fixture(scope="module")
+def three_runs_db(tmp_path_factory) -> str:
+    """A registry holding rtn 3-bit, the baseline and rtn 8-bit (in that order), recorded through the app once."""
+    path = tmp_path_factory.mktemp("three") / "runs.db"
+    bench = Workbench(f"sqlite:///{path}", model="tiny-llama", suite=SUITE, poll_interval=0)
+    try:
+        bench.quantize.bits.value = 3
+        assert bench.jobs.wait(WAIT)
+        bench.run_baseline()
+        assert bench.jobs.wait(WAIT)
+        bench.quantize.bits.value = 8
+        assert bench.jobs.wait(WAIT)
+        assert [r.status for r in bench.quantize.results] == ["done", "done"]
+    finally:
+        bench.close()
+    return str(path)
+
+
+@pytest.fixture()
+def compare(three_runs_db, tmp_path, monkeypatch):
+    """The Compare panel of an app on a private copy of the three-run registry."""
+    monkeypatch.chdir(tmp_path)
+    for suffix in ("", "-wal", "-shm"):
+        if (src := pathlib.Path(three_runs_db + suffix)).exists():
+            shutil.copy(src, tmp_path / f"runs.db{suffix}")
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    bench = Workbench(url, model="tiny-llama", suite=SUITE, poll_interval=0)
+    yield bench.compare
+    bench.close()
+
+
+def _done_runs(url: str) -> pd.DataFrame:
+    with Registry.open(url) as reg:
+        return reg.runs_frame(status=None)
+
+
+def _until(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+# ---- a slow technique, so a run can be stopped while it works -------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _SlowConfig:
+    """Test technique: walks the linears slowly, checking for cancellation, so Stop has something to stop."""
+
+    bits: int = 4
+    steps: int = 400
+
+
+_STARTED = threading.Event()
+
+
+def _apply_slow(model, config, ctx):
+    for _ in ctx.progress.iter(range(config.steps), desc="slow"):
+        _STARTED.set()
+        time.sleep(0.02)
+    return model
+
+
+if "test-slow" not in tbase._TECHNIQUES:
+    tbase.register("test-slow", _SlowConfig, kind="other")(_apply_slow)
+
+
+# ---- first run ------------------------------------------------------------------------------------------
+
+
+def test_empty_registry_offers_a_baseline_button_that_records_the_baseline(app, registry_url):
+    assert app.first_run.layout.display != "none"
+    app.baseline_button.click()
+    assert app.jobs.wait(WAIT)
+    runs = _done_runs(registry_url)
+    assert list(runs["technique"]) == ["baseline"] and runs.loc[0, "status"] == "done"
+    assert app.first_run.layout.display == "none"
+    assert app.baseline_progress.bar.value == 1.0
+    assert "fingerprint" in app.model_info.value and app.fingerprint == runs.loc[0, "model_fingerprint"]
+
+
+# ---- quantize panel -------------------------------------------------------------------------------------
+
+
+def test_slider_step_runs_records_and_adds_a_point_to_the_plot(app, registry_url):
+    app.run_baseline()
+    assert app.jobs.wait(WAIT)
+    before = app.quantize.plot.trace_points()
+    app.quantize.bits.value = 3
+    assert app.jobs.wait(WAIT)
+    runs = _done_runs(registry_url)
+    assert list(runs["pipeline"]) == ["baseline", "rtn(bits=3)"]
+    assert app.quantize.plot.trace_points() == before + 1
+    assert "rtn" in [t.name for t in app.quantize.plot.figure.data]
+    assert "evaluated and recorded" in app.quantize.message.value
+    # The compare panel follows the registry too.
+    assert sorted(app.compare.frame["run_id"]) == sorted(runs["run_id"])
+
+
+def test_slider_moved_back_hits_registry_instead_of_recomputing(app, registry_url):
+    app.quantize.bits.value = 3
+    assert app.jobs.wait(WAIT)
+    app.quantize.bits.value = 5
+    assert app.jobs.wait(WAIT)
+    n_runs = len(_done_runs(registry_url))
+    t0 = time.perf_counter()
+    app.quantize.bits.value = 3
+    assert app.jobs.wait(WAIT)
+    elapsed = time.perf_counter() - t0
+    assert len(_done_runs(registry_url)) == n_runs
+    last = app.quantize.results[-1]
+    assert last.reused and last.label == "rtn(bits=3)"
+    assert "found in the registry" in app.quantize.message.value
+    assert elapsed < 2.0, f"a registry hit took {elapsed:.2f} s"
+
+
+def test_the_same_point_is_not_queued_twice(app):
+    slow = app.quantize
+    slow.method.options = [*slow.method.options, "test-slow"]
+    slow.method.value = "test-slow"
+    first = slow.submit(bits=4)
+    second = slow.submit(bits=4)
+    assert first is second
+    app.jobs.cancel_all()
+    assert app.jobs.wait(WAIT)
+
+
+def test_stop_button_interrupts_the_run_and_records_it_interrupted(app, registry_url):
+    _STARTED.clear()
+    panel = app.quantize
+    panel.method.options = [*panel.method.options, "test-slow"]
+    panel.method.value = "test-slow"
+    panel.bits.value = 6
+    assert _STARTED.wait(WAIT), "the slow run never started"
+    assert not panel.progress.stop.disabled
+    panel.progress.stop.click()
+    assert app.jobs.wait(WAIT)
+    runs = _done_runs(registry_url)
+    assert list(runs["status"]) == ["interrupted"]
+    assert panel.results[-1].status == "interrupted"
+    assert "interrupted" in panel.message.value
+    assert panel.progress.stop.disabled and panel.progress.bar.bar_style == "warning"
+
+
+def test_config_error_is_shown_as_its_message_without_a_traceback(app, registry_url):
+    panel = app.quantize
+    panel.group_size.value = 128  # tiny-llama's layers are 64 wide: the library's check refuses this
+    panel.run_button.click()
+    assert app.jobs.wait(WAIT)
+    shown = panel.errors.value
+    assert "does not divide" in shown and "Traceback" not in shown and "<details>" not in shown
+    assert _done_runs(registry_url).empty  # refused before anything was recorded
+
+
+def test_bits_a_method_cannot_take_give_a_message_and_no_run(app, registry_url):
+    panel = app.quantize
+    panel.method.value = "bnb"
+    assert panel.group_size.disabled and panel.symmetric.disabled
+    panel.bits.value = 3
+    assert "takes 4 (nf4), 8 (int8) bits" in panel.errors.value
+    assert not app.jobs.busy and not app.jobs.history
+    assert _done_runs(registry_url).empty
+
+
+def test_unexpected_error_shows_one_line_and_folds_the_traceback(registry_url):
+    def broken_runner(*_args, **_kwargs):
+        raise RuntimeError("disk on fire\nsecond line")
+
+    bench = Workbench(registry_url, model="tiny-llama", runner=broken_runner, poll_interval=0)
+    try:
+        bench.quantize.run_button.click()
+        assert bench.jobs.wait(WAIT)
+        shown = bench.quantize.errors.value
+        assert "Unexpected error: RuntimeError: disk on fire" in shown
+        assert "second line" not in shown.split("<details>")[0]
+        assert "<details>" in shown and "Traceback" in shown.split("<details>")[1]
+    finally:
+        bench.close()
+
+
+def test_sweep_queues_every_width_the_method_takes(registry_url):
+    seen: list[str] = []
+
+    def recording_runner(model, pipeline, suite, **_kwargs):
+        from workbench.experiment import RunResult
+
+        seen.append(pipeline[0].weights)
+        return RunResult(len(seen), "done", {}, label=seen[-1])
+
+    bench = Workbench(registry_url, model="tiny-llama", runner=recording_runner, poll_interval=0)
+    try:
+        bench.quantize.method.value = "quanto"
+        jobs = bench.quantize.sweep()
+        assert bench.jobs.wait(WAIT)
+        assert len(jobs) == 3 and "Skipped 7, 6, 5, 3 bits" in bench.quantize.sweep_message.value
+        assert seen == ["int8", "int4", "int2"]
+    finally:
+        bench.close()
+
+
+def test_grid_warning_names_the_grid_the_weights_sit_on(app, tiny_llama):
+    from workbench.models import load_model
+    from workbench.techniques import apply_, make_config
+
+    loaded = copy.copy(load_model("tiny-llama"))
+    loaded.model = apply_(copy.deepcopy(tiny_llama), make_config("rtn", bits=4, group_size=32))
+    app.quantize._check_grid(loaded)
+    assert "Grid detected" in app.quantize.grid_warning.value and "4-bit" in app.quantize.grid_warning.value
+    app.quantize._check_grid(load_model("tiny-llama"))  # random weights: no grid
+    assert app.quantize.grid_warning.value == ""
+
+
+# ---- model bar --------------------------------------------------------------------------------------------
+
+
+def test_a_bad_model_spec_shows_a_clear_message(app):
+    app.model_box.value = "/no/such/model/folder"
+    app.load_button.click()
+    assert app.jobs.wait(WAIT)
+    assert "neither" in app.model_errors.value and "Traceback" not in app.model_errors.value
+    assert app.loaded is None
+
+
+# ---- compare panel ----------------------------------------------------------------------------------------
+
+
+def test_compare_table_puts_the_baseline_first_whatever_the_sort(compare):
+    compare.sort_by.value = "kl_mean"
+    compare.descending.value = True
+    table = compare.table
+    assert list(table["pipeline"]) == ["baseline", "rtn(bits=3)", "rtn(bits=8)"]
+    compare.descending.value = False
+    assert list(compare.table["pipeline"]) == ["baseline", "rtn(bits=8)", "rtn(bits=3)"]
+    assert "<table" in compare.table_html.value and "Mean KL divergence vs base" in compare.table_html.value
+    names = [t.name for t in compare.plot.figure.data]
+    assert names == ["runs", "Pareto front", "baseline"]
+    assert compare.plot.figure.layout.xaxis.title.text == "Bits per weight (all weights)"
+
+
+def test_compare_axes_switch_quality_and_size(compare):
+    compare.y.value = "metric_top1_agree"
+    compare.x.value = "metric_size_mb"
+    layout = compare.plot.figure.layout
+    assert layout.yaxis.title.text.startswith("Same top token") and layout.xaxis.title.text == "Size (MB)"
+    assert len(compare.plot.figure.data[0].x) == 3
+
+
+def test_compare_filters_narrow_plot_and_table(compare):
+    assert ("rtn", "rtn") in compare.technique.options
+    compare.technique.value = "rtn"
+    assert set(compare.table["technique"]) == {"rtn"} and len(compare.table) == 2
+    assert len(compare.plot.figure.data[0].x) == 2
+    compare.technique.value = ""
+    compare.tag.value = "nothing-has-this"
+    assert compare.table.empty and "No runs match" in compare.table_html.value
+    assert "No runs yet" in compare.plot.figure.layout.annotations[0].text
+
+
+def test_exports_write_the_table_and_plot_with_download_links(compare, tmp_path):
+    written = {fmt: compare.export(fmt) for fmt in ("csv", "md", "html", "tex", "json")}
+    for path in written.values():
+        assert path is not None and path.resolve().parent == (tmp_path / "exports").resolve()
+    csv = pd.read_csv(written["csv"])
+    assert list(csv["run_id"]) == list(compare.table["run_id"]) and csv.loc[0, "technique"] == "baseline"
+    assert csv["kl_mean"].tolist() == pytest.approx(compare.table["kl_mean"].tolist())
+    records = json.loads(written["json"].read_text())
+    assert [r["run_id"] for r in records] == list(compare.table["run_id"])
+    markdown = written["md"].read_text()
+    assert markdown.startswith("| run_id") and "rtn(bits=3)" in markdown
+    assert "\\begin{tabular}" in written["tex"].read_text()
+    assert "<table" in written["html"].read_text()
+    plot = compare.export_plot()
+    text = plot.read_text()
+    assert "Pareto front" in text and "plotly" in text.lower()
+    links = compare.export_links.value
+    assert 'href="files/exports/' in links and " download=" in links and str(plot.resolve()) in links
+
+
+def test_notes_and_tags_are_saved_to_the_registry(compare):
+    run_id = int(compare.table.loc[1, "run_id"])
+    compare.select_run(run_id)
+    compare.tags_box.value = "keep, report "
+    compare.notes_box.value = "best at 3 bits <b>really</b>"
+    assert compare.save_edits()
+    with Registry.open(compare.app.registry_url.value) as reg:
+        run = reg.get_run(run_id)
+    assert list(run.tags) == ["keep", "report"] and run.notes == "best at 3 bits <b>really</b>"
+    row = compare.table[compare.table["run_id"] == run_id].iloc[0]
+    assert row["tags"] == "keep,report"
+    assert "&lt;b&gt;really" in compare.table_html.value  # notes are text, never markup
+    compare.tag.value = "keep"
+    assert list(compare.table["run_id"]) == [run_id]
+
+
+def test_plot_follows_runs_written_by_another_process(registry_url):
+    bench = Workbench(registry_url, model="tiny-llama", poll_interval=0.1)
+    try:
+        assert bench.watcher.running
+        before = bench.compare.plot.refreshes
+        other = Registry.open(registry_url)  # another writer: its own engine and connections
+        run_id = other.start_run(model_fingerprint="f" * 16, model_description="other model",
+                                 pipeline_json="[]", pipeline_label="baseline", suite_key="quick-x",
+                                 suite_name="quick", environment={})
+        other.finish_run(run_id, {"kl_mean": 0.0, "bits_per_weight": 16.0, "ppl": 10.0})
+        other.close()
+        assert _until(lambda: bench.compare.plot.refreshes > before and bench.first_run.layout.display == "none")
+        assert list(bench.compare.frame["run_id"]) == [run_id]
+        assert bench.compare.plot.trace_points("runs") == 1
+    finally:
+        bench.close()
+    time.sleep(0.3)
+    assert not bench.watcher.running
+
+
+def test_opening_a_bad_registry_url_keeps_the_old_one_and_says_why(app, registry_url):
+    assert not app.open_registry("notadialect://x/y")
+    assert app.settings_errors.value and "Traceback" not in app.settings_errors.value.split("<details>")[0]
+    assert app.registry_url.value.endswith("runs.db")
+
+
+# ---- jobs ---------------------------------------------------------------------------------------------------
+
+
+def test_jobs_run_in_order_off_the_calling_thread_and_report_errors():
+    jobs = Jobs()
+    seen: list[tuple[int, str]] = []
+    main = threading.current_thread().name
+
+    def work(i):
+        def fn(_progress):
+            seen.append((i, threading.current_thread().name))
+            if i == 2:
+                raise ConfigError("bad two")
+            return i * 10
+
+        return fn
+
+    submitted = [jobs.submit(work(i), label=str(i)) for i in range(4)]
+    assert jobs.wait(10)
+    assert [i for i, _ in seen] == [0, 1, 2, 3] and all(name != main for _, name in seen)
+    assert [j.status for j in submitted] == ["done", "done", "failed", "done"]
+    assert submitted[3].result == 30 and str(submitted[2].error) == "bad two"
+    jobs.close()
