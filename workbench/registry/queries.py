@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-from sqlalchemy import or_, select
+from sqlalchemy import String, or_, select, type_coerce
 
 from workbench.errors import ConfigError
 from workbench.registry.models import RUN_STATUSES, RunRow
@@ -43,8 +43,8 @@ BASE_COLUMNS = (
 
 _FETCHED = (
     RunRow.id,
-    RunRow.created_at,
-    RunRow.finished_at,
+    type_coerce(RunRow.created_at, String),
+    type_coerce(RunRow.finished_at, String),
     RunRow.status,
     RunRow.model_description,
     RunRow.model_fingerprint,
@@ -58,6 +58,7 @@ _FETCHED = (
     RunRow.parent_id,
     RunRow.error,
     RunRow.metrics_json,
+    RunRow.revision,
 )
 _NAMES = (
     "run_id",
@@ -76,6 +77,7 @@ _NAMES = (
     "parent_id",
     "error",
     "metrics_json",
+    "revision",
 )
 
 
@@ -112,6 +114,42 @@ def _scalar(value: Any) -> Any:
     if isinstance(value, (list, dict)):
         return json.dumps(value, sort_keys=True, separators=(",", ":"))
     return value
+
+
+def _columns(
+    records: list[dict[str, Any]], prefix: str, index: pd.Index, *, scalar: bool = False
+) -> pd.DataFrame:
+    """Dicts to prefixed columns, key by key: several times faster than ``DataFrame.from_records(dicts)``."""
+    keys: dict[str, None] = {}
+    for record in records:
+        keys.update(dict.fromkeys(record))
+    data = {}
+    for key in keys:
+        values = [record.get(key) for record in records]
+        data[prefix + key] = [_scalar(v) for v in values] if scalar else values
+    return pd.DataFrame(data, index=index)
+
+
+def _parsed(registry: Registry, raw: pd.DataFrame) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Metrics and first-step params per row, parsed once per (run, revision) and kept on the registry object.
+
+    A panel re-reads the registry every time it changes; runs rarely change once finished, so after the
+    first call only new or edited runs are parsed again.
+    """
+    cache = registry._frame_cache
+    ids, revisions = raw["run_id"].tolist(), raw["revision"].tolist()
+    missing = [
+        i for i, (run_id, rev) in enumerate(zip(ids, revisions)) if cache.get(run_id, (None,))[0] != rev
+    ]
+    if missing:
+        metric_texts, pipeline_texts = raw["metrics_json"].tolist(), raw["pipeline_json"].tolist()
+        parsed_metrics = _bulk_json([metric_texts[i] for i in missing], "{}")
+        parsed_steps = _bulk_json([pipeline_texts[i] for i in missing], "[]")
+        for i, found, steps in zip(missing, parsed_metrics, parsed_steps):
+            first = (steps[0].get("params") or {}) if steps and isinstance(steps[0], dict) else {}
+            cache[ids[i]] = (revisions[i], found, first)
+    entries = [cache[run_id] for run_id in ids]
+    return [e[1] for e in entries], [e[2] for e in entries]
 
 
 def empty_frame() -> pd.DataFrame:
@@ -177,10 +215,11 @@ def runs_frame(
         escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         stmt = stmt.where(RunRow.tags_json.like(f"%{escaped}%", escape="\\"))
 
-    rows = registry._transact(lambda s: s.execute(stmt).all(), write=False)
+    rows = registry._read_rows(stmt)
     if not rows:
         return empty_frame()
-    raw = pd.DataFrame.from_records(rows, columns=list(_NAMES))
+    # Column lists straight from the row tuples: pandas' from_records probes each SQLAlchemy Row (slow).
+    raw = pd.DataFrame(dict(zip(_NAMES, (list(col) for col in zip(*rows)))))
 
     tag_lists = _bulk_json(raw["tags_json"].tolist(), "[]")
     if tag is not None:
@@ -192,24 +231,16 @@ def runs_frame(
     raw["tags"] = [",".join(tags) for tags in tag_lists]
 
     for name in ("created_at", "finished_at"):
-        raw[name] = pd.to_datetime(raw[name], utc=True)
+        # SQLite hands back ISO text (fetched as text on purpose: one vectorized parse instead of 10,000
+        # datetime objects), PostgreSQL datetime objects; both are naive UTC.
+        raw[name] = pd.to_datetime(raw[name], utc=True, format="ISO8601")
     raw["duration_s"] = (raw["finished_at"] - raw["created_at"]).dt.total_seconds()
     raw["parent_id"] = raw["parent_id"].astype("Int64")
     raw["run_id"] = raw["run_id"].astype("int64")
 
-    metrics = pd.DataFrame.from_records(_bulk_json(raw["metrics_json"].tolist(), "{}"), index=raw.index)
-    metrics.columns = [f"metric_{c}" for c in metrics.columns]
-    steps = _bulk_json(raw["pipeline_json"].tolist(), "[]")
-    params = pd.DataFrame.from_records(
-        [
-            {k: _scalar(v) for k, v in (p[0].get("params") or {}).items()}
-            if p and isinstance(p[0], dict)
-            else {}
-            for p in steps
-        ],
-        index=raw.index,
-    )
-    params.columns = [f"param_{c}" for c in params.columns]
+    metric_dicts, firsts = _parsed(registry, raw)
+    metrics = _columns(metric_dicts, "metric_", raw.index)
+    params = _columns(firsts, "param_", raw.index, scalar=True)
     base = raw[list(BASE_COLUMNS)]
     return pd.concat([base, metrics, params], axis=1)
 

@@ -217,6 +217,8 @@ class Registry:
         self.url = url
         self._pid = os.getpid()
         self._host = socket.gethostname()
+        # run id -> (revision, metrics, first-step params): parsed JSON reused by runs_frame (see queries._parsed)
+        self._frame_cache: dict[int, tuple[int, dict[str, Any], dict[str, Any]]] = {}
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -389,6 +391,14 @@ class Registry:
         elif isinstance(err, DBAPIError) and err.connection_invalidated or "connect" in detail.lower():
             hint = " Check that the database server is running and the URL is right."
         return f"Could not {action} the registry at {_safe(self.url)}: {name}: {detail}.{hint}"
+
+    def _read_rows(self, stmt: Any) -> list[Any]:
+        """Rows of a Core ``select`` (no ORM objects: the fast path for DataFrames), with the same errors."""
+
+        def read(session: Session) -> list[Any]:
+            return list(session.connection().execute(stmt).all())
+
+        return self._transact(read, write=False)
 
     def connect(self) -> Any:
         """A read connection for ad-hoc SQL (``with registry.connect() as conn: pd.read_sql(..., conn)``)."""
