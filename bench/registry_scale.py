@@ -26,9 +26,9 @@ from sqlalchemy import insert, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workbench.registry import Registry  # noqa: E402
-from workbench.registry.models import RunRow  # noqa: E402
-from workbench.registry.store import canonical_pipeline  # noqa: E402
+from workbench.registry import Registry
+from workbench.registry.models import RunRow
+from workbench.registry.store import canonical_pipeline
 
 TARGET_S = 1.0  # DESIGN.md: 10,000 runs queried and plotted in under 1 s
 METHODS = ("rtn", "gptq", "awq", "hqq", "bnb", "quanto")
@@ -65,32 +65,32 @@ def _rows(n: int) -> list[dict]:
             "eval_tok_s": 700.0,
         }
         rows.append(
-            dict(
-                created_at=created,
-                updated_at=created,
-                finished_at=created + timedelta(seconds=8),
-                heartbeat_at=created,
-                status="done" if i % 20 else "failed",
-                model_fingerprint="fp-demo",
-                model_description="SmolLM2-135M-Instruct",
-                pipeline_json=canonical,
-                pipeline_hash=digest,
-                pipeline_label=f"{method}(bits={bits})",
-                technique=technique,
-                suite_key="quick:abc",
-                suite_name="quick",
-                metrics_json=json.dumps(metrics),
-                extras_json=json.dumps(
+            {
+                "created_at": created,
+                "updated_at": created,
+                "finished_at": created + timedelta(seconds=8),
+                "heartbeat_at": created,
+                "status": "done" if i % 20 else "failed",
+                "model_fingerprint": "fp-demo",
+                "model_description": "SmolLM2-135M-Instruct",
+                "pipeline_json": canonical,
+                "pipeline_hash": digest,
+                "pipeline_label": f"{method}(bits={bits})",
+                "technique": technique,
+                "suite_key": "quick:abc",
+                "suite_name": "quick",
+                "metrics_json": json.dumps(metrics),
+                "extras_json": json.dumps(
                     {"generations": [{"prompt": "p", "base": "b" * 200, "model": "m" * 200}]}
                 ),
-                environment_json=json.dumps({"torch": "2.13.0", "host": "bench"}),
-                tags_json=json.dumps(["bench"]),
-                notes="",
-                error=None if i % 20 else "RuntimeError: synthetic",
-                pid=1,
-                hostname="bench",
-                revision=1,
-            )
+                "environment_json": json.dumps({"torch": "2.13.0", "host": "bench"}),
+                "tags_json": json.dumps(["bench"]),
+                "notes": "",
+                "error": None if i % 20 else "RuntimeError: synthetic",
+                "pid": 1,
+                "hostname": "bench",
+                "revision": 1,
+            }
         )
     return rows
 
@@ -135,7 +135,7 @@ def main() -> None:
 
         stmt = select(RunRow.__table__).where(RunRow.status == "done").order_by(RunRow.id)
         with reg.connect() as conn:
-            t_raw, raw = _best(lambda: pd.read_sql(stmt, conn))
+            t_raw, _raw = _best(lambda: pd.read_sql(stmt, conn))
 
         def plot() -> go.Figure:
             return go.Figure(
