@@ -219,7 +219,9 @@ class Workbench(W.VBox):
         return True
 
     def runs_frame(self, **filters: Any) -> pd.DataFrame:
-        return self.registry.runs_frame(**filters)
+        """``registry.runs_frame`` for the views. Stale runs are marked when the registry is opened, not on every
+        redraw: marking is a write, and the views show ``done`` runs, which it never changes."""
+        return self.registry.runs_frame(**filters, mark_stale=False)
 
     @property
     def suite(self) -> Any:

@@ -7,6 +7,7 @@ text) and is what tests check; ``tradeoff_figure`` only draws it. Panels wrap th
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -43,6 +44,18 @@ def direction(column: str) -> str:
     return METRICS.get(column, ("", "min"))[1]
 
 
+# A small white template, built once. plotly's "plotly_white" is a large object that every figure deep-copies
+# (~25 ms each); the plots only need a white background and light grid lines.
+TEMPLATE = go.layout.Template(layout={
+    "paper_bgcolor": "white",
+    "plot_bgcolor": "white",
+    "font": {"color": "#2a3f5f"},
+    "xaxis": {"gridcolor": "#ebf0f8", "linecolor": "#ebf0f8", "zerolinecolor": "#ebf0f8", "automargin": True},
+    "yaxis": {"gridcolor": "#ebf0f8", "linecolor": "#ebf0f8", "zerolinecolor": "#ebf0f8", "automargin": True},
+    "hoverlabel": {"align": "left"},
+})
+
+
 class TradeoffInfo(NamedTuple):
     points: pd.DataFrame  # the plotted runs, with a boolean "pareto" column and "hover" text
     front: pd.DataFrame  # the Pareto-optimal runs sorted along x
@@ -67,15 +80,26 @@ def pareto_mask(xs: np.ndarray, ys: np.ndarray, x_dir: str = "min", y_dir: str =
     return mask
 
 
-def _hover(row: pd.Series) -> str:
-    parts = [f"<b>run {row['run_id']}</b>: {html.escape(str(row.get('pipeline', '')))}"]
+def hover_texts(points: pd.DataFrame) -> list[str]:
+    """Hover text per run: run id, pipeline label, the headline metrics, tags (user text escaped).
+
+    Built column by column with plain list comprehensions (about 5 µs a run): the trade-off plot is redrawn
+    whenever the registry changes, and pandas' per-row machinery (``iterrows``, ``Series.where`` on strings)
+    made hover text the slowest step of a redraw with a thousand runs.
+    """
+    if points.empty:
+        return []
+    n = len(points)
+    pipeline = points["pipeline"].fillna("").astype(str) if "pipeline" in points.columns else [""] * n
+    columns = [[f"<b>run {r}</b>: {html.escape(p)}" for r, p in zip(points["run_id"].tolist(), pipeline)]]
     for col in _HOVER_METRICS:
-        if col in row and pd.notna(row[col]):
-            value = row[col]
-            parts.append(f"{title(col)}: {value:.4g}")
-    if row.get("tags"):
-        parts.append(f"tags: {html.escape(str(row['tags']))}")
-    return "<br>".join(parts)
+        if col in points.columns:
+            name = title(col)
+            columns.append([f"{name}: {v:.4g}" if not math.isnan(v) else ""
+                            for v in points[col].astype(float).tolist()])
+    if "tags" in points.columns:
+        columns.append([f"tags: {html.escape(t)}" if t else "" for t in points["tags"].fillna("").astype(str)])
+    return ["<br>".join(part for part in parts if part) for parts in zip(*columns)]
 
 
 def tradeoff_info(runs: pd.DataFrame, x: str = "metric_bits_per_weight", y: str = "metric_kl_mean",
@@ -90,19 +114,10 @@ def tradeoff_info(runs: pd.DataFrame, x: str = "metric_bits_per_weight", y: str 
         return TradeoffInfo(empty, empty, x, y, color)
     points = runs[runs[x].notna() & runs[y].notna()].copy()
     points["pareto"] = pareto_mask(points[x].to_numpy(float), points[y].to_numpy(float), direction(x), direction(y))
-    points["hover"] = [_hover(row) for _, row in points.iterrows()] if len(points) <= 2000 else _fast_hover(points)
+    points["hover"] = hover_texts(points)
     front = points[points["pareto"]].sort_values(x)
     use_color = color if color and color in points.columns and points[color].notna().any() else None
     return TradeoffInfo(points, front, x, y, use_color)
-
-
-def _fast_hover(points: pd.DataFrame) -> list[str]:
-    # Vectorised hover text for large registries (thousands of runs): the same fields, built column-wise.
-    text = "<b>run " + points["run_id"].astype(str) + "</b>: " + points.get("pipeline", "").astype(str).map(html.escape)
-    for col in _HOVER_METRICS:
-        if col in points.columns:
-            text = text + "<br>" + title(col) + ": " + points[col].map(lambda v: f"{v:.4g}" if pd.notna(v) else "–")
-    return text.tolist()
 
 
 def _empty_figure(message: str) -> go.Figure:
@@ -110,7 +125,7 @@ def _empty_figure(message: str) -> go.Figure:
     fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper", font={"size": 14})
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
-    return fig.update_layout(height=420, template="plotly_white")
+    return fig.update_layout(height=420, template=TEMPLATE)
 
 
 def tradeoff_figure(runs: pd.DataFrame, x: str = "metric_bits_per_weight", y: str = "metric_kl_mean",
@@ -136,7 +151,7 @@ def tradeoff_figure(runs: pd.DataFrame, x: str = "metric_bits_per_weight", y: st
         fig.add_trace(go.Scatter(x=base[x], y=base[y], mode="markers+text", name="baseline", text=["base"] * len(base),
                                  textposition="top center", marker={"symbol": "star", "size": 16, "color": "#1f77b4"},
                                  hoverinfo="skip"))
-    return fig.update_layout(xaxis_title=title(x), yaxis_title=title(y), template="plotly_white", height=460,
+    return fig.update_layout(xaxis_title=title(x), yaxis_title=title(y), template=TEMPLATE, height=460,
                              legend={"orientation": "h", "y": -0.2}, margin={"l": 60, "r": 20, "t": 30, "b": 60})
 
 
@@ -148,12 +163,12 @@ def bits_figure(runs: pd.DataFrame, y: str = "metric_kl_mean", x: str = "metric_
     fig = go.Figure()
     for technique, group in data.groupby("technique", sort=True):
         group = group.sort_values(x)
-        hover = [_hover(row) for _, row in group.iterrows()]
+        hover = hover_texts(group)
         mode = "markers" if technique == "baseline" else "lines+markers"
         fig.add_trace(go.Scatter(x=group[x], y=group[y], mode=mode, name=str(technique), hovertext=hover,
                                  hoverinfo="text", customdata=group["run_id"],
                                  marker={"size": 9, "symbol": "star" if technique == "baseline" else "circle"}))
-    return fig.update_layout(xaxis_title=title(x), yaxis_title=title(y), template="plotly_white", height=420,
+    return fig.update_layout(xaxis_title=title(x), yaxis_title=title(y), template=TEMPLATE, height=420,
                              margin={"l": 60, "r": 20, "t": 30, "b": 50})
 
 
@@ -163,7 +178,7 @@ def sensitivity_figure(frame: pd.DataFrame, *, name: str = "name", value: str = 
         return _empty_figure("No sensitivity scan yet.")
     fig = go.Figure(go.Bar(x=frame[name], y=frame[value], marker={"color": frame[value], "colorscale": "Reds"}))
     return fig.update_layout(xaxis_title="Quantized alone", yaxis_title="Mean KL divergence vs base",
-                             template="plotly_white", height=380)
+                             template=TEMPLATE, height=380)
 
 
 def expert_load_figure(matrix: Sequence[Sequence[float]] | np.ndarray, *, title_text: str = "Expert load") -> go.Figure:
@@ -173,14 +188,14 @@ def expert_load_figure(matrix: Sequence[Sequence[float]] | np.ndarray, *, title_
         return _empty_figure("No expert loads recorded.")
     fig = go.Figure(go.Heatmap(z=arr, colorscale="Viridis", colorbar={"title": {"text": "share of tokens"}},
                                x=[f"e{i}" for i in range(arr.shape[1])], y=[f"layer {i}" for i in range(arr.shape[0])]))
-    return fig.update_layout(title=title_text, xaxis_title="Expert", yaxis_title="Layer", template="plotly_white")
+    return fig.update_layout(title=title_text, xaxis_title="Expert", yaxis_title="Layer", template=TEMPLATE)
 
 
 def loss_curve_figure(steps: Sequence[int], losses: Sequence[float], *, name: str = "train loss") -> go.Figure:
     if not len(steps):
         return _empty_figure("No training steps recorded.")
     fig = go.Figure(go.Scatter(x=list(steps), y=list(losses), mode="lines", name=name))
-    return fig.update_layout(xaxis_title="Step", yaxis_title="Loss", template="plotly_white", height=360)
+    return fig.update_layout(xaxis_title="Step", yaxis_title="Loss", template=TEMPLATE, height=360)
 
 
 __all__ = [
@@ -188,6 +203,7 @@ __all__ = [
     "TradeoffInfo",
     "bits_figure",
     "expert_load_figure",
+    "hover_texts",
     "loss_curve_figure",
     "pareto_mask",
     "sensitivity_figure",
