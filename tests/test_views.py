@@ -7,7 +7,15 @@ import plotly.graph_objects as go
 import pytest
 
 from workbench.errors import ConfigError
-from workbench.views import bits_figure, pareto_mask, tradeoff_figure, tradeoff_info
+from workbench.views import (
+    bits_figure,
+    expert_load_figure,
+    loss_curve_figure,
+    pareto_mask,
+    sensitivity_figure,
+    tradeoff_figure,
+    tradeoff_info,
+)
 
 
 def _runs() -> pd.DataFrame:
@@ -66,3 +74,63 @@ def test_empty_registry_gives_a_friendly_empty_figure():
 def test_unknown_metric_column_is_refused_with_the_known_ones():
     with pytest.raises(ConfigError, match="metric_kl_mean"):
         tradeoff_info(_runs(), y="metric_nope")
+
+
+def test_higher_is_better_on_the_x_axis_too():
+    # Latency view: decode speed (higher is better) against mean KL (lower is better).
+    info = tradeoff_info(_runs(), x="metric_decode_tok_s", y="metric_kl_mean")
+    # 1 has the lowest KL, 5 is the fastest; 3 is beaten by 4 (as fast, less KL).
+    assert sorted(info.front["run_id"]) == [1, 2, 4, 5]
+    info = tradeoff_info(_runs().assign(metric_decode_tok_s=[50.0, 60.0, 61.0, 59.0, 62.0]),
+                         x="metric_decode_tok_s", y="metric_kl_mean")
+    assert sorted(info.front["run_id"]) == [1, 2, 3, 5]  # 4 is now slower than 2 and has more KL
+
+
+def test_runs_missing_a_plotted_metric_are_left_out_not_plotted_at_zero():
+    runs = _runs()
+    runs.loc[2, "metric_kl_mean"] = float("nan")
+    info = tradeoff_info(runs)
+    assert 3 not in set(info.points["run_id"]) and len(info.points) == 4
+
+
+def test_colour_scale_is_titled_and_optional():
+    fig = tradeoff_figure(_runs())
+    assert fig.data[0].marker.colorbar.title.text == "Decode tokens/s"
+    fig = tradeoff_figure(_runs().drop(columns="metric_decode_tok_s"))
+    assert fig.data[0].marker.showscale is None and len(fig.data[0].x) == 5
+
+
+def test_bits_figure_draws_one_line_per_method_sorted_by_bits_with_latency_in_hover():
+    fig = bits_figure(_runs())
+    rtn = next(t for t in fig.data if t.name == "rtn")
+    assert list(rtn.x) == [2.5, 3.5, 4.5] and rtn.mode == "lines+markers"
+    assert all("Decode tokens/s" in h for h in rtn.hovertext)
+    assert fig.layout.yaxis.title.text == "Mean KL divergence vs base"
+    assert "No quantized runs" in bits_figure(pd.DataFrame()).layout.annotations[0].text
+
+
+def test_other_figures_draw_their_data_and_say_when_there_is_none():
+    frame = pd.DataFrame({"name": ["layers.0", "layers.1"], "kl_mean": [0.3, 0.1]})
+    bars = sensitivity_figure(frame)
+    assert list(bars.data[0].y) == [0.3, 0.1] and bars.layout.yaxis.title.text == "Mean KL divergence vs base"
+    heat = expert_load_figure([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]])
+    assert heat.data[0].z.shape == (2, 3) and list(heat.data[0].x) == ["e0", "e1", "e2"]
+    loss = loss_curve_figure([1, 2, 3], [2.0, 1.5, 1.2])
+    assert list(loss.data[0].y) == [2.0, 1.5, 1.2]
+    for empty in (sensitivity_figure(pd.DataFrame()), expert_load_figure([]), loss_curve_figure([], [])):
+        assert empty.layout.annotations and not empty.data
+
+
+def test_hover_text_is_built_for_every_run_in_a_large_registry():
+    import numpy as np
+
+    n = 3000
+    rng = np.random.default_rng(0)
+    runs = pd.DataFrame({"run_id": np.arange(n), "pipeline": ["rtn(bits=3)"] * n, "technique": ["rtn"] * n,
+                         "metric_bits_per_weight": rng.uniform(2, 8, n), "metric_kl_mean": rng.uniform(0, 1, n),
+                         "tags": [""] * n})
+    info = tradeoff_info(runs)
+    assert len(info.points) == n and info.points["hover"].str.startswith("<b>run ").all()
+    # The front of random points is a staircase: sorted by x, KL strictly falls.
+    front = info.front
+    assert (np.diff(front["metric_bits_per_weight"]) >= 0).all() and (np.diff(front["metric_kl_mean"]) < 0).all()
