@@ -196,43 +196,44 @@ def _search_clip(
     n_tokens: int = 512,
     n_grid: int = 20,
     max_shrink: float = 0.5,
-    rows_per_step: int = 64,
 ) -> None:
-    """``auto_clip_layer`` + ``apply_clip``: clamp each group to ±(best shrink of its max |w|), in place."""
+    """``auto_clip_layer`` + ``apply_clip``: clamp each group to ±(best shrink of its max |w|), in place.
+
+    The reference measures each group's output error directly, mean_t (x_t,g · (q_g - w_g))², on 512 tokens.
+    The same number is (q_g - w_g)ᵀ C_g (q_g - w_g) with C_g = X_gᵀ X_g / T, the group's input Gram matrix,
+    which costs group_size instead of T multiply-adds per weight: identical choices, ~16x less work.
+    """
     w_all = linear.weight.data.float()
     out_f, in_f = w_all.shape
     gs = in_f if config.group_size == -1 else config.group_size
     n_groups = in_f // gs
-    flat = x.reshape(-1, in_f)
+    flat = x.reshape(-1, in_f).float()
     step = max(1, flat.shape[0] // n_tokens)
-    xg = flat[0::step].reshape(-1, n_groups, gs)  # (T, G, gs), evenly spread tokens as in the reference
-    best_max = torch.empty(out_f, n_groups, 1)
+    xg = (
+        flat[0::step][:n_tokens].reshape(-1, n_groups, gs).transpose(0, 1)
+    )  # (G, T, gs), evenly spread tokens
+    gram = torch.bmm(xg.transpose(1, 2), xg) / xg.shape[1]  # (G, gs, gs)
     with torch.no_grad():
-        for r in range(
-            0, out_f, rows_per_step
-        ):  # the reference's oc_batch_size: bounds the (O, T, G) tensors
-            wg = w_all[r : r + rows_per_step].reshape(-1, n_groups, gs)
-            org_max = wg.abs().amax(-1, keepdim=True)  # (O, G, 1)
-            ref = torch.einsum("tgk,ogk->otg", xg, wg)
-            min_err = torch.full(org_max.shape[:2], float("inf"))
-            best = org_max.clone()
-            for i in range(int(max_shrink * n_grid)):
-                max_val = org_max * (1 - i / n_grid)
-                clipped = torch.maximum(torch.minimum(wg, max_val), -max_val)
-                q = fake_quantize_(
-                    clipped.reshape(-1, in_f),
-                    config.bits,
-                    config.group_size,
-                    config.symmetric,
-                    config.zero_point,
-                ).reshape(-1, n_groups, gs)
-                err = (torch.einsum("tgk,ogk->otg", xg, q) - ref).pow(2).mean(1)  # (O, G)
-                better = err < min_err
-                min_err = torch.where(better, err, min_err)
-                best = torch.where(better[..., None], max_val, best)
-            best_max[r : r + rows_per_step] = best
-        w3 = w_all.reshape(out_f, n_groups, gs)
-        clamped = torch.maximum(torch.minimum(w3, best_max), -best_max).reshape(out_f, in_f)
+        wg = w_all.reshape(out_f, n_groups, gs)
+        org_max = wg.abs().amax(-1, keepdim=True)  # (O, G, 1)
+        min_err = torch.full((out_f, n_groups), float("inf"))
+        best = org_max.clone()
+        for i in range(int(max_shrink * n_grid)):
+            max_val = org_max * (1 - i / n_grid)
+            clipped = torch.maximum(torch.minimum(wg, max_val), -max_val)
+            q = fake_quantize_(
+                clipped.reshape(out_f, in_f),
+                config.bits,
+                config.group_size,
+                config.symmetric,
+                config.zero_point,
+            ).reshape(out_f, n_groups, gs)
+            d = (q - wg).transpose(0, 1)  # (G, O, gs)
+            err = (torch.bmm(d, gram) * d).sum(-1).transpose(0, 1)  # (O, G): mean squared output error
+            better = err < min_err
+            min_err = torch.where(better, err, min_err)
+            best = torch.where(better[..., None], max_val, best)
+        clamped = torch.maximum(torch.minimum(wg, best), -best).reshape(out_f, in_f)
         linear.weight.data = clamped.to(linear.weight.dtype)
 
 
