@@ -82,7 +82,8 @@ def detect_grid(model: nn.Module, *, max_layers: int = 6, rows: int = 64) -> Gri
     sample = [m.weight.detach()[:rows].float() for _, m in linears[::step][:max_layers]]
     for bits in _GRID_BITS:
         for group in _GRID_GROUPS:
-            for symmetric in (False, True):
+            # Symmetric first: a Q4_0-style grid is also reproduced by asymmetric RTN, not the other way round.
+            for symmetric in (True, False):
                 if all(_on_grid(w, bits, group, symmetric) for w in sample):
                     return GridReport(bits, group, "symmetric" if symmetric else "asymmetric", len(sample))
     return None
