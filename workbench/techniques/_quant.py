@@ -16,7 +16,7 @@ A group is ``group_size`` consecutive input weights of one output row (``-1``: t
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -54,6 +54,23 @@ def decoder_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
         yield name, module
 
 
+def fused_experts(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Parameter]]:
+    """Routed experts stored as 3D tensors, (experts, out, in), as transformers 5 keeps MoE experts (Qwen2-MoE,
+    Mixtral, OLMoE ``*Experts`` modules): (name, module, parameter name, parameter).
+
+    Each expert's slice is an ordinary (out, in) weight, so quantizers treat the tensor as (experts·out, in)
+    rows. They are most of an MoE model's weights, so leaving them out would make sizes meaningless.
+    """
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or not type(module).__name__.endswith("Experts"):
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            if param.dim() == 3 and param.is_floating_point():
+                found.append((f"{name}.{pname}", module, pname, param))
+    return found
+
+
 def divisors_for_all(widths: list[int]) -> list[int]:
     """Group sizes (≥ 16) that divide every width, for the message that names what works."""
     if not widths:
@@ -71,8 +88,10 @@ def check_group_size(
     modules = modules if modules is not None else list(decoder_linears(model))
     if not modules:
         raise ConfigError(f"{name}: found no decoder linear layers to quantize in {type(model).__name__}.")
-    widths = [m.weight.shape[1] for _, m in modules]
-    for (layer, module), width in zip(modules, widths, strict=True):
+    named = [(layer, m.weight.shape[1]) for layer, m in modules]
+    named += [(label, p.shape[2]) for label, _, _, p in fused_experts(model)]
+    widths = [w for _, w in named]
+    for layer, width in named:
         if width % group_size:
             ok = ", ".join(str(d) for d in divisors_for_all(widths))
             raise ConfigError(
@@ -261,3 +280,43 @@ def quantize_embeddings_(
         fake_quantize_(modules[0].weight.data, bits, group_size, symmetric, zero_point)
         for module in modules:
             mark_quantized(module, bits, group_size, symmetric, zero_point, method)
+
+
+def quantize_fused_experts_(
+    model: nn.Module,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    zero_point: str,
+    method: str,
+    bits_for: Callable[[str], int] | None = None,
+) -> int:
+    """Round-to-nearest for the 3D expert tensors of :func:`fused_experts`, in place; returns how many.
+
+    Their packed sizes go to ``module.wb_param_storage_bytes`` (parameter name → bytes), since one module holds
+    several such tensors. ``bits_for(name)`` may choose bits per tensor (mixed precision).
+    """
+    count = 0
+    for label, module, pname, param in fused_experts(model):
+        b = bits_for(label) if bits_for is not None else bits
+        n_exp, out_f, in_f = param.shape
+        flat = (
+            param.data.view(n_exp * out_f, in_f)
+            if param.data.is_contiguous()
+            else param.data.reshape(-1, in_f)
+        )
+        fake_quantize_(flat, b, group_size, symmetric, zero_point)
+        if flat.data_ptr() != param.data.data_ptr():
+            param.data.copy_(flat.view_as(param.data))
+        stored = dict(getattr(module, "wb_param_storage_bytes", {}))
+        stored[pname] = packed_bytes((n_exp * out_f, in_f), b, group_size, symmetric, zero_point)
+        module.wb_param_storage_bytes = stored  # type: ignore[assignment]
+        module.wb_quant = {
+            "method": method,
+            "bits": b,
+            "group_size": group_size,
+            "symmetric": symmetric,
+            "zero_point": zero_point,
+        }  # type: ignore[assignment]
+        count += 1
+    return count

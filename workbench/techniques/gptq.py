@@ -33,6 +33,7 @@ from workbench.techniques._quant import (
     mark_quantized,
     quant_params,
     quantize_embeddings_,
+    quantize_fused_experts_,
     quantize_groups,
     validate_common,
 )
@@ -213,6 +214,18 @@ def _apply_gptq(model: Any, config: GPTQConfig, ctx: ApplyContext) -> Any:
             mod.weight.data = gptq_quantize(mod.weight.data, hooks.stats[name].H, config)
             mark_quantized(mod, config.bits, config.group_size, config.symmetric, config.zero_point, "gptq")
         runner.advance(layer)  # inputs of the next layer come from this one with its weights quantized
+    # Routed experts kept as 3D tensors see only the tokens routed to them; they get round to nearest here
+    # (recorded with the run) so that sizes stay comparable.
+    fallback = quantize_fused_experts_(
+        model,
+        config.bits,
+        config.group_size,
+        config.symmetric,
+        config.zero_point,
+        "gptq (rtn for fused experts)",
+    )
+    if fallback:
+        ctx.extras["gptq"] = {"fused_expert_tensors_by_rtn": fallback}
     quantize_embeddings_(
         model,
         config.embedding_bits,

@@ -21,9 +21,11 @@ from workbench.techniques._quant import (
     check_group_size,
     decoder_linears,
     fake_quantize_,
+    fused_experts,
     mark_quantized,
     packed_bytes,
     quantize_embeddings_,
+    quantize_fused_experts_,
     validate_common,
 )
 from workbench.techniques.base import ApplyContext, register
@@ -76,7 +78,7 @@ def check_mixed(model: Any, config: MixedPrecisionConfig) -> None:
     """Every pattern must select something: a typo would otherwise silently keep nothing at high bits."""
     check_group_size("mixed", model, config.group_size)
     check_embedding_groups("mixed", model, config.group_size, config.include_embeddings, config.include_head)
-    names = [n for n, _ in decoder_linears(model)]
+    names = [n for n, _ in decoder_linears(model)] + [label for label, _, _, _ in fused_experts(model)]
     for pattern in config.high_precision:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             raise ConfigError(
@@ -94,6 +96,16 @@ def mixed_bits_per_weight(model: Any, config: MixedPrecisionConfig) -> float:
         n_bytes += packed_bytes(
             tuple(linear.weight.shape), bits, config.group_size, config.symmetric, config.zero_point
         )
+    for label, _, _, param in fused_experts(model):
+        bits = config.high_bits if _is_high(label, config) else config.bits
+        n_weights += param.numel()
+        n_bytes += packed_bytes(
+            (param.shape[0] * param.shape[1], param.shape[2]),
+            bits,
+            config.group_size,
+            config.symmetric,
+            config.zero_point,
+        )
     return 8 * n_bytes / max(n_weights, 1)
 
 
@@ -106,6 +118,16 @@ def _apply_mixed(model: Any, config: MixedPrecisionConfig, ctx: ApplyContext) ->
         bits = config.high_bits if high else config.bits
         fake_quantize_(linear.weight.data, bits, config.group_size, config.symmetric, config.zero_point)
         mark_quantized(linear, bits, config.group_size, config.symmetric, config.zero_point, "mixed")
+    n_high += sum(_is_high(label, config) for label, _, _, _ in fused_experts(model))
+    quantize_fused_experts_(
+        model,
+        config.bits,
+        config.group_size,
+        config.symmetric,
+        config.zero_point,
+        "mixed",
+        bits_for=lambda label: config.high_bits if _is_high(label, config) else config.bits,
+    )
     quantize_embeddings_(
         model,
         config.embedding_bits,

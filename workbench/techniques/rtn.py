@@ -20,6 +20,7 @@ from workbench.techniques._quant import (
     fake_quantize_,
     mark_quantized,
     quantize_embeddings_,
+    quantize_fused_experts_,
     validate_common,
 )
 from workbench.techniques.base import ApplyContext, register
@@ -70,6 +71,8 @@ def _apply_rtn(model: Any, config: RTNConfig, ctx: ApplyContext) -> Any:
             linear.weight.data, config.bits, config.group_size, config.symmetric, config.zero_point
         )
         mark_quantized(linear, config.bits, config.group_size, config.symmetric, config.zero_point, "rtn")
+    # MoE experts kept as 3D tensors are decoder weights too.
+    quantize_fused_experts_(model, config.bits, config.group_size, config.symmetric, config.zero_point, "rtn")
     quantize_embeddings_(
         model,
         config.embedding_bits,
