@@ -390,7 +390,9 @@ def test_progress_is_reported_and_a_cancel_stops_the_run(name, tiny_llama, ctx_f
 # ---- MoE experts kept as 3D tensors -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "params"), [("rtn", {}), ("mixed", {}), ("gptq", {"n_samples": 4, "seq_len": 64})])
+@pytest.mark.parametrize(
+    ("name", "params"), [("rtn", {}), ("mixed", {}), ("gptq", {"n_samples": 4, "seq_len": 64})]
+)
 def test_fused_moe_experts_are_quantized_and_sized(name, params, tiny_moe, ctx_factory):
     model = copy.deepcopy(tiny_moe)
     ctx = ctx_factory()
@@ -400,7 +402,9 @@ def test_fused_moe_experts_are_quantized_and_sized(name, params, tiny_moe, ctx_f
     for pname in ("gate_up_proj", "down_proj"):
         param = getattr(experts, pname)
         n_exp, out_f, in_f = param.shape
-        assert experts.wb_param_storage_bytes[pname] == packed_bytes((n_exp * out_f, in_f), 3, 32, False, "float")
+        assert experts.wb_param_storage_bytes[pname] == packed_bytes(
+            (n_exp * out_f, in_f), 3, 32, False, "float"
+        )
         assert not torch.equal(param, getattr(before, pname))
         for group in param.detach().reshape(-1, 32):  # every group of every expert on a 3-bit grid
             assert group.unique().numel() <= 8
