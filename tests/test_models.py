@@ -7,6 +7,7 @@ prepared safetensors copy under ``$WORKBENCH_HOME`` (built once from the GGUF in
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -66,7 +67,7 @@ def test_spec_parse_accepts_strings_and_specs_and_rejects_bad_values():
         ModelSpec("demo", dtype="int3")
     with pytest.raises(ConfigError, match="device='gpu'"):
         ModelSpec("demo", device="gpu")
-    with pytest.raises(Exception):  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
         spec.source = "demo"  # type: ignore[misc]
 
 
@@ -320,6 +321,38 @@ def test_size_report_counts_real_packed_backends_from_their_tensors():
         assert rep.linear_params == n_linear, config
         assert rep.linear_bytes == expected, (config, rep.linear_bytes, expected)
         assert rep.bits_per_weight_linear < 9, config
+
+
+# ---- demo preparation (with a tiny stand-in for the GGUF) ------------------------------------------------------
+
+
+def test_prepare_demo_replaces_a_half_written_copy_atomically_and_then_reuses_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
+    target = tmp_path / "home" / models.DEMO_FOLDER
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")  # what an interrupted older run could leave
+    fake_gguf = tmp_path / models.DEMO_GGUF
+    fake_gguf.write_bytes(b"")
+    calls: list[Path] = []
+
+    def fake_load(path, dtype=torch.float32):
+        calls.append(path)
+        return tiny_llama(), byte_tokenizer()
+
+    monkeypatch.setattr(models, "_find_demo_gguf", lambda home: fake_gguf)
+    monkeypatch.setattr(models, "_gguf_dense_bytes", lambda path, dtype: 1000)
+    monkeypatch.setattr(models, "load_gguf_model", fake_load)
+    assert models.prepare_demo() == target
+    assert calls == [fake_gguf]
+    assert models._demo_ready(target)
+    assert sorted(p.name for p in target.parent.iterdir()) == [models.DEMO_FOLDER]  # no temp folder left
+    assert target.stat().st_mode & 0o777 == 0o755
+    pre = json.loads((target / "tokenizer.json").read_text())["pre_tokenizer"]
+    assert pre["pretokenizers"][0]["type"] == "Digits"
+    assert models.prepare_demo() == target and len(calls) == 1  # idempotent: no second conversion
+    loaded = load_model("demo")
+    assert loaded.fingerprint == fingerprint(tiny_llama())
+    assert loaded.description.startswith("SmolLM2-135M-Instruct (")
 
 
 # ---- the demo model (slow) -------------------------------------------------------------------------------------
