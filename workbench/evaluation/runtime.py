@@ -1,0 +1,119 @@
+"""Speed, memory and generations: what a model costs to run, and what it writes.
+
+Speed is measured the way a user would feel it: prefill = one forward over a prompt, decode = greedy steps
+with the KV cache, both after a warm-up pass (first calls allocate and pick kernels), reported as the median of
+a few repeats so one descheduled repeat does not decide the number. Peak memory is the process's resident set
+high-water mark during evaluation, sampled from a thread (``ru_maxrss`` alone only ever grows over the
+process's life, so it cannot tell one run from the next), plus the CUDA allocator's peak on a GPU.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import threading
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from workbench.evaluation.scoring import model_device
+
+GENERATION_PROMPTS = (
+    "The Python `with` statement",
+    "def fibonacci(n):\n",
+    "A list comprehension is",
+    "To open a file for reading,",
+)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 16, repeats: int = 3,
+                  check: Any = None) -> tuple[float, float]:
+    """(prefill tokens/s over ``prompt``, greedy decode tokens/s with the KV cache); warm-up, then medians."""
+    device = model_device(model)
+    prompt = prompt.to(device)[None]  # (1, T)
+    prefill, decode = [], []
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            if check is not None:
+                check()
+            _sync(device)
+            t0 = time.perf_counter()
+            out = model(input_ids=prompt, use_cache=True)
+            _sync(device)
+            t1 = time.perf_counter()
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            for _ in range(new_tokens):
+                out = model(input_ids=token, past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            _sync(device)
+            t2 = time.perf_counter()
+            if i:  # the first pass warms up kernels and allocators
+                prefill.append(prompt.shape[1] / (t1 - t0))
+                decode.append(new_tokens / (t2 - t1))
+    return statistics.median(prefill), statistics.median(decode)
+
+
+def generate(model: nn.Module, tokenizer: Any, n: int, new_tokens: int = 16) -> list[str]:
+    """Greedy continuations of the first ``n`` fixed prompts, with the KV cache and no sampling settings."""
+    texts = []
+    device = model_device(model)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    with torch.inference_mode():
+        for prompt in GENERATION_PROMPTS[:n]:
+            ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device)
+            step_in, past, new = ids, None, []
+            for _ in range(new_tokens):
+                res = model(input_ids=step_in, past_key_values=past, use_cache=True)
+                past = res.past_key_values
+                step_in = res.logits[:, -1:].argmax(-1)
+                if eos is not None and int(step_in) == eos:
+                    break
+                new.append(int(step_in))
+            texts.append(tokenizer.decode(new, skip_special_tokens=True))
+    return texts
+
+
+class PeakMemory:
+    """Resident-memory high-water mark of this process while the ``with`` block runs (bytes)."""
+
+    def __init__(self, period: float = 0.02) -> None:
+        self._period = period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="wb-peak-rss")
+        try:
+            import psutil
+
+            self._proc: Any = psutil.Process()
+        except ImportError:  # psutil is a dependency, but a bare environment still gets a (coarser) number
+            self._proc = None
+        self.peak = self._rss()
+
+    def _rss(self) -> int:
+        if self._proc is not None:
+            return int(self._proc.memory_info().rss)
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, kB on Linux
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._period):
+            self.peak = max(self.peak, self._rss())
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1)
+        self.peak = max(self.peak, self._rss())
+
+
+__all__ = ["GENERATION_PROMPTS", "PeakMemory", "generate", "measure_speed"]
