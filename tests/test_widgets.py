@@ -384,3 +384,17 @@ def test_jobs_run_in_order_off_the_calling_thread_and_report_errors():
     assert [j.status for j in submitted] == ["done", "done", "failed", "done"]
     assert submitted[3].result == 30 and str(submitted[2].error) == "bad two"
     jobs.close()
+
+
+def test_an_app_without_a_registry_opens_and_says_what_to_do(tmp_path):
+    bench = Workbench("notadialect://x/y", model="tiny-llama", poll_interval=0.05)
+    try:
+        first = bench.settings_errors.value
+        assert first and "Traceback" not in first.split("<details>")[0]
+        bench.quantize.bits.value = 3
+        assert "No registry is open" in bench.quantize.errors.value and not bench.jobs.history
+        time.sleep(0.3)  # the watcher must not replace the real reason with its own complaint
+        assert bench.settings_errors.value == first
+        assert bench.open_registry(f"sqlite:///{tmp_path / 'ok.db'}") and bench.settings_errors.value == ""
+    finally:
+        bench.close()

@@ -150,7 +150,7 @@ class Workbench(W.VBox):
         self.status = W.HTML("")
         self.jobs.on_change(self._show_status)
 
-        self.watcher = RegistryWatcher(lambda: self.registry, interval=poll_interval)
+        self.watcher = RegistryWatcher(lambda: self._registry, interval=poll_interval)
         self.watcher.on_error = lambda err: self.settings_errors.show(err)
         self.watcher.subscribe(self._update_first_run)
 

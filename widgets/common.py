@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +35,7 @@ class ProgressBar(W.HBox):
                              layout=W.Layout(width="90px"))
         self.stop.on_click(self._on_stop)
         self._job: Job | None = None
+        self._last_report = 0.0
         super().__init__([self.bar, self.stop, self.label])
         self.layout.visibility = "hidden"
 
@@ -46,6 +48,11 @@ class ProgressBar(W.HBox):
         self.layout.visibility = "visible"
 
     def report(self, fraction: float, message: str) -> None:
+        # A method reporting per layer can call this hundreds of times a second; the browser needs ~10.
+        now = time.monotonic()
+        if now - self._last_report < 0.1 and fraction < 1.0:
+            return
+        self._last_report = now
         self.bar.value = fraction
         text = f"{self._job.label}: {message}" if self._job and self._job.label else message
         self.label.value = html.escape(text)
@@ -176,7 +183,10 @@ class RegistryWatcher:
 
     def _read_token(self) -> str | None:
         try:
-            return str(self._registry_fn().change_token())
+            registry = self._registry_fn()
+            if registry is None:  # no registry open: the settings row already says why
+                return None
+            return str(registry.change_token())
         except Exception as err:  # noqa: BLE001 - reported, the timer keeps trying
             if self.on_error is not None:
                 self.on_error(err)

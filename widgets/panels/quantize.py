@@ -153,11 +153,11 @@ class QuantizePanel(W.VBox):
         """Evaluate the current settings (or ``bits``) in the background; a bad setting shows why and runs nothing."""
         try:
             config = self.config(bits)
-        except ConfigError as err:
+            return self.app.run([config], progress_bar=self.progress, errors=self.errors,
+                                on_result=self._on_result)
+        except ConfigError as err:  # bad settings, or no registry open
             self.errors.show(err)
             return None
-        self.errors.clear()
-        return self.app.run([config], progress_bar=self.progress, errors=self.errors, on_result=self._on_result)
 
     def sweep(self) -> list[Job]:
         """Queue every bit width of the slider's range that the method takes (the queue runs them in turn)."""
@@ -168,8 +168,12 @@ class QuantizePanel(W.VBox):
             except ConfigError:
                 skipped.append(str(bits))
                 continue
-            jobs.append(self.app.run([config], progress_bar=self.progress, errors=self.errors,
-                                     on_result=self._on_result))
+            try:
+                jobs.append(self.app.run([config], progress_bar=self.progress, errors=self.errors,
+                                         on_result=self._on_result))
+            except ConfigError as err:  # no registry open
+                self.errors.show(err)
+                return jobs
         note = f"Queued {len(jobs)} bit widths of {self.method.value}."
         if skipped:
             note += f" Skipped {', '.join(skipped)} bits ({self.method.value} does not take them)."
