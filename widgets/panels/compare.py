@@ -228,8 +228,11 @@ class ComparePanel(W.VBox):
         more = len(self.table) - len(shown)
         note = (f"<div style='color:#555'>Showing the first {len(shown)} of {len(self.table)} runs in this order; "
                 "exports contain all of them.</div>") if more > 0 else ""
-        self.table_html.value = ('<div style="max-height:360px;overflow:auto;font-size:12px">'
-                                 + export_frame(shown, "html") + "</div>" + note)
+        # One line per run (long model names would otherwise make every row tall); the box scrolls sideways.
+        style = ("<style>.wb-table td{white-space:nowrap;padding:2px 6px}"
+                 ".wb-table th{padding:2px 6px;vertical-align:bottom}</style>")
+        self.table_html.value = (style + '<div class="wb-table" style="max-height:360px;overflow:auto;'
+                                 'font-size:12px">' + export_frame(shown, "html") + "</div>" + note)
 
     # ---- exporting ------------------------------------------------------------------------------------
 
