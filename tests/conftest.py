@@ -13,6 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WORKBENCH_HOME", str(ROOT / ".cache" / "workbench-home"))
+# Notebooks executed by the suite run their smoke settings (one bit width per method, small calibration).
+os.environ.setdefault("WORKBENCH_NOTEBOOK_SMOKE", "1")
 
 import torch  # noqa: E402
 
