@@ -223,6 +223,9 @@ def pipeline_key(pipeline: Sequence[Any]) -> str:
     return hashlib.sha256(pipeline_to_json(pipeline).encode()).hexdigest()[:16]
 
 
+_DEFINING = ("bits", "mode", "weights", "group_size")
+
+
 def describe_pipeline(pipeline: Sequence[Any]) -> str:
     """Short human label, e.g. ``rtn(bits=3, group_size=64)``; the empty pipeline is ``baseline``."""
     if not pipeline:
@@ -231,7 +234,8 @@ def describe_pipeline(pipeline: Sequence[Any]) -> str:
     for config in pipeline:
         d = config_to_dict(config)
         defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
-        shown = {k: v for k, v in d["params"].items() if defaults.get(k, object()) != v or k == "bits"}
+        # The defining parameters always show (a label "quanto()" says nothing); the rest only when changed.
+        shown = {k: v for k, v in d["params"].items() if defaults.get(k, object()) != v or (k in _DEFINING and v is not None)}
         parts.append(f"{d['technique']}(" + ", ".join(f"{k}={v}" for k, v in shown.items()) + ")")
     return " → ".join(parts)
 
