@@ -725,9 +725,13 @@ def size_report(model: nn.Module) -> SizeReport:
         experts = in_decoder and _is_experts(module)
         stored = getattr(module, "wb_storage_bytes", None)
         stored = int(stored) if isinstance(stored, (int, float)) and not isinstance(stored, bool) else None
+        # Modules holding several quantized tensors (fused MoE experts) give packed bytes per parameter name.
+        per_param = getattr(module, "wb_param_storage_bytes", None) or {}
         for pname, tensor in _module_tensors(module):
             is_weight = pname == "weight"
-            if is_weight and stored is not None:
+            if pname in per_param:
+                count, size = tensor.numel(), int(per_param[pname])
+            elif is_weight and stored is not None:
                 count, size = _logical_weights(module) or tensor.numel(), stored
             elif is_weight and (packed := packed_weight_bytes(module)) is not None:
                 count, size = _logical_weights(module) or tensor.numel(), packed
