@@ -65,7 +65,7 @@ def _expected_bytes(out: int, inp: int, backend: str, params: dict) -> int:
     bits = int(params["weights"][3:])
     if bits == 8:
         return n + 4 * out
-    group = params.get("group_size") or (inp if inp <= 128 else 128)
+    group = params.get("group_size") or (min(inp, 128))
     groups = n // group
     return n * bits // 8 + 2 * 4 * groups  # a scale and a shift per group
 

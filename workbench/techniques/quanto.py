@@ -76,7 +76,7 @@ def import_quanto() -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            import optimum.quanto as quanto
+            import optimum.quanto as quanto  # noqa: PLR0402 (a plain import keeps the missing-package path testable)
     except ImportError:
         raise ConfigError(f"quanto needs the optimum-quanto package: {INSTALL_HINT}.") from None
     return quanto
@@ -101,7 +101,7 @@ def check_quanto(model: Any, config: QuantoConfig) -> None:
     if not linears:
         raise ConfigError(f"quanto: found no decoder linear layers to quantize in {type(model).__name__}.")
     for name, module in linears:
-        if type(module) is not torch.nn.Linear or not type(module.weight.data) is torch.Tensor:
+        if type(module) is not torch.nn.Linear or type(module.weight.data) is not torch.Tensor:
             raise ConfigError(f"quanto: '{name}' is already quantized ({type(module).__name__}); apply quanto to a "
                               "float model.")
     if config.group_size is not None:
