@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
@@ -182,7 +183,7 @@ def test_progress_is_reported_per_batch_and_cancel_raises_run_interrupted(tiny_l
     ev.evaluate(tiny_llama, byte_tokenizer, FAST, progress=lambda f, m: seen.append((f, m)))
     chunk_msgs = [m for _, m in seen if m.startswith("evaluating: chunk")]
     assert len(chunk_msgs) == 3 and seen[-1][0] == 1.0
-    assert all(a <= b for (a, _), (b, _) in zip(seen, seen[1:]))
+    assert all(a <= b for (a, _), (b, _) in itertools.pairwise(seen))
     progress = Progress()
     progress.cancel()
     with pytest.raises(RunInterrupted):

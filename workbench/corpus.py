@@ -116,7 +116,7 @@ def _hf_dataset(spec: str) -> Corpus:
         raise ConfigError(f"Corpus {spec!r} needs the 'datasets' package: pip install datasets.") from None
     try:
         ds = datasets.load_dataset(dataset, config, split=split)
-    except Exception as err:  # network, unknown dataset or split, ...: one line for the user
+    except Exception as err:  # noqa: BLE001  # network, unknown dataset or split, ...: one line for the user
         raise ConfigError(
             f"Could not load dataset {dataset!r} (config {config}, split {split}): {type(err).__name__}: {err}. "
             "Check the name and the network, or use 'python-docs' or a local text file."
@@ -162,4 +162,4 @@ def _clear_caches() -> None:
 
 get_corpus.cache_clear = _clear_caches  # type: ignore[attr-defined]  # kept from the lru_cache era
 
-__all__ = ["Corpus", "NAMED", "PARTS", "get_corpus", "split_paragraphs"]
+__all__ = ["NAMED", "PARTS", "Corpus", "get_corpus", "split_paragraphs"]

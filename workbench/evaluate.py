@@ -230,11 +230,11 @@ def _size_metrics(model: nn.Module) -> dict[str, float]:
 
 
 __all__ = [
-    "BaseOutputs",
-    "EvalResult",
     "GENERATION_PROMPTS",
     "KL_METRICS",
     "SUITES",
+    "BaseOutputs",
+    "EvalResult",
     "Suite",
     "TokenScores",
     "base_outputs",

@@ -35,7 +35,14 @@ import torch
 from torch import nn
 
 from workbench.evaluation.runtime import generate
-from workbench.evaluation.scoring import model_device, row_blocks, score_block, scored_hidden, scored_logits, split_head
+from workbench.evaluation.scoring import (
+    model_device,
+    row_blocks,
+    score_block,
+    scored_hidden,
+    scored_logits,
+    split_head,
+)
 from workbench.evaluation.suites import Suite, suite_chunks, tokenizer_id
 from workbench.progress import Progress
 

@@ -106,7 +106,7 @@ class PeakMemory:
         while not self._stop.wait(self._period):
             self.peak = max(self.peak, self._rss())
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self) -> PeakMemory:  # noqa: PYI034  # typing.Self needs Python 3.11
         self._thread.start()
         return self
 

@@ -13,7 +13,7 @@ below the metric's precision).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -131,7 +131,6 @@ def kl_divergence(base_logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return (base_logp.exp() * (base_logp - logq)).nansum(-1).clamp_min(0.0)
 
 
-LogitsFn = Callable[[slice], torch.Tensor]
 
 __all__ = [
     "Rows",
