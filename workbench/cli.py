@@ -197,7 +197,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if args.dashboard:
         cmd = [sys.executable, "-m", "voila", str(root / args.notebook), "--no-browser", f"--port={args.port}",
-               "--Voila.ip=127.0.0.1", f"--token={args.token}"]
+               "--Voila.ip=127.0.0.1", f"--token={args.token}",
+               "--strip_sources=True"]
         url = f"http://127.0.0.1:{args.port}/?token={args.token}"
     else:
         cmd = [sys.executable, "-m", "jupyter", "lab", f"--notebook-dir={root}", "--no-browser",
