@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -262,6 +263,20 @@ def check_embedding_groups(
                 f"{name}: group_size={group_size} does not divide the width {width} of '{label}'. "
                 f"Pick a group size that divides {width}, or -1 for per-channel."
             )
+
+
+def quantize_embeddings_from_config_(model: nn.Module, config: Any, method: str) -> None:
+    """:func:`quantize_embeddings_` with the embedding options every weight quantizer's config carries."""
+    quantize_embeddings_(
+        model,
+        config.embedding_bits,
+        config.group_size,
+        config.symmetric,
+        config.zero_point,
+        config.include_embeddings,
+        config.include_head,
+        method,
+    )
 
 
 def quantize_embeddings_(

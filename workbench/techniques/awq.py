@@ -40,7 +40,7 @@ from workbench.techniques._quant import (
     check_group_size,
     fake_quantize_,
     mark_quantized,
-    quantize_embeddings_,
+    quantize_embeddings_from_config_,
     validate_common,
 )
 from workbench.techniques.base import ApplyContext, register
@@ -308,16 +308,7 @@ def _apply_awq(model: Any, config: AWQConfig, ctx: ApplyContext) -> Any:
             )
             mark_quantized(lin, config.bits, config.group_size, config.symmetric, config.zero_point, "awq")
         runner.inputs = outputs  # the next layer's inputs: this layer's float outputs, as in the reference
-    quantize_embeddings_(
-        model,
-        config.embedding_bits,
-        config.group_size,
-        config.symmetric,
-        config.zero_point,
-        config.include_embeddings,
-        config.include_head,
-        "awq",
-    )
+    quantize_embeddings_from_config_(model, config, "awq")
     return model
 
 

@@ -32,7 +32,7 @@ from workbench.techniques._quant import (
     check_group_size,
     mark_quantized,
     quant_params,
-    quantize_embeddings_,
+    quantize_embeddings_from_config_,
     quantize_fused_experts_,
     quantize_groups,
     validate_common,
@@ -226,16 +226,7 @@ def _apply_gptq(model: Any, config: GPTQConfig, ctx: ApplyContext) -> Any:
     )
     if fallback:
         ctx.extras["gptq"] = {"fused_expert_tensors_by_rtn": fallback}
-    quantize_embeddings_(
-        model,
-        config.embedding_bits,
-        config.group_size,
-        config.symmetric,
-        config.zero_point,
-        config.include_embeddings,
-        config.include_head,
-        "gptq",
-    )
+    quantize_embeddings_from_config_(model, config, "gptq")
     return model
 
 

@@ -24,7 +24,7 @@ from workbench.techniques._quant import (
     fused_experts,
     mark_quantized,
     packed_bytes,
-    quantize_embeddings_,
+    quantize_embeddings_from_config_,
     quantize_fused_experts_,
     validate_common,
 )
@@ -128,16 +128,7 @@ def _apply_mixed(model: Any, config: MixedPrecisionConfig, ctx: ApplyContext) ->
         "mixed",
         bits_for=lambda label: config.high_bits if _is_high(label, config) else config.bits,
     )
-    quantize_embeddings_(
-        model,
-        config.embedding_bits,
-        config.group_size,
-        config.symmetric,
-        config.zero_point,
-        config.include_embeddings,
-        config.include_head,
-        "mixed",
-    )
+    quantize_embeddings_from_config_(model, config, "mixed")
     ctx.extras["mixed"] = {
         "high_modules": n_high,
         "bits_per_weight_linear": mixed_bits_per_weight(model, config),

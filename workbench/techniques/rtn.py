@@ -19,7 +19,7 @@ from workbench.techniques._quant import (
     decoder_linears,
     fake_quantize_,
     mark_quantized,
-    quantize_embeddings_,
+    quantize_embeddings_from_config_,
     quantize_fused_experts_,
     validate_common,
 )
@@ -73,16 +73,7 @@ def _apply_rtn(model: Any, config: RTNConfig, ctx: ApplyContext) -> Any:
         mark_quantized(linear, config.bits, config.group_size, config.symmetric, config.zero_point, "rtn")
     # MoE experts kept as 3D tensors are decoder weights too.
     quantize_fused_experts_(model, config.bits, config.group_size, config.symmetric, config.zero_point, "rtn")
-    quantize_embeddings_(
-        model,
-        config.embedding_bits,
-        config.group_size,
-        config.symmetric,
-        config.zero_point,
-        config.include_embeddings,
-        config.include_head,
-        "rtn",
-    )
+    quantize_embeddings_from_config_(model, config, "rtn")
     return model
 
 
