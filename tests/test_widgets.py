@@ -132,7 +132,7 @@ def test_slider_step_runs_records_and_adds_a_point_to_the_plot(app, registry_url
     app.quantize.bits.value = 3
     assert app.jobs.wait(WAIT)
     runs = _done_runs(registry_url)
-    assert list(runs["pipeline"]) == ["baseline", "rtn(bits=3)"]
+    assert list(runs["pipeline"]) == ["baseline", "rtn(bits=3, group_size=32)"]
     assert app.quantize.plot.trace_points() == before + 1
     assert "rtn" in [t.name for t in app.quantize.plot.figure.data]
     assert "evaluated and recorded" in app.quantize.message.value
@@ -152,7 +152,7 @@ def test_slider_moved_back_hits_registry_instead_of_recomputing(app, registry_ur
     elapsed = time.perf_counter() - t0
     assert len(_done_runs(registry_url)) == n_runs
     last = app.quantize.results[-1]
-    assert last.reused and last.label == "rtn(bits=3)"
+    assert last.reused and last.label == "rtn(bits=3, group_size=32)"
     assert "found in the registry" in app.quantize.message.value
     assert elapsed < 2.0, f"a registry hit took {elapsed:.2f} s"
 
@@ -271,9 +271,9 @@ def test_compare_table_puts_the_baseline_first_whatever_the_sort(compare):
     compare.sort_by.value = "kl_mean"
     compare.descending.value = True
     table = compare.table
-    assert list(table["pipeline"]) == ["baseline", "rtn(bits=3)", "rtn(bits=8)"]
+    assert list(table["pipeline"]) == ["baseline", "rtn(bits=3, group_size=32)", "rtn(bits=8, group_size=32)"]
     compare.descending.value = False
-    assert list(compare.table["pipeline"]) == ["baseline", "rtn(bits=8)", "rtn(bits=3)"]
+    assert list(compare.table["pipeline"]) == ["baseline", "rtn(bits=8, group_size=32)", "rtn(bits=3, group_size=32)"]
     assert "<table" in compare.table_html.value and "Mean KL divergence vs base" in compare.table_html.value
     names = [t.name for t in compare.plot.figure.data]
     assert names == ["runs", "Pareto front", "baseline"]
@@ -309,7 +309,7 @@ def test_exports_write_the_table_and_plot_with_download_links(compare, tmp_path)
     records = json.loads(written["json"].read_text())
     assert [r["run_id"] for r in records] == list(compare.table["run_id"])
     markdown = written["md"].read_text()
-    assert markdown.startswith("| run_id") and "rtn(bits=3)" in markdown
+    assert markdown.startswith("| run_id") and "rtn(bits=3, group_size=32)" in markdown
     assert "\\begin{tabular}" in written["tex"].read_text()
     assert "<table" in written["html"].read_text()
     plot = compare.export_plot()
