@@ -9,6 +9,7 @@ process's life, so it cannot tell one run from the next), plus the CUDA allocato
 
 from __future__ import annotations
 
+import inspect
 import resource
 import statistics
 import sys
@@ -29,6 +30,23 @@ GENERATION_PROMPTS = (
 )
 
 
+def _step(model: nn.Module, ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+    """One forward with the KV cache: (logits, the updated cache).
+
+    transformers 5.23 renamed the cache argument and output from ``past_key_values`` to ``cache`` (the old name
+    still works but warns on every call); older 5.x releases know only the old name.
+    """
+    kwargs = {}
+    if cache is not None:
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        kwargs[name] = cache
+    out = model(input_ids=ids, use_cache=True, **kwargs)
+    new_cache = getattr(out, "cache", None)
+    if new_cache is None:
+        new_cache = getattr(out, "past_key_values", None)
+    return out.logits, new_cache
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -46,13 +64,13 @@ def measure_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 16, 
                 check()
             _sync(device)
             t0 = time.perf_counter()
-            out = model(input_ids=prompt, use_cache=True)
+            logits, past = _step(model, prompt, None)
             _sync(device)
             t1 = time.perf_counter()
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            token = logits[:, -1:].argmax(-1)
             for _ in range(new_tokens):
-                out = model(input_ids=token, past_key_values=past, use_cache=True)
-                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                logits, past = _step(model, token, past)
+                token = logits[:, -1:].argmax(-1)
             _sync(device)
             t2 = time.perf_counter()
             if i:  # the first pass warms up kernels and allocators
@@ -71,9 +89,8 @@ def generate(model: nn.Module, tokenizer: Any, n: int, new_tokens: int = 16) -> 
             ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device)
             step_in, past, new = ids, None, []
             for _ in range(new_tokens):
-                res = model(input_ids=step_in, past_key_values=past, use_cache=True)
-                past = res.past_key_values
-                step_in = res.logits[:, -1:].argmax(-1)
+                logits, past = _step(model, step_in, past)
+                step_in = logits[:, -1:].argmax(-1)
                 if eos is not None and int(step_in) == eos:
                     break
                 new.append(int(step_in))
