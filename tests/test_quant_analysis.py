@@ -42,14 +42,16 @@ def test_a_model_pushed_onto_a_grid_is_detected(tiny_llama, bits, group, symmetr
     assert report.form == ("symmetric" if symmetric else "asymmetric")
     assert f"{bits}-bit grid (groups of {group}" in report.message
     assert "reproduces it exactly, which says nothing about the method" in report.message
+    assert report.finer_bits() == ([] if symmetric else [b for b in range(bits + 1, 9) if (2**b - 1) % (2**bits - 1) == 0])
 
 
 def test_a_q4_1_grid_gets_the_warning_that_names_what_to_compare_instead(tiny_llama):
     report = detect_grid(apply_(copy.deepcopy(tiny_llama), make_config("rtn", bits=4, group_size=32)))
     assert report.message == (
         "This model's weights already sit on a 4-bit grid (groups of 32, Q4_1-style). 4-bit group-32 asymmetric "
-        "RTN reproduces it exactly, which says nothing about the method. Compare methods at 3 or 2 bits, 4-bit "
-        "symmetric, or group 64 / per-channel."
+        "RTN reproduces it exactly, which says nothing about the method; 8-bit group-32 asymmetric RTN nearly "
+        "does too (every 4-bit level is one of its levels, up to the rounding of its fp16 scale). Compare methods "
+        "at 3 or 2 bits, 4-bit symmetric, or group 64 / per-channel."
     )
 
 

@@ -199,10 +199,14 @@ def test_rtn_reproduces_weights_already_on_a_q4_1_grid():
     torch.manual_seed(0)
     codes = torch.randint(0, 16, (8, 64)).float()
     codes[:, 0::32], codes[:, 1::32] = 0, 15  # Q4_1 sets its scale from each group's min and max
-    scale = torch.rand(8, 2, 1) * 0.1 + 0.01
-    minimum = -torch.rand(8, 2, 1)
+    scale = (torch.rand(8, 2, 1) * 0.1 + 0.01).half().float()  # Q4_1 stores both in fp16
+    minimum = (-torch.rand(8, 2, 1)).half().float()
     w = (codes.view(8, 2, 32) * scale + minimum).view(8, 64)
     assert torch.allclose(fake_quantize(w, 4, 32, symmetric=False, zero_point="float"), w, atol=1e-6)
+    # Every 4-bit level is an 8-bit level (255 = 15 x 17): 8-bit group 32 misses only by its fp16 scale's rounding.
+    step = scale.expand(8, 2, 32).reshape(8, 64)
+    assert ((fake_quantize(w, 8, 32) - w).abs() / step).max() < 0.1
+    assert ((fake_quantize(w, 8, 64) - w).abs() / step).max() > 0.05  # one scale across two Q4_1 groups: off the grid
     assert not torch.allclose(fake_quantize(w, 4, 32, symmetric=False, zero_point="int"), w, atol=1e-6)
 
 

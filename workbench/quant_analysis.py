@@ -23,7 +23,7 @@ from torch import nn
 
 from workbench.errors import ConfigError
 from workbench.progress import Progress, ProgressCallback, as_progress
-from workbench.techniques._quant import decoder_linears, fake_quantize, fake_quantize_
+from workbench.techniques._quant import decoder_linears, fake_quantize_
 
 # Searched coarsest first: the fewest bits, then the largest group that fits.
 _GRID_BITS = (2, 3, 4, 5, 6, 8)
@@ -51,22 +51,58 @@ class GridReport:
         return (
             f"This model's weights already sit on a {self.bits}-bit grid (groups of {self.group_size}, "
             f"{self.style}). {self.bits}-bit group-{self.group_size} {self.form} RTN reproduces it exactly, which "
-            f"says nothing about the method. Compare methods at {lower} bits{other}, or group "
+            f"says nothing about the method{self._finer_note()}. Compare methods at {lower} bits{other}, or group "
             f"{2 * self.group_size} / per-channel."
         )
 
+    def finer_bits(self) -> list[int]:
+        """Wider bit widths (up to 8) whose grid of the same form and group holds every level of this one.
+
+        Asymmetric: the b'-bit step divides the b-bit step when 2^b' - 1 is a multiple of 2^b - 1 (4 → 8: 255 =
+        15 x 17). Symmetric grids are not listed: whether they nest depends on the sign of each group's largest
+        weight.
+        """
+        if self.form != "asymmetric":
+            return []
+        return [b for b in range(self.bits + 1, 9) if (2**b - 1) % (2**self.bits - 1) == 0]
+
+    def _finer_note(self) -> str:
+        finer = self.finer_bits()
+        if not finer:
+            return ""
+        widths = " and ".join(f"{b}-bit" for b in finer)
+        return (f"; {widths} group-{self.group_size} {self.form} RTN nearly does too (every {self.bits}-bit level "
+                f"is one of its levels, up to the rounding of its fp16 scale)")
+
 
 def _on_grid(w: torch.Tensor, bits: int, group: int, symmetric: bool) -> bool:
-    """True when every group of ``w`` equals min + k·step for ``bits``-bit RTN of that form (to float precision).
+    """True when every group of ``w`` holds values min + k·step, k integer, spanning at most 2^bits levels.
 
-    Reproduction by RTN is the test: a group on a b-bit grid whose extreme codes are used (as Q4_1 and Q4_0
-    quantizers ensure) is mapped onto itself, and a group that is not on it moves by at least part of a step.
+    The step of a group is its smallest gap between distinct values, so a grid whose extreme codes a group does
+    not use (common with an integer zero point, whose range is widened to include 0) is still recognised; float
+    weights fail because their smallest gap is a tiny fraction of their range. ``symmetric`` also asks for 0 to
+    be a level within codes -2^(b-1) … 2^(b-1)-1 (llama.cpp's Q*_0 form).
     """
     if w.shape[1] % group:
         return False
-    q = fake_quantize(w, bits, group, symmetric, "float")
-    tol = 1e-5 * float(w.abs().amax().clamp_min(1e-12))
-    return bool(((q - w).abs() <= tol).all())
+    w3 = w.float().reshape(w.shape[0], -1, group).sort(-1).values  # (rows, groups, group)
+    eps = 1e-6 * float(w3.abs().amax().clamp_min(1e-12))
+    gaps = w3.diff(dim=-1)
+    gaps = torch.where(gaps > eps, gaps, torch.full_like(gaps, float("inf")))
+    step = gaps.amin(-1, keepdim=True)
+    flat = torch.isinf(step)  # a group of one repeated value sits on every grid
+    step = torch.where(flat, torch.ones_like(step), step)
+    lo = w3[..., :1]
+    k = (w3 - lo) / step
+    on = ((k - k.round()).abs() <= 1e-3).all(-1, keepdim=True) & (k[..., -1:] <= 2**bits - 1 + 1e-3)
+    if symmetric:
+        half = 2 ** (bits - 1)
+        k0 = lo / step  # code of the minimum when 0 is code 0
+        kmin, kmax = k0.round(), k0.round() + k[..., -1:].round()
+        # The scale may be negative (see quant_params), which mirrors the codes: -half … half-1 either way.
+        fits = ((kmin >= -half) & (kmax <= half - 1)) | ((kmin >= -(half - 1)) & (kmax <= half))
+        on &= ((k0 - kmin).abs() <= 1e-3) & fits
+    return bool((on | flat).all())
 
 
 def detect_grid(model: nn.Module, *, max_layers: int = 6, rows: int = 64) -> GridReport | None:

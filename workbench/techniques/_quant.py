@@ -102,7 +102,7 @@ def check_group_size(
 
 
 def quant_params(
-    w: torch.Tensor, bits: int, symmetric: bool, zero_point: str = "float"
+    w: torch.Tensor, bits: int, symmetric: bool, zero_point: str = "float", *, stored: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero per group (last dimension of ``w``): the grid :func:`quantize_groups_` rounds onto.
 
@@ -113,12 +113,16 @@ def quant_params(
       (max - min) / (2^b - 1); min and max are both exactly on the grid.
     - asymmetric, ``zero_point="int"`` (the GPTQ/AWQ checkpoint form): the range is widened to include 0, and
       ``zero`` is the integer code z = round(-min / scale) in [0, 2^b - 1], so 0.0 is exactly representable.
+
+    Scales and float minimums are rounded to the fp16 the packed format stores, unless ``stored=False`` (grid
+    detection asks whether weights lie on a grid at all, whatever precision its parameters were kept in).
     """
+    keep = _as_stored if stored else (lambda t: t)
     if symmetric:
         half = 2 ** (bits - 1)
         idx = w.abs().argmax(-1, keepdim=True)
-        scale = w.gather(-1, idx).div_(-half)
-        scale = torch.where(scale.abs() < 1e-10, torch.full_like(scale, 1e-10), scale)
+        scale = keep(w.gather(-1, idx).div_(-half))
+        scale = torch.where(scale.abs() < _FP16_TINY, torch.full_like(scale, _FP16_TINY), scale)
         return scale, torch.zeros_like(scale)
     qmax = 2**bits - 1
     wmin = w.amin(-1, keepdim=True)
@@ -126,10 +130,21 @@ def quant_params(
     if zero_point == "int":
         wmin.clamp_(max=0)
         wmax.clamp_(min=0)
-    scale = (wmax - wmin).div_(qmax).clamp_(min=1e-10)
+    scale = keep((wmax - wmin).div_(qmax)).clamp_(min=_FP16_TINY)
     if zero_point == "int":
         return scale, torch.round(-wmin / scale).clamp_(0, qmax)
-    return scale, wmin
+    return scale, keep(wmin)
+
+
+# The smallest positive fp16 (subnormal): a scale of exactly zero would divide by zero.
+_FP16_TINY = 2.0**-24
+
+
+def _as_stored(t: torch.Tensor) -> torch.Tensor:
+    """``t`` rounded to the fp16 that the packed format stores (scales and minimums are counted as fp16 in
+    :func:`packed_bytes`), so simulated quality is what a kernel reading the packed weights computes. As in
+    llama.cpp, codes are then chosen against the stored values."""
+    return t.to(torch.float16).to(t.dtype)
 
 
 def quantize_groups_(
