@@ -45,7 +45,9 @@ class GPTQConfig:
     """GPTQ: second-order error compensation, calibrated on the corpus's calibration part.
 
     bits, group_size, symmetric, zero_point: as for RTN (the packed format is the same).
-    act_order: quantize columns in order of decreasing Hessian diagonal (helps at 2-3 bits).
+    act_order: quantize columns in order of decreasing Hessian diagonal. On by default (the reference's default
+        is off): on the demo model it cuts the 3-bit KL divergence by almost half at the same cost and size, and
+        with static groups the stored layout is unchanged.
     damp: fraction of the mean Hessian diagonal added to it (numerical stability; 0.01 as in the paper).
     n_samples, seq_len: calibration windows (n_samples × seq_len tokens).
     block_size: columns per lazy batch update (128 as in the reference).
@@ -56,7 +58,7 @@ class GPTQConfig:
     group_size: int = 32
     symmetric: bool = False
     zero_point: str = "float"
-    act_order: bool = False
+    act_order: bool = True
     damp: float = 0.01
     n_samples: int = 32
     seq_len: int = 256
