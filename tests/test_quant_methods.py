@@ -132,7 +132,9 @@ def test_configs_round_trip_as_data(name, extra):
 
 @pytest.mark.parametrize("name", CALIBRATED)
 def test_calibrated_methods_beat_rtn_at_3_bits(name, outlier_llama, ctx_factory, eval_ids):
-    params = {"bits": 3, "group_size": 32, "n_samples": 16, "seq_len": 128}
+    # GPTQ's act_order (on by default) ranks columns by the Hessian diagonal: with 16 windows of the tiny byte-level
+    # model that ranking is noise and KL ends level with RTN; 64 windows estimate it well enough.
+    params = {"bits": 3, "group_size": 32, "n_samples": 64 if name == "gptq" else 16, "seq_len": 128}
     rtn, _ = _quantized_kl(outlier_llama, "rtn", {"bits": 3, "group_size": 32}, ctx_factory(), eval_ids)
     ours, _ = _quantized_kl(outlier_llama, name, params, ctx_factory(), eval_ids)
     assert ours < 0.9 * rtn, f"{name} KL {ours:.5f} is not clearly below RTN's {rtn:.5f}"

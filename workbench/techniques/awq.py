@@ -216,7 +216,7 @@ def _search_clip(
     with torch.no_grad():
         wg = w_all.reshape(out_f, n_groups, gs)
         org_max = wg.abs().amax(-1, keepdim=True)  # (O, G, 1)
-        min_err = torch.full((out_f, n_groups), float("inf"))
+        min_err = torch.full((out_f, n_groups), float("inf"), device=wg.device)
         best = org_max.clone()
         for i in range(int(max_shrink * n_grid)):
             max_val = org_max * (1 - i / n_grid)

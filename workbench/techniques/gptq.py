@@ -88,11 +88,14 @@ class _Hessian:
     """Running H = 2/n Σ x xᵀ over a linear's inputs (the reference's streaming update, n counted in tokens)."""
 
     def __init__(self, columns: int) -> None:
-        self.H = torch.zeros(columns, columns, dtype=torch.float32)
+        self.columns = columns
+        self.H: torch.Tensor | None = None  # created on the device of the first input (CPU or GPU)
         self.n = 0
 
     def add(self, inp: torch.Tensor) -> None:
         x = inp.reshape(-1, inp.shape[-1]).float()
+        if self.H is None:
+            self.H = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=x.device)
         m = x.shape[0]
         self.H *= self.n / (self.n + m)
         self.n += m
@@ -158,7 +161,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> 
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
 
-    H += config.damp * torch.mean(torch.diag(H)) * torch.eye(cols)
+    H += config.damp * torch.mean(torch.diag(H)) * torch.eye(cols, device=H.device)
     try:
         L = torch.linalg.cholesky(H)
     except torch.linalg.LinAlgError:
@@ -213,7 +216,10 @@ def _apply_gptq(model: Any, config: GPTQConfig, ctx: ApplyContext) -> Any:
             hooks.remove()
         for name, mod in linears:
             ctx.progress.check()
-            mod.weight.data = gptq_quantize(mod.weight.data, hooks.stats[name].H, config)
+            H = hooks.stats[name].H
+            if H is None:  # no calibration token reached this linear: every input is dead, as the reference treats it
+                H = torch.zeros(mod.in_features, mod.in_features, device=mod.weight.device)
+            mod.weight.data = gptq_quantize(mod.weight.data, H, config)
             mark_quantized(mod, config.bits, config.group_size, config.symmetric, config.zero_point, "gptq")
         runner.advance(layer)  # inputs of the next layer come from this one with its weights quantized
     # Routed experts kept as 3D tensors see only the tokens routed to them; they get round to nearest here
