@@ -109,6 +109,35 @@ def test_bits_figure_draws_one_line_per_method_sorted_by_bits_with_latency_in_ho
     assert "No quantized runs" in bits_figure(pd.DataFrame()).layout.annotations[0].text
 
 
+def test_bits_figure_draws_one_line_per_grid_and_one_per_format_method():
+    # The frame's param_* columns (first step's parameters): rtn at two group sizes, symmetric and not, an
+    # integer zero point, per-channel; gptq; quanto and bnb, whose widths are formats (one line each).
+    runs = pd.DataFrame({
+        "run_id": list(range(1, 13)),
+        "technique": ["baseline", "rtn", "rtn", "rtn", "rtn", "rtn", "rtn", "rtn", "gptq", "quanto", "quanto",
+                      "bnb"],
+        "param_bits": [None, 4, 3, 4, 3, 4, 4, 4, 4, None, None, None],
+        "param_group_size": [None, 32, 32, 64, 64, 32, 32, -1, 32, 64, None, None],
+        "param_symmetric": [None, False, False, False, False, True, False, False, False, None, None, None],
+        "param_zero_point": [None, "float", "float", "float", "float", "float", "int", "float", "float", None,
+                             None, None],
+        "metric_bits_per_weight_linear": [32.0, 5.0, 4.0, 4.5, 3.5, 4.5, 4.75, 4.01, 5.0, 4.5, 8.0, 4.1],
+        "metric_kl_mean": [0.0, 0.05, 0.2, 0.07, 0.3, 0.06, 0.05, 0.2, 0.03, 0.1, 0.01, 0.08],
+        "metric_decode_tok_s": [50.0] * 12,
+    })
+    fig = bits_figure(runs, x="metric_bits_per_weight_linear")
+    names = [t.name for t in fig.data]
+    assert names == ["baseline", "bnb", "gptq g32", "quanto", "rtn g32", "rtn g32 int-zero", "rtn g32 sym",
+                     "rtn g64", "rtn per-channel"]
+    lines = {t.name: t for t in fig.data}
+    assert list(lines["rtn g32"].x) == [4.0, 5.0] and list(lines["rtn g32"].customdata) == [3, 2]
+    assert list(lines["rtn g64"].x) == [3.5, 4.5]
+    assert list(lines["quanto"].x) == [4.5, 8.0]  # quanto's group size does not split its line
+    hovers = lines["rtn g64"].hovertext
+    assert all("Decode tokens/s" in h and "Bits per weight (decoder linears)" in h for h in hovers)
+    assert fig.layout.xaxis.title.text == "Bits per weight (decoder linears)"
+
+
 def test_other_figures_draw_their_data_and_say_when_there_is_none():
     frame = pd.DataFrame({"name": ["layers.0", "layers.1"], "kl_mean": [0.3, 0.1]})
     bars = sensitivity_figure(frame)

@@ -31,6 +31,18 @@ METRICS: dict[str, tuple[str, str]] = {
     "metric_decode_tok_s": ("Decode tokens/s", "max"),
     "metric_peak_mem_mb": ("Peak memory (MB)", "min"),
     "metric_eval_tok_s": ("Evaluation tokens/s", "max"),
+    # Derived for display by ``with_display_metrics`` (the registry stores only the measured ones above).
+    "metric_decode_ms_per_tok": ("Decode latency (ms/token)", "min"),
+    "metric_prefill_ms_per_tok": ("Prefill latency (ms/token)", "min"),
+    "metric_top1_agree_pct": ("Same top token as base (%)", "max"),
+}
+# Display metric -> (stored metric, function of its values). Latency is the inverse of throughput: the speed
+# suite times one prompt of ``speed_prompt`` tokens and ``speed_tokens`` greedy steps, and the frame keeps only the
+# rates, so latency is per token (the prompt length differs between suites and is not in the frame).
+DERIVED_METRICS: dict[str, tuple[str, Any]] = {
+    "metric_decode_ms_per_tok": ("metric_decode_tok_s", lambda v: 1000.0 / v),
+    "metric_prefill_ms_per_tok": ("metric_prefill_tok_s", lambda v: 1000.0 / v),
+    "metric_top1_agree_pct": ("metric_top1_agree", lambda v: 100.0 * v),
 }
 _HOVER_METRICS = ("metric_ppl", "metric_kl_mean", "metric_top1_agree", "metric_bits_per_weight", "metric_size_mb",
                   "metric_decode_tok_s")
@@ -42,6 +54,22 @@ def title(column: str) -> str:
 
 def direction(column: str) -> str:
     return METRICS.get(column, ("", "min"))[1]
+
+
+def with_display_metrics(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` plus the derived display columns of ``DERIVED_METRICS`` whose source column it has.
+
+    A new frame (the input is not changed). A rate of zero or less gives NaN latency, not infinity, so such a
+    run drops out of a latency plot instead of pinning its axis.
+    """
+    added = {}
+    for column, (source, fn) in DERIVED_METRICS.items():
+        if source in runs.columns:
+            values = pd.to_numeric(runs[source], errors="coerce").astype(float)
+            if source.endswith("_tok_s"):
+                values = values.where(values > 0)
+            added[column] = fn(values)
+    return runs.assign(**added) if added else runs.copy()
 
 
 # A small white template, built once. plotly's "plotly_white" is a large object that every figure deep-copies
@@ -155,19 +183,60 @@ def tradeoff_figure(runs: pd.DataFrame, x: str = "metric_bits_per_weight", y: st
                              legend={"orientation": "h", "y": -0.2}, margin={"l": 60, "r": 20, "t": 30, "b": 60})
 
 
+def _is_set(value: Any) -> bool:
+    """A parameter cell that holds a value (frames fill parameters a technique lacks with None or NaN)."""
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def _bits_line_name(technique: str, group_size: Any, symmetric: Any, zero_point: Any) -> str:
+    """``rtn g32``, ``rtn g64 sym``, ``gptq per-channel int-zero``: a technique and its grid's settings."""
+    parts = [technique]
+    if _is_set(group_size):
+        parts.append("per-channel" if int(group_size) == -1 else f"g{int(group_size)}")
+    if _is_set(symmetric) and bool(symmetric):
+        parts.append("sym")
+    elif _is_set(zero_point) and zero_point != "float":
+        parts.append(f"{zero_point}-zero")  # the asymmetric form other than the default fp16 minimum
+    return " ".join(parts)
+
+
+def _bits_lines(data: pd.DataFrame, x: str) -> list[tuple[str, pd.DataFrame]]:
+    """The runs split into lines, each sorted by ``x``: one per technique, and for methods with a ``bits``
+    parameter one per (technique, group size, symmetric or zero-point form), so that settings on different
+    grids do not join into one zig-zag line. Format-based methods (bnb, quanto: no ``bits``) keep one line."""
+    n = len(data)
+
+    def column(name: str) -> list[Any]:
+        return data[name].tolist() if name in data.columns else [None] * n
+
+    names, order = [], {}
+    for t, b, g, s, z in zip(data["technique"].tolist(), column("param_bits"), column("param_group_size"),
+                             column("param_symmetric"), column("param_zero_point")):
+        name = _bits_line_name(str(t), g, s, z) if _is_set(b) else str(t)
+        names.append(name)
+        # Legend order: by technique, then group size as a number (g32 before g128, per-channel last).
+        order[name] = (str(t), int(g) if _is_set(b) and _is_set(g) and int(g) > 0 else math.inf, name)
+    keyed = data.assign(_line=names)
+    groups = {name: group.drop(columns="_line").sort_values(x, kind="stable")
+              for name, group in keyed.groupby("_line", sort=False)}
+    return [(name, groups[name]) for name in sorted(groups, key=order.__getitem__)]
+
+
 def bits_figure(runs: pd.DataFrame, y: str = "metric_kl_mean", x: str = "metric_bits_per_weight") -> go.Figure:
-    """Quality against bits per weight, one line per technique; latency in the hover."""
+    """Quality against bits per weight, one line per technique and grid (group size, symmetry); latency and the
+    plotted size in the hover."""
     if runs.empty or y not in runs.columns or x not in runs.columns:
         return _empty_figure("No quantized runs yet: move the bit-width slider.")
     data = runs[runs[x].notna() & runs[y].notna()]
     fig = go.Figure()
-    for technique, group in data.groupby("technique", sort=True):
-        group = group.sort_values(x)
+    for name, group in _bits_lines(data, x):
         hover = hover_texts(group)
-        mode = "markers" if technique == "baseline" else "lines+markers"
-        fig.add_trace(go.Scatter(x=group[x], y=group[y], mode=mode, name=str(technique), hovertext=hover,
-                                 hoverinfo="text", customdata=group["run_id"],
-                                 marker={"size": 9, "symbol": "star" if technique == "baseline" else "circle"}))
+        if x not in _HOVER_METRICS:  # e.g. bits per weight of the decoder linears: show the plotted value too
+            hover = [f"{h}<br>{title(x)}: {v:.4g}" for h, v in zip(hover, group[x].astype(float).tolist())]
+        baseline = name == "baseline"
+        fig.add_trace(go.Scatter(x=group[x], y=group[y], mode="markers" if baseline else "lines+markers",
+                                 name=name, hovertext=hover, hoverinfo="text", customdata=group["run_id"],
+                                 marker={"size": 9, "symbol": "star" if baseline else "circle"}))
     return fig.update_layout(xaxis_title=title(x), yaxis_title=title(y), template=TEMPLATE, height=420,
                              margin={"l": 60, "r": 20, "t": 30, "b": 50})
 
@@ -199,6 +268,7 @@ def loss_curve_figure(steps: Sequence[int], losses: Sequence[float], *, name: st
 
 
 __all__ = [
+    "DERIVED_METRICS",
     "METRICS",
     "TradeoffInfo",
     "bits_figure",
@@ -210,4 +280,5 @@ __all__ = [
     "title",
     "tradeoff_figure",
     "tradeoff_info",
+    "with_display_metrics",
 ]

@@ -2,8 +2,13 @@
 
 Each slider position becomes a technique config built by ``make_config`` (bad parameters come back as the
 library's ``ConfigError`` text), goes to the app's background queue, is evaluated with the current suite by
-``run_experiment`` and recorded; the plot then gains a point. A position already measured is answered from
-the registry by ``run_experiment``'s lookup, and a position already queued is not queued twice.
+``run_experiment`` and recorded; the plot then gains a point. A position already queued is not queued twice.
+
+Once the model is loaded, two answers come on the calling thread, before anything is queued, so they are
+immediate even while the queue is busy with a sweep or a GPTQ run: a position already measured is read from the
+registry (the same lookup ``run_experiment`` makes), and settings the model cannot take (a group size that
+does not divide a layer) are refused by the technique's own ``check``. Before the model is loaded both happen in
+the queued run instead.
 """
 
 from __future__ import annotations
@@ -18,14 +23,16 @@ import plotly.graph_objects as go
 
 from widgets.common import ErrorArea, LivePlot, ProgressBar, render_note
 from widgets.jobs import Job
-from workbench.errors import ConfigError
+from workbench.errors import ConfigError, RegistryError
 
 if TYPE_CHECKING:
     from widgets.app import Workbench
 
 GROUP_SIZES = (("32", 32), ("64", 64), ("128", 128), ("per-channel", -1))
 QUALITY_METRICS = ("metric_kl_mean", "metric_ppl", "metric_top1_agree")
-SIZE_METRICS = ("metric_bits_per_weight", "metric_size_mb")
+# Bits per weight of the decoder linears first: counting every weight, the demo's fp32 embedding dominates and
+# hides the difference between methods.
+SIZE_METRICS = ("metric_bits_per_weight_linear", "metric_bits_per_weight", "metric_size_mb")
 
 
 def _format_choices(method: str) -> tuple[str, list[str]] | None:
@@ -104,7 +111,7 @@ class QuantizePanel(W.VBox):
                                      tooltip="Queue every bit width this method takes", layout=W.Layout(width="140px"))
         self.quality = W.Dropdown(options=[(title(m), m) for m in QUALITY_METRICS], value="metric_kl_mean",
                                   description="Quality", layout=W.Layout(width="330px"))
-        self.size_axis = W.Dropdown(options=[(title(m), m) for m in SIZE_METRICS], value="metric_bits_per_weight",
+        self.size_axis = W.Dropdown(options=[(title(m), m) for m in SIZE_METRICS], value=SIZE_METRICS[0],
                                     description="against", layout=W.Layout(width="330px"))
         self.grid_warning = W.HTML("")
         self.message = W.HTML("")  # the last point: recorded, found again, or stopped
@@ -150,23 +157,49 @@ class QuantizePanel(W.VBox):
     # ---- running --------------------------------------------------------------------------------------
 
     def submit(self, bits: int | None = None) -> Job | None:
-        """Evaluate the current settings (or ``bits``) in the background; a bad setting shows why and runs nothing."""
+        """Evaluate the current settings (or ``bits``) in the background; bad settings show why, run nothing.
+
+        Returns the queued job, or None when nothing was queued: the settings were refused, or the point was
+        already measured and its run was shown at once (it is then the last of ``results``).
+        """
+        self.errors.clear()
         try:
             config = self.config(bits)
+            if self._answer_now(config):
+                return None
             return self.app.run([config], progress_bar=self.progress, errors=self.errors,
                                 on_result=self._on_result)
-        except ConfigError as err:  # bad settings, or no registry open
+        except ConfigError as err:  # bad settings, settings the model cannot take, or no registry open
             self.errors.show(err)
             return None
 
     def sweep(self) -> list[Job]:
-        """Queue every bit width of the slider's range that the method takes (the queue runs them in turn)."""
-        jobs, skipped = [], []
+        """Queue every bit width of the slider's range that the method takes (the queue runs them in turn).
+
+        Widths already measured are shown from the registry instead of queued; widths the loaded model cannot
+        take are refused with the first reason shown, so a group size no layer divides queues nothing.
+        """
+        self.errors.clear()
+        try:
+            _ = self.app.registry  # no registry open: say so once, queue nothing
+        except ConfigError as err:
+            self.errors.show(err)
+            return []
+        jobs, skipped, found, refused = [], [], [], []
+        reason: ConfigError | None = None
         for bits in range(self.bits.max, self.bits.min - 1, -1):
             try:
                 config = self.config(bits)
             except ConfigError:
                 skipped.append(str(bits))
+                continue
+            try:
+                if self._answer_now(config):
+                    found.append(str(bits))
+                    continue
+            except ConfigError as err:  # the loaded model cannot take these settings
+                reason = reason or err
+                refused.append(str(bits))
                 continue
             try:
                 jobs.append(self.app.run([config], progress_bar=self.progress, errors=self.errors,
@@ -175,15 +208,61 @@ class QuantizePanel(W.VBox):
                 self.errors.show(err)
                 return jobs
         note = f"Queued {len(jobs)} bit widths of {self.method.value}."
+        if found:
+            note += f" Found {', '.join(found)} bits in the registry."
+        if refused:
+            note += f" Refused {', '.join(refused)} bits (see the message above)."
         if skipped:
             note += f" Skipped {', '.join(skipped)} bits ({self.method.value} does not take them)."
         self.sweep_message.value = render_note(note)
+        if reason is not None:  # shown last: queueing a run clears the error area
+            self.errors.show(reason)
         return jobs
 
+    def _loaded(self) -> Any:
+        """The loaded model when it is the one in the model bar (a run would use it), else None."""
+        loaded = self.app.loaded
+        spec = str(self.app.model_box.value or "").strip()
+        if loaded is None or str(getattr(loaded.spec, "source", "")) != spec:
+            return None
+        return loaded
+
+    def _answer_now(self, config: Any) -> bool:
+        """On the calling thread, without the queue: show a run of ``config`` the registry already has (True),
+        or raise ConfigError for settings the loaded model cannot take. False: the run must be queued.
+
+        The same lookup and check, in the same order, as ``run_experiment`` makes before any heavy work; before
+        the model is loaded (its fingerprint unknown) there is nothing to look up and the queued run does both.
+        """
+        loaded = self._loaded()
+        if loaded is None:
+            return False
+        from workbench.evaluate import get_suite
+        from workbench.experiment import RunResult
+        from workbench.techniques import check, describe_pipeline, pipeline_to_json
+
+        registry = self.app.registry  # ConfigError when none is open
+        try:
+            key = get_suite(self.app.suite).key
+            hit = registry.find_done(loaded.fingerprint, pipeline_to_json([config]), key)
+        except RegistryError:
+            hit = None  # the queued run looks again and reports what is wrong with the registry
+        if hit is None:
+            check(loaded.model, config)
+            return False
+        extras = dict(hit.extras or {})
+        result = RunResult(run_id=hit.id, status="done", metrics=dict(hit.metrics), reused=True,
+                           generations=list(extras.get("generations", [])), label=describe_pipeline([config]),
+                           model_fingerprint=loaded.fingerprint, extras=extras)
+        self.app.last_result = result
+        self._show_result(result)
+        return True
+
     def _on_result(self, job: Job) -> None:
-        result = job.result
-        if result is None:
-            return
+        if job.result is not None:
+            self._show_result(job.result)
+
+    def _show_result(self, result: Any) -> None:
         self.results.append(result)
         if result.status == "done":
             how = "found in the registry (no new run)" if result.reused else "evaluated and recorded"
