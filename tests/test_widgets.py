@@ -6,10 +6,12 @@ only where a test needs an error the library would never raise.
 
 from __future__ import annotations
 
+import base64
 import copy
 import dataclasses
 import json
 import pathlib
+import re
 import shutil
 import threading
 import time
@@ -19,6 +21,7 @@ import pytest
 
 from widgets import Workbench
 from widgets.jobs import Jobs
+from widgets.panels.compare import LARGE_LINK_CHARS
 from workbench.errors import ConfigError
 from workbench.evaluate import Suite
 from workbench.registry import Registry
@@ -134,7 +137,7 @@ def test_slider_step_runs_records_and_adds_a_point_to_the_plot(app, registry_url
     runs = _done_runs(registry_url)
     assert list(runs["pipeline"]) == ["baseline", "rtn(bits=3, group_size=32)"]
     assert app.quantize.plot.trace_points() == before + 1
-    assert "rtn" in [t.name for t in app.quantize.plot.figure.data]
+    assert "rtn g32" in [t.name for t in app.quantize.plot.figure.data]  # one line per method and grid
     assert "evaluated and recorded" in app.quantize.message.value
     # The compare panel follows the registry too.
     assert sorted(app.compare.frame["run_id"]) == sorted(runs["run_id"])
@@ -253,6 +256,74 @@ def test_grid_warning_names_the_grid_the_weights_sit_on(app, tiny_llama):
     assert app.quantize.grid_warning.value == ""
 
 
+def _hold_the_queue(app):
+    """Occupy the app's single worker with a job that waits on an Event (a sweep or GPTQ run in progress)."""
+    started, gate = threading.Event(), threading.Event()
+
+    def slow(_progress):
+        started.set()
+        gate.wait(WAIT)
+
+    app.jobs.submit(slow, label="a slow job")
+    assert started.wait(WAIT), "the slow job never started"
+    return gate
+
+
+def test_a_measured_point_answers_at_once_while_the_queue_is_busy(app, registry_url):
+    panel = app.quantize
+    panel.bits.value = 3
+    assert app.jobs.wait(WAIT)  # also loads the model: its fingerprint is now known
+    panel.bits.value = 5
+    assert app.jobs.wait(WAIT)
+    n_runs = len(_done_runs(registry_url))
+    gate = _hold_the_queue(app)
+    try:
+        t0 = time.perf_counter()
+        panel.bits.value = 3
+        elapsed = time.perf_counter() - t0
+        assert elapsed < 0.5, f"a registry hit behind a busy queue took {elapsed:.2f} s"
+        last = panel.results[-1]
+        assert last.reused and last.status == "done" and last.label == "rtn(bits=3, group_size=32)"
+        assert last.metrics and "found in the registry" in panel.message.value
+        assert app.jobs.busy and not app.jobs.pending  # nothing was queued behind the slow job
+    finally:
+        gate.set()
+    assert app.jobs.wait(WAIT)
+    assert len(_done_runs(registry_url)) == n_runs
+
+
+def test_settings_the_loaded_model_cannot_take_are_refused_before_queueing(app, registry_url):
+    app.load()
+    assert app.jobs.wait(WAIT)
+    panel = app.quantize
+    panel.group_size.value = 128  # tiny-llama's layers are 64 wide
+    gate = _hold_the_queue(app)
+    try:
+        assert panel.submit() is None
+        assert "does not divide" in panel.errors.value and "Traceback" not in panel.errors.value
+        assert panel.sweep() == [] and not app.jobs.pending
+        assert "does not divide" in panel.errors.value
+        assert "Queued 0 bit widths" in panel.sweep_message.value and "Refused 8, 7, 6, 5, 4, 3, 2" in \
+            panel.sweep_message.value
+    finally:
+        gate.set()
+    assert app.jobs.wait(WAIT)
+    assert _done_runs(registry_url).empty
+
+
+def test_the_plot_defaults_to_bits_per_weight_of_the_decoder_linears(app):
+    panel = app.quantize
+    assert panel.size_axis.value == "metric_bits_per_weight_linear"
+    panel.bits.value = 3
+    assert app.jobs.wait(WAIT)
+    layout = panel.plot.figure.layout
+    assert layout.xaxis.title.text == "Bits per weight (decoder linears)"
+    (line,) = [t for t in panel.plot.figure.data if t.name == "rtn g32"]
+    assert 3 < line.x[0] <= 4.0  # 3-bit codes plus an fp16 scale and minimum per 32 weights; no embedding
+    panel.size_axis.value = "metric_bits_per_weight"
+    assert panel.plot.figure.layout.xaxis.title.text == "Bits per weight (all weights)"
+
+
 # ---- model bar --------------------------------------------------------------------------------------------
 
 
@@ -281,11 +352,12 @@ def test_compare_table_puts_the_baseline_first_whatever_the_sort(compare):
 
 
 def test_compare_axes_switch_quality_and_size(compare):
-    compare.y.value = "metric_top1_agree"
+    compare.y.value = "metric_top1_agree_pct"
     compare.x.value = "metric_size_mb"
     layout = compare.plot.figure.layout
-    assert layout.yaxis.title.text.startswith("Same top token") and layout.xaxis.title.text == "Size (MB)"
+    assert layout.yaxis.title.text == "Same top token as base (%)" and layout.xaxis.title.text == "Size (MB)"
     assert len(compare.plot.figure.data[0].x) == 3
+    assert list(compare.plot.figure.data[0].y) == pytest.approx(list(100 * compare.frame["metric_top1_agree"]))
 
 
 def test_compare_filters_narrow_plot_and_table(compare):
@@ -316,7 +388,21 @@ def test_exports_write_the_table_and_plot_with_download_links(compare, tmp_path)
     text = plot.read_text()
     assert "Pareto front" in text and "plotly" in text.lower()
     links = compare.export_links.value
-    assert 'href="files/exports/' in links and " download=" in links and str(plot.resolve()) in links
+    assert "files/exports/" not in links and str(plot.resolve()) in links
+    # Each link carries its file as a data: URI with the format's MIME type, and names the file to save.
+    mimes = {"csv": "text/csv", "md": "text/markdown", "html": "text/html", "tex": "application/x-latex",
+             "json": "application/json"}
+    for fmt, path in [*written.items(), ("html", plot)]:
+        mime, data = _link_data(links, path.name)
+        assert mime == mimes[fmt] and data == path.read_bytes(), path.name
+    assert len(links) < LARGE_LINK_CHARS and "MB link" not in links  # the plot (~6 MB as base64) fits
+
+
+def _link_data(links: str, name: str) -> tuple[str, bytes]:
+    """The MIME type and decoded bytes of the ``<a download="name" href="data:...">`` in the links' HTML."""
+    match = re.search(r'<a href="data:([^;"]+);base64,([^"]*)" download="' + re.escape(name) + '"', links)
+    assert match, f"no data link for {name}"
+    return match.group(1), base64.b64decode(match.group(2), validate=True)
 
 
 def test_notes_and_tags_are_saved_to_the_registry(compare):
@@ -359,6 +445,88 @@ def test_opening_a_bad_registry_url_keeps_the_old_one_and_says_why(app, registry
     assert not app.open_registry("notadialect://x/y")
     assert app.settings_errors.value and "Traceback" not in app.settings_errors.value.split("<details>")[0]
     assert app.registry_url.value.endswith("runs.db")
+
+
+def test_a_long_export_link_says_its_size_and_still_downloads(compare, monkeypatch):
+    monkeypatch.setattr("widgets.panels.compare.LARGE_LINK_CHARS", 100)
+    path = compare.export("csv")
+    links = compare.export_links.value
+    assert "MB link" in links and _link_data(links, path.name)[1] == path.read_bytes()
+
+
+def _add_run_of_another_suite(url: str, fingerprint: str) -> int:
+    with Registry.open(url) as reg:
+        run_id = reg.start_run(model_fingerprint=fingerprint, model_description="tiny-llama", pipeline_json="[]",
+                               pipeline_label="baseline", suite_key="standard-0123456789ab", suite_name="standard",
+                               environment={})
+        reg.finish_run(run_id, {"kl_mean": 0.0, "bits_per_weight": 32.0, "ppl": 9.0, "decode_tok_s": 40.0,
+                                "top1_agree": 1.0, "size_mb": 20.0, "eval_loss_only": 1.0})
+    return run_id
+
+
+def test_compare_shows_the_apps_suite_unless_asked_for_all(compare):
+    app = compare.app
+    ours = set(compare.frame["run_id"])
+    other = _add_run_of_another_suite(app.registry_url.value, compare.frame["model_fingerprint"].iloc[0])
+    compare.refresh()
+    # Default: the app's (custom) suite, matched by its key; the registry's other suite is offered by name.
+    assert compare.suite.value == app.suite_filter == SUITE.key
+    assert ("standard", "standard") in compare.suite.options and compare.suite.options[0] == ("All suites", "")
+    assert set(compare.frame["run_id"]) == ours and set(compare.table["run_id"]) == ours
+    assert compare.plot.trace_points("runs") == 3
+    assert "metric_eval_loss_only" not in compare.frame.columns  # only the other suite's run has it
+    compare.suite.value = ""
+    assert set(compare.frame["run_id"]) == ours | {other} and len(compare.table) == 4
+    assert compare.plot.trace_points("runs") == 4
+    compare.suite.value = "standard"
+    assert list(compare.frame["run_id"]) == [other] and list(compare.table["run_id"]) == [other]
+    # Picked by hand, the filter stays when the app's suite changes; left on the app's suite, it follows.
+    app.suite_picker.value = "quick"
+    assert compare.suite.value == "standard"
+    compare.suite.value = "quick"
+    assert compare.table.empty and "All suites" in compare.table_html.value
+    app.suite_picker.value = SUITE
+    assert compare.suite.value == SUITE.key and set(compare.frame["run_id"]) == ours
+    # Other filters go to the registry query, the suite with them.
+    compare.technique.value = "baseline"
+    assert len(compare.frame) == 1 and compare.frame["suite_key"].iloc[0] == SUITE.key
+
+
+def test_display_metrics_latency_and_top_token_percent():
+    from workbench.views import direction, title, tradeoff_info, with_display_metrics
+
+    runs = pd.DataFrame({"run_id": [1, 2, 3, 4], "technique": ["baseline", "rtn", "rtn", "rtn"],
+                         "metric_decode_tok_s": [50.0, 100.0, 25.0, 0.0], "metric_prefill_tok_s": [1e3, 2e3, 500, 1e3],
+                         "metric_top1_agree": [1.0, 0.9, 0.95, 0.5]})
+    shown = with_display_metrics(runs)
+    assert "metric_decode_ms_per_tok" not in runs.columns  # the input frame is left as it was
+    assert shown["metric_decode_ms_per_tok"].tolist()[:3] == pytest.approx([20.0, 10.0, 40.0])
+    assert pd.isna(shown["metric_decode_ms_per_tok"].iloc[3])  # no rate: no latency (not infinity)
+    assert shown["metric_prefill_ms_per_tok"].tolist() == pytest.approx([1.0, 0.5, 2.0, 1.0])
+    assert shown["metric_top1_agree_pct"].tolist() == pytest.approx([100.0, 90.0, 95.0, 50.0])
+    assert with_display_metrics(runs[["run_id"]]).columns.tolist() == ["run_id"]
+    assert direction("metric_decode_ms_per_tok") == direction("metric_prefill_ms_per_tok") == "min"
+    assert direction("metric_top1_agree_pct") == "max" and title("metric_top1_agree_pct").endswith("(%)")
+    # Lower latency and more same top tokens are better: run 3 (slower, less agreement than run 1) is beaten.
+    info = tradeoff_info(shown, x="metric_decode_ms_per_tok", y="metric_top1_agree_pct", color=None)
+    assert sorted(info.front["run_id"]) == [1, 2] and len(info.points) == 3
+
+
+def test_compare_offers_quality_against_latency_and_linear_bits(compare):
+    assert [v for _, v in compare.y.options] == ["metric_ppl", "metric_kl_mean", "metric_top1_agree_pct"]
+    assert [v for _, v in compare.x.options][:4] == ["metric_size_mb", "metric_bits_per_weight",
+                                                     "metric_bits_per_weight_linear", "metric_decode_ms_per_tok"]
+    assert "metric_decode_ms_per_tok" in [v for _, v in compare.color.options]
+    compare.x.value = "metric_decode_ms_per_tok"
+    compare.y.value = "metric_top1_agree_pct"
+    fig = compare.plot.figure
+    assert fig.layout.xaxis.title.text == "Decode latency (ms/token)"
+    by_run = dict(zip(compare.frame["run_id"], compare.frame["metric_decode_tok_s"]))
+    assert list(fig.data[0].x) == pytest.approx([1000 / by_run[r] for r in fig.data[0].customdata])
+    compare.x.value = "metric_bits_per_weight_linear"
+    assert compare.plot.figure.layout.xaxis.title.text == "Bits per weight (decoder linears)"
+    assert compare.plot.trace_points("runs") == 3
+    assert "metric_decode_ms_per_tok" not in _done_runs(compare.app.registry_url.value).columns  # display only
 
 
 # ---- jobs ---------------------------------------------------------------------------------------------------

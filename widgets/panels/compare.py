@@ -2,12 +2,16 @@
 
 One refresh reads the registry once (``runs_frame`` with the filters), then draws the plot
 (:func:`workbench.views.tradeoff_figure`) and the table from that same frame, so both always show the same runs.
+The Suite filter starts on the app's evaluation suite and follows it while left there: metrics from different
+suites (other text, other scoring) are not comparable, so runs of other suites show only on request.
 Exports go through :func:`workbench.export.export_frame` (tables) and plotly's ``write_html`` (the plot) into
-the export folder set in the app's settings row, and come back as download links.
+the export folder set in the app's settings row, and come back as download links that carry the file itself
+(a ``data:`` URI): they work in JupyterLab, Notebook and Voilà whatever the server's root or routes.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import threading
 from datetime import date, datetime, timezone
@@ -20,14 +24,18 @@ import plotly.graph_objects as go
 
 from widgets.common import ErrorArea, LivePlot, render_note
 from workbench.errors import ConfigError
+from workbench.views import with_display_metrics
 
 if TYPE_CHECKING:
     from widgets.app import Workbench
 
-QUALITY = ("metric_ppl", "metric_kl_mean", "metric_top1_agree")
-AGAINST = ("metric_size_mb", "metric_bits_per_weight", "metric_decode_tok_s", "metric_prefill_tok_s")
-COLOURS = ("metric_decode_tok_s", "metric_prefill_tok_s", "metric_peak_mem_mb", "metric_size_mb",
-           "metric_bits_per_weight")
+# Plot choices. Latency and top-token % are derived from the stored rates and fraction for display
+# (:func:`workbench.views.with_display_metrics`); ``workbench.views.METRICS`` says which direction is better.
+QUALITY = ("metric_ppl", "metric_kl_mean", "metric_top1_agree_pct")
+AGAINST = ("metric_size_mb", "metric_bits_per_weight", "metric_bits_per_weight_linear", "metric_decode_ms_per_tok",
+           "metric_prefill_ms_per_tok")
+COLOURS = ("metric_decode_ms_per_tok", "metric_prefill_ms_per_tok", "metric_decode_tok_s", "metric_peak_mem_mb",
+           "metric_size_mb", "metric_bits_per_weight")
 # The table: identity first, then the metrics a report compares, then what people wrote.
 TABLE_METRICS = ("metric_ppl", "metric_kl_mean", "metric_kl_p99", "metric_top1_agree", "metric_bits_per_weight",
                  "metric_size_mb", "metric_prefill_tok_s", "metric_decode_tok_s", "metric_peak_mem_mb")
@@ -36,6 +44,13 @@ TABLE_COLUMNS = ("run_id", "pipeline", "technique", "model", "suite", *TABLE_MET
 # row) and nobody scrolls a thousand rows: the sort order picks which runs come first.
 TABLE_ROWS_SHOWN = 100
 TABLE_FORMATS = (("CSV", "csv"), ("Markdown", "md"), ("HTML", "html"), ("LaTeX", "tex"), ("JSON", "json"))
+# MIME type of a download link's data, by file suffix (the plot export is .html).
+MIME_TYPES = {"csv": "text/csv", "md": "text/markdown", "html": "text/html", "tex": "application/x-latex",
+              "json": "application/json"}
+# A data link this long says its size next to it: the whole file travels to the browser inside the widget (a plot
+# with plotly.js inlined is ~6 MB as base64) and some browsers refuse to download very long data URIs.
+LARGE_LINK_CHARS = 8 * 1024 * 1024
+LINKS_KEPT = 8  # newest export links shown; each carries its file, so the list must not grow without end
 
 
 def _column_title(column: str) -> str:
@@ -64,16 +79,26 @@ def comparison_table(frame: pd.DataFrame, sort_by: str = "run_id", descending: b
     return table.rename(columns=lambda c: c.removeprefix("metric_"))
 
 
+def data_uri(path: Path) -> str:
+    """The file as a ``data:<mime>;base64,…`` URI (MIME type by suffix; unknown suffixes are octet streams)."""
+    mime = MIME_TYPES.get(path.suffix.lstrip(".").lower(), "application/octet-stream")
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
 def _download_link(path: Path) -> str:
-    """``<a href="files/…" download>`` relative to the notebook server's root (the kernel's working folder)."""
+    """``<a href="data:…" download="name">`` carrying the file, then the path it was written to.
+
+    A ``files/…`` link would depend on the server: JupyterLab resolves it against ``/lab/tree/…`` and only serves
+    files under its root, and Voilà has no ``/files`` route. The data URI needs neither.
+    """
     absolute = path.resolve()
-    try:
-        relative = absolute.relative_to(Path.cwd().resolve()).as_posix()
-        href = "files/" + relative
-    except ValueError:  # outside the server's root: no link the server could serve, the path is still shown
-        href = None
+    uri = data_uri(path)
     name = html.escape(path.name)
-    link = f'<a href="{html.escape(href)}" download="{name}" target="_blank">{name}</a>' if href else name
+    size = ""
+    if len(uri) > LARGE_LINK_CHARS:
+        size = (f" <span style='color:#a15c00'>({len(uri) / 1e6:.1f} MB link; if the browser will not download "
+                "it, open the file at the path shown)</span>")
+    link = f'<a href="{uri}" download="{name}" target="_blank">{name}</a>{size}'
     return f"{link} <span style='color:#777;font-size:11px'>{html.escape(str(absolute))}</span>"
 
 
@@ -86,6 +111,9 @@ class ComparePanel(W.VBox):
         self.table = pd.DataFrame()  # the table as shown and exported
         self._lock = threading.RLock()  # the watcher thread and the kernel may refresh at the same time
         self._updating = False
+        self._links: list[str] = []  # export links, newest first
+        self._suite_follows_app = True  # the Suite filter tracks the app's suite until someone picks another
+        self._all_runs = 0  # runs in the registry, whatever the filters
 
         # Filters.
         self.model = W.Dropdown(options=[("All models", "")], value="", description="Model",
@@ -95,6 +123,10 @@ class ComparePanel(W.VBox):
         self.tag = W.Text(value="", description="Tag", continuous_update=False, placeholder="any",
                           layout=W.Layout(width="200px"))
         self.since = W.DatePicker(description="Since", value=None, layout=W.Layout(width="230px"))
+        app_suite = app.suite_filter
+        self.suite = W.Dropdown(options=[("All suites", ""), (_suite_label(app.suite), app_suite)], value=app_suite,
+                                description="Suite", tooltip="Evaluation suite of the runs shown",
+                                layout=W.Layout(width="260px"))
         # Axes.
         from workbench.views import title
 
@@ -103,7 +135,7 @@ class ComparePanel(W.VBox):
         self.x = W.Dropdown(options=[(title(c), c) for c in AGAINST], value="metric_bits_per_weight",
                             description="against", layout=W.Layout(width="330px"))
         self.color = W.Dropdown(options=[(title(c), c) for c in COLOURS] + [("none", "")],
-                                value="metric_decode_tok_s", description="colour", layout=W.Layout(width="300px"))
+                                value="metric_decode_ms_per_tok", description="colour", layout=W.Layout(width="300px"))
         self.plot = LivePlot(self._figure, on_click=self.select_run)
         # Table.
         self.sort_by = W.Dropdown(options=[("run", "run_id")], value="run_id", description="Sort by",
@@ -128,6 +160,7 @@ class ComparePanel(W.VBox):
 
         for control in (self.model, self.technique, self.tag, self.since):
             control.observe(lambda _c: None if self._updating else self.refresh(), names="value")
+        self.suite.observe(self._suite_picked, names="value")
         for control in (self.y, self.x, self.color):
             control.observe(lambda _c: self.plot.refresh(), names="value")
         for control in (self.sort_by, self.descending):
@@ -140,7 +173,7 @@ class ComparePanel(W.VBox):
         app.watcher.subscribe(self.refresh)
 
         super().__init__([
-            W.HBox([self.model, self.technique, self.tag, self.since]),
+            W.HBox([self.model, self.technique, self.suite, self.tag, self.since]),
             W.HBox([self.y, self.x, self.color]),
             self.plot,
             W.HBox([self.sort_by, self.descending]),
@@ -162,16 +195,34 @@ class ComparePanel(W.VBox):
             "tag": self.tag.value.strip() or None,
             "since": datetime(since.year, since.month, since.day, tzinfo=timezone.utc)
             if isinstance(since, date) else None,
+            "suite": self.suite.value or None,
         }
 
+    def _suite_picked(self, _change: Any) -> None:
+        if self._updating:
+            return
+        self._suite_follows_app = self.suite.value == self.app.suite_filter
+        self.refresh()
+
     def refresh(self) -> None:
-        """Read the registry once and redraw plot, table, filter choices and the run picker from that frame."""
+        """Read the registry once and redraw plot, table, filter choices and the run picker from that frame.
+
+        The unfiltered frame gives the filter choices. With only the suite filter set (the usual case) the runs on
+        show are cut from it in pandas; other filters go to the registry query, suite included.
+        """
         with self._lock:
             try:
-                filters = self._filters()
                 full = self.app.runs_frame()
+                self._update_filter_choices(full)  # first: a vanished choice falls back before it filters
+                filters = self._filters()
                 active = {k: v for k, v in filters.items() if v is not None}
-                frame = self.app.runs_frame(**active) if active else full
+                if set(active) - {"suite"}:
+                    frame = self.app.runs_frame(**active)
+                elif "suite" in active:
+                    frame = _only_suite(full, active["suite"])
+                else:
+                    frame = full
+                frame = with_display_metrics(frame)
             except ConfigError as err:
                 self.errors.show(err)
                 return
@@ -180,23 +231,36 @@ class ComparePanel(W.VBox):
                 return
             self.errors.clear()
             self.frame = frame
-            self._update_choices(full)
+            self._update_choices()
             self.plot.refresh()
             self._render_table()
 
-    def _update_choices(self, full: pd.DataFrame) -> None:
+    def _update_filter_choices(self, full: pd.DataFrame) -> None:
         models = [("All models", "")]
         if not full.empty:
             pairs = full[["model_fingerprint", "model"]].drop_duplicates("model_fingerprint")
             models += [(f"{m} · {fp[:8]}", fp) for fp, m in pairs.itertuples(index=False, name=None)]
         techniques = [("All", "")] + [(t, t) for t in sorted(full["technique"].dropna().unique())] \
             if not full.empty else [("All", "")]
+        # The suites in the registry by name, and the app's suite (a custom one is matched by its key).
+        app_suite = self.app.suite_filter
+        names = sorted(full["suite"].dropna().astype(str).unique()) if not full.empty else []
+        suites = [("All suites", ""), (_suite_label(self.app.suite), app_suite)]
+        suites += [(name, name) for name in names if name != app_suite]
+        picked = self.suite.value
+        if self._suite_follows_app or picked not in [v for _, v in suites]:
+            picked, self._suite_follows_app = app_suite, True  # a suite no longer offered falls back to the app's
         self._updating = True  # new options may reset a value; that must not start a refresh inside this one
         try:
             _set_options(self.model, models)
             _set_options(self.technique, techniques)
+            _set_options(self.suite, suites, quiet=True)
+            self.suite.value = picked
         finally:
             self._updating = False
+        self._all_runs = len(full)
+
+    def _update_choices(self) -> None:
         sortable = [("run", "run_id"), ("created", "created_at")] + [
             (_column_title(c), c.removeprefix("metric_")) for c in TABLE_METRICS if c in self.frame.columns]
         _set_options(self.sort_by, sortable, quiet=True)
@@ -221,7 +285,12 @@ class ComparePanel(W.VBox):
 
         self.table = comparison_table(self.frame, self.sort_by.value or "run_id", self.descending.value)
         if self.table.empty:
-            self.table_html.value = render_note("No runs match these filters.")
+            hint = ""
+            active = {k for k, v in self._filters().items() if v is not None}
+            if self._all_runs and active == {"suite"}:
+                hint = (f" The Suite filter shows runs of {self.suite.label} only; pick \"All suites\" to see the "
+                        f"{self._all_runs} run(s) of every suite.")
+            self.table_html.value = render_note("No runs match these filters." + hint)
             return
         shown = self.table.head(TABLE_ROWS_SHOWN).rename(
             columns=lambda c: _column_title("metric_" + c) if "metric_" + c in TABLE_METRICS else c.replace("_", " "))
@@ -275,7 +344,14 @@ class ComparePanel(W.VBox):
 
     def _add_link(self, path: Path) -> None:
         self.errors.clear()
-        self.export_links.value = f"<div>{_download_link(path)}</div>" + self.export_links.value
+        try:
+            link = _download_link(path)
+        except OSError as err:  # written a moment ago; unreadable now (deleted, permissions)
+            self.errors.show(ConfigError(f"Wrote {path} but cannot read it back for a download link: "
+                                         f"{err.strerror or err}."))
+            return
+        self._links = [link, *self._links][:LINKS_KEPT]
+        self.export_links.value = "".join(f"<div>{entry}</div>" for entry in self._links)
 
     # ---- notes and tags -------------------------------------------------------------------------------
 
@@ -313,6 +389,23 @@ class ComparePanel(W.VBox):
         return True
 
 
+def _suite_label(suite: Any) -> str:
+    """The app's suite in the Suite filter: its name, marked as the one runs use now."""
+    return f"{suite} (app's suite)" if isinstance(suite, str) else f"{suite.name} (custom, app's suite)"
+
+
+def _only_suite(frame: pd.DataFrame, suite: str) -> pd.DataFrame:
+    """The runs of ``suite`` (name or key, as ``runs_frame(suite=...)`` matches), dropping metric and parameter
+    columns no remaining run has (as ``runs_frame`` would not have them)."""
+    if frame.empty:
+        return frame
+    keep = (frame["suite"] == suite) | (frame["suite_key"] == suite)
+    part = frame[keep].reset_index(drop=True)
+    extra = [c for c in part.columns if c.startswith(("metric_", "param_"))]
+    empty = [c for c in extra if part[c].isna().all()]
+    return part.drop(columns=empty) if empty else part
+
+
 def _set_options(dropdown: W.Dropdown, options: list[tuple[str, Any]], quiet: bool = False) -> None:
     """Replace a dropdown's options, keeping its value when still offered (ipywidgets would reset it)."""
     if list(dropdown.options) == options:
@@ -334,4 +427,4 @@ def _message_figure(message: str) -> go.Figure:
     return fig.update_layout(height=420, template="plotly_white")
 
 
-__all__ = ["ComparePanel", "comparison_table"]
+__all__ = ["ComparePanel", "comparison_table", "data_uri"]
