@@ -195,14 +195,21 @@ def cmd_lab(args: argparse.Namespace) -> int:
     if not root.is_dir():
         raise ConfigError(f"No notebooks folder at {root}. Run from the repository root or pass --notebooks.")
     env = dict(os.environ)
+    # Kernels start in the notebooks folder; without this, runs recorded there and runs recorded by `workbench`
+    # commands in this folder would land in two different default registries.
+    env.setdefault("WORKBENCH_REGISTRY", f"sqlite:///{Path.cwd() / 'workbench-runs.db'}")
+    print(f"Registry: {env['WORKBENCH_REGISTRY']}", flush=True)
     if args.dashboard:
+        # port_retries=0: a busy port fails with the server's message instead of moving to another port than the
+        # URL printed below.
         cmd = [sys.executable, "-m", "voila", str(root / args.notebook), "--no-browser", f"--port={args.port}",
-               "--Voila.ip=127.0.0.1", f"--token={args.token}",
+               "--Voila.ip=127.0.0.1", "--Voila.port_retries=0", f"--token={args.token}",
                "--strip_sources=True"]
         url = f"http://127.0.0.1:{args.port}/?token={args.token}"
     else:
         cmd = [sys.executable, "-m", "jupyter", "lab", f"--notebook-dir={root}", "--no-browser",
-               "--ip=127.0.0.1", f"--port={args.port}", f"--IdentityProvider.token={args.token}"]
+               "--ip=127.0.0.1", f"--port={args.port}", "--ServerApp.port_retries=0",
+               f"--IdentityProvider.token={args.token}"]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             cmd.append("--allow-root")
         url = f"http://127.0.0.1:{args.port}/lab?token={args.token}"
@@ -262,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lab", help="open the workbench in JupyterLab (or as a dashboard)")
     p.add_argument("--dashboard", action="store_true", help="serve the app alone with Voila")
     p.add_argument("--notebooks", default="notebooks")
-    p.add_argument("--notebook", default="00_quickstart.ipynb", help="the notebook --dashboard serves")
+    p.add_argument("--notebook", default="dashboard.ipynb", help="the notebook --dashboard serves (the app alone)")
     p.add_argument("--port", type=int, default=int(os.environ.get("WORKBENCH_PORT", "8888")))
     p.add_argument("--token", default=os.environ.get("WORKBENCH_TOKEN", "workbench"))
     p.set_defaults(fn=cmd_lab)

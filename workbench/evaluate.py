@@ -29,7 +29,13 @@ from workbench.evaluation.base_cache import (
     decode_log_probs,
     encode_log_probs,
 )
-from workbench.evaluation.runtime import GENERATION_PROMPTS, PeakMemory, generate, measure_speed
+from workbench.evaluation.runtime import (
+    GENERATION_PROMPTS,
+    PeakMemory,
+    configure_threads,
+    generate,
+    measure_speed,
+)
 from workbench.evaluation.scoring import (
     autocast,
     kl_divergence,
@@ -162,6 +168,7 @@ def evaluate(
     suite = get_suite(suite)
     progress = as_progress(progress)
     progress.check()
+    configure_threads()
     t_start = time.perf_counter()
     device = model_device(model)
     if device.type == "cuda":

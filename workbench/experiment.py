@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from workbench.errors import ConfigError, RunInterrupted, WorkbenchError
+from workbench.errors import RunInterrupted, WorkbenchError
 from workbench.progress import Progress, ProgressCallback, as_progress
 from workbench.techniques.base import (
     ApplyContext,
@@ -69,12 +69,16 @@ def _as_pipeline(pipeline: Any) -> list[Any]:
     return out
 
 
-def environment() -> dict[str, Any]:
-    """Library versions and the machine a run ran on, stored with every run."""
+def environment(device: Any = None) -> dict[str, Any]:
+    """Library versions and the machine a run ran on (and the device it ran on), stored with every run."""
     import torch
     import transformers
 
+    import workbench
+
     env: dict[str, Any] = {
+        "workbench": workbench.__version__,
+        "device": str(device) if device is not None else "cpu",
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,
@@ -162,6 +166,7 @@ def run_experiment(
     progress = as_progress(progress)
     steps = _as_pipeline(pipeline)
     suite = get_suite(suite)
+    _ = suite.key  # reads the suite's text: a missing or non-UTF-8 file fails here, before the model loads
     owned = not isinstance(registry, Registry)
     reg = _open_registry(registry)
     try:
@@ -204,7 +209,7 @@ def _run(model: Any, steps: list[Any], suite: Any, reg: Any, progress: Progress,
         pipeline_label=label,
         suite_key=suite.key,
         suite_name=suite.name,
-        environment=environment(),
+        environment=environment(_model_device(loaded.model)),
         parent_id=parent_id,
         tags=tuple(tags),
         notes=notes,
@@ -257,4 +262,13 @@ def _run(model: Any, steps: list[Any], suite: Any, reg: Any, progress: Progress,
         return RunResult(run_id, "failed", error=message, label=label, model_fingerprint=loaded.fingerprint)
 
 
+def _model_device(model: Any) -> Any:
+    """The device of the model's first parameter (where a run's compute happened)."""
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return None
+
+
 __all__ = ["RunResult", "environment", "run_experiment"]
+

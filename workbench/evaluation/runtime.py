@@ -47,6 +47,30 @@ def _step(model: nn.Module, ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor
     return out.logits, new_cache
 
 
+def configure_threads() -> int:
+    """Apply ``$WORKBENCH_THREADS`` (an integer) to torch's intra-op thread pool; returns the threads in use.
+
+    Without it torch's own default stands: one thread per physical core, which is what matrix products on a CPU
+    want (hyper-threads share the same vector units). Set it lower to keep cores free for a notebook's UI or
+    for other processes running a sweep.
+    """
+    import os
+
+    value = os.environ.get("WORKBENCH_THREADS", "").strip()
+    if value:
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            from workbench.errors import ConfigError
+
+            raise ConfigError(f"WORKBENCH_THREADS={value!r} is not a positive integer; unset it or give e.g. 2.")
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
