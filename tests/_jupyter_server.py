@@ -208,11 +208,12 @@ def jupyter_lab(notebook_dir: Path, env: dict[str, str], *, log_path: Path, toke
 
 @contextmanager
 def voila_dashboard(notebook_dir: Path, env: dict[str, str], *, log_path: Path, token: str = "workbench-test",
-                    notebook: str = "00_quickstart.ipynb", timeout: float = 90.0) -> Iterator[Server]:
-    """The dashboard exactly as users start it: ``workbench lab --dashboard`` on a copy of the notebooks."""
+                    notebook: str | None = None, timeout: float = 90.0) -> Iterator[Server]:
+    """The dashboard exactly as users start it: ``workbench lab --dashboard`` on a copy of the notebooks
+    (its default notebook unless ``notebook`` is given)."""
     port = free_port()
     cmd = [sys.executable, "-m", "workbench.cli", "lab", "--dashboard", "--port", str(port), "--token", token,
-           "--notebooks", str(notebook_dir), "--notebook", notebook]
+           "--notebooks", str(notebook_dir)] + (["--notebook", notebook] if notebook else [])
     base = f"http://127.0.0.1:{port}"
     # Voila serves static files without rendering (and so without starting a kernel): a cheap readiness probe.
     ready = f"{base}/voila/static/voila.js?token={token}"

@@ -16,7 +16,7 @@ os.environ.setdefault("WORKBENCH_HOME", str(ROOT / ".cache" / "workbench-home"))
 # Notebooks executed by the suite run their smoke settings (one bit width per method, small calibration).
 os.environ.setdefault("WORKBENCH_NOTEBOOK_SMOKE", "1")
 
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

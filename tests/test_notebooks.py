@@ -13,7 +13,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-
 from _jupyter_server import ARTIFACTS, KERNEL_NAME, NOTEBOOKS, copy_notebooks, isolated_env
 
 NOTEBOOK_FILES = sorted(NOTEBOOKS.glob("*.ipynb"))
@@ -84,6 +83,10 @@ def test_notebook_runs_headless_without_errors(path: Path, tmp_path: Path) -> No
             assert cell.execution_count is not None, f"{path.name} cell {i} did not run"
     text = _text_outputs(nb)
     assert "Traceback (most recent call last)" not in text, f"{path.name} printed a traceback:\n{text[-3000:]}"
+    # A notebook runs clean: no warning box (deprecations, library chatter) in front of the reader.
+    warnings = [o.get("text", "") for c in nb.cells for o in c.get("outputs", [])
+                if o.get("name") == "stderr" and "Warning" in o.get("text", "")]
+    assert not warnings, f"{path.name} printed warnings:\n" + "\n".join(w[-800:] for w in warnings)
     if path.name == "00_quickstart.ipynb":
         _check_quickstart(nb, registry_url)
 

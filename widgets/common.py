@@ -219,6 +219,17 @@ class RegistryWatcher:
             self.poke()
 
 
+def _placeholder_figure() -> go.Figure:
+    from workbench.views import TEMPLATE
+
+    fig = go.Figure()
+    fig.add_annotation(text="Reading the registry…", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
+                       font={"size": 14, "color": "#888"})
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return fig.update_layout(height=420, template=TEMPLATE)
+
+
 class LivePlot(W.VBox):
     """A ``go.FigureWidget`` redrawn from ``figure_fn()`` whenever :meth:`refresh` is called.
 
@@ -228,7 +239,9 @@ class LivePlot(W.VBox):
 
     def __init__(self, figure_fn: Callable[[], go.Figure], *, on_click: Callable[[int], None] | None = None) -> None:
         self._figure_fn = figure_fn
-        self.figure = go.FigureWidget()
+        # Until the first refresh draws the real figure, a blank white frame (an empty FigureWidget would show
+        # plotly's grey default axes, which look like a broken plot).
+        self.figure = go.FigureWidget(_placeholder_figure())
         self.errors = ErrorArea()
         self.refreshes = 0
         self._lock = threading.Lock()
