@@ -24,12 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pandas as pd  # noqa: E402
+import pandas as pd
 
-from workbench.errors import WorkbenchError  # noqa: E402
-from workbench.experiment import run_experiment  # noqa: E402
-from workbench.models import load_model  # noqa: E402
-from workbench.techniques import make_config, technique_names  # noqa: E402
+from workbench.errors import WorkbenchError
+from workbench.experiment import run_experiment
+from workbench.models import load_model
+from workbench.techniques import make_config, technique_names
 
 # llama.cpp on this model (mean KLD vs its F16, 20k tokens of the same kind of text, 512-token chunks).
 LLAMA_CPP = [

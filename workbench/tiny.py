@@ -90,4 +90,4 @@ def tiny_moe(seed: int = 0, *, hidden_size: int = 64, layers: int = 2, experts: 
     return Qwen2MoeForCausalLM(config).eval()
 
 
-__all__ = ["byte_tokenizer", "tiny_llama", "tiny_moe", "VOCAB_SIZE", "EOS_ID"]
+__all__ = ["EOS_ID", "VOCAB_SIZE", "byte_tokenizer", "tiny_llama", "tiny_moe"]
