@@ -150,7 +150,7 @@ def tradeoff_info(runs: pd.DataFrame, x: str = "metric_bits_per_weight", y: str 
 
 def _empty_figure(message: str) -> go.Figure:
     fig = go.Figure()
-    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper", font={"size": 14})
+    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.8, xref="paper", yref="paper", font={"size": 14})
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     return fig.update_layout(height=420, template=TEMPLATE)
