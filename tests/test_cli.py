@@ -46,3 +46,37 @@ def test_text_file_evaluation_uses_that_text(registry_url, tmp_path, capsys):
     text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog." * 3 for i in range(200)))
     assert main(["eval", "--model", "tiny-llama", "--text", str(text), "--registry", registry_url]) == 0
     assert "baseline" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["runs", "--format", "xml"], "invalid choice: 'xml'"),
+        (["sweep", "--model", "tiny-llama", "--technique", "rtn", "--bits", "x"], "invalid int value: 'x'"),
+    ],
+)
+def test_usage_mistakes_are_one_line_too(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.startswith("error: ") and err.count("\n") == 1 and "usage:" not in err
+
+
+def test_a_non_utf8_text_file_is_refused_before_the_model_loads(registry_url, tmp_path, capsys, monkeypatch):
+    import workbench.models
+
+    def no_load(*_a, **_k):
+        raise AssertionError("the model was loaded before the text was checked")
+
+    monkeypatch.setattr(workbench.models, "load_model", no_load)
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(bytes(range(256)) * 64)
+    assert main(["eval", "--model", "tiny-llama", "--text", str(binary), "--registry", registry_url]) == 2
+    assert "is not UTF-8 text" in capsys.readouterr().err
+
+
+def test_a_non_integer_bit_width_says_so(registry_url, capsys):
+    assert main(["run", "--model", "tiny-llama", "--technique", "rtn", "--param", "bits=abc",
+                 "--registry", registry_url]) == 2
+    assert "is not a whole number" in capsys.readouterr().err

@@ -122,3 +122,33 @@ def test_lineage_tags_and_notes_are_stored(registry_url):
     assert run.parent_id == parent.run_id
     assert set(run.tags) == {"team-a", "sweep"} and run.notes == "first try"
     assert run.environment["torch"]
+
+
+def test_a_run_records_its_device_and_workbench_version(registry_url):
+    import workbench
+
+    res = run_experiment("tiny-llama", registry=registry_url)
+    reg = Registry.open(registry_url)
+    try:
+        env = reg.get_run(res.run_id).environment
+    finally:
+        reg.close()
+    assert env["device"] == "cpu" and env["workbench"] == workbench.__version__
+
+
+def test_workbench_threads_sets_torch_threads_and_rejects_nonsense(monkeypatch):
+    import torch
+
+    from workbench.evaluation.runtime import configure_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("WORKBENCH_THREADS", "1")
+        assert configure_threads() == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("WORKBENCH_THREADS", "many")
+        with pytest.raises(ConfigError, match="WORKBENCH_THREADS"):
+            configure_threads()
+        monkeypatch.delenv("WORKBENCH_THREADS")
+        assert configure_threads() == 1  # unset: torch's own setting stands
+    finally:
+        torch.set_num_threads(before)

@@ -21,7 +21,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from workbench.errors import ConfigError, WorkbenchError
 
@@ -217,8 +217,15 @@ def cmd_lab(args: argparse.Namespace) -> int:
     return subprocess.call(cmd, env=env)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (what was wrong, where to look), as every other error here."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="workbench", description="Shrink a language model and see what it costs.")
+    parser = _Parser(prog="workbench", description="Shrink a language model and see what it costs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:

@@ -28,7 +28,9 @@ ZERO_POINTS = ("float", "int")
 
 
 def validate_common(name: str, bits: int, group_size: int, zero_point: str = "float") -> None:
-    if not isinstance(bits, int) or not 2 <= bits <= 8:
+    if not isinstance(bits, int) or isinstance(bits, bool):
+        raise ConfigError(f"{name}: bits={bits!r} is not a whole number; choose 2 to 8.")
+    if not 2 <= bits <= 8:
         raise ConfigError(f"{name}: bits={bits} is out of range; choose 2 to 8.")
     if not isinstance(group_size, int) or (group_size != -1 and group_size < 2):
         raise ConfigError(
