@@ -1,6 +1,7 @@
 """Quantization quality on the demo model: every method at comparable settings, on the `standard` suite.
 
-    python bench/quant_quality.py [--suite standard] [--methods rtn gptq awq bnb quanto] [--registry URL]
+    python bench/quant_quality.py [--suite standard] [--methods rtn gptq awq bnb quanto] [--only LABEL ...]
+                                  [--registry URL]
 
 Prints one table row per method and setting: bits per weight (all weights, and decoder linears only), size,
 perplexity, mean / p99 KL divergence and same-top-token rate against the unmodified model, quantization time.
@@ -86,7 +87,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", default="standard")
     parser.add_argument("--methods", nargs="+", default=["rtn", "gptq", "awq", "bnb", "quanto"])
-    parser.add_argument("--registry", default=None, help="default: a temporary SQLite file")
+    parser.add_argument("--only", nargs="+", metavar="LABEL", help="run only these settings, e.g. 'gptq 3b g64'")
+    parser.add_argument("--registry", default=None,
+                        help="default: a temporary SQLite file; give one to keep results and rerun only what is new")
     args = parser.parse_args()
     registry = args.registry or f"sqlite:///{tempfile.mkdtemp()}/bench.db"
     known = set(technique_names())
@@ -95,7 +98,7 @@ def main() -> int:
     base = run_experiment(loaded, [], args.suite, registry=registry)
     rows = [{"setting": "fp32 (base)", **_row(base)}]
     for label, technique, params in SETTINGS:
-        if technique not in args.methods:
+        if technique not in args.methods or (args.only and label not in args.only):
             continue
         if technique not in known:
             print(f"skip {label}: technique {technique!r} is not available", file=sys.stderr)
