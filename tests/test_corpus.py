@@ -69,7 +69,7 @@ def test_unknown_corpus_and_part_are_refused(tmp_path):
 def test_hf_corpus_without_datasets_package_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if the package were missing
     get_corpus.cache_clear()
-    with pytest.raises(ConfigError, match="pip install datasets"):
+    with pytest.raises(ConfigError, match="needs the .datasets. package"):
         get_corpus("hf:wikitext:wikitext-2-raw-v1:test")
     with pytest.raises(ConfigError, match="hf:<dataset>"):
         get_corpus("hf:")

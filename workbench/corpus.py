@@ -113,7 +113,8 @@ def _hf_dataset(spec: str) -> Corpus:
     try:
         import datasets  # type: ignore[import-not-found]  # optional: only this corpus kind needs it
     except ImportError:
-        raise ConfigError(f"Corpus {spec!r} needs the 'datasets' package: pip install datasets.") from None
+        raise ConfigError(f"Corpus {spec!r} needs the 'datasets' package: pip install 'efficiency-workbench[hf]' "
+                          "(or pip install datasets).") from None
     try:
         ds = datasets.load_dataset(dataset, config, split=split)
     except Exception as err:  # noqa: BLE001  # network, unknown dataset or split, ...: one line for the user
