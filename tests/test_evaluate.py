@@ -102,6 +102,7 @@ def test_kl_is_zero_for_the_base_itself_and_matches_a_plain_computation_for_a_pe
     for name in ("prefill_tok_s", "decode_tok_s", "peak_mem_mb", "size_mb", "bits_per_weight", "eval_tok_s",
                  "n_params", "size_bytes", "bits_per_weight_linear", "eval_seconds"):
         assert m[name] > 0, name
+    assert 0 <= m["work_mem_mb"] <= m["peak_mem_mb"]
     assert other.generations and set(other.generations[0]) == {"prompt", "base", "model"}
     assert other.generations[0]["base"] == same.generations[0]["model"]  # the base's own text, reused
 

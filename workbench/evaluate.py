@@ -54,7 +54,7 @@ from workbench.progress import Progress, ProgressCallback, as_progress
 QUALITY_METRICS = ("ppl", "nll", "tokens")
 KL_METRICS = ("kl_mean", "kl_median", "kl_p99", "kl_max", "top1_agree")
 SIZE_METRICS = ("size_bytes", "size_mb", "bits_per_weight", "bits_per_weight_linear", "n_params")
-RUN_METRICS = ("prefill_tok_s", "decode_tok_s", "peak_mem_mb", "eval_seconds", "eval_tok_s")
+RUN_METRICS = ("prefill_tok_s", "decode_tok_s", "peak_mem_mb", "work_mem_mb", "eval_seconds", "eval_tok_s")
 
 
 @dataclass
@@ -156,7 +156,8 @@ def evaluate(
     """Evaluate ``model`` on ``suite``; with ``base_model``, also its divergence from the base.
 
     Metric names: ppl, nll, kl_mean, kl_median, kl_p99, kl_max, top1_agree, tokens, size_bytes, size_mb,
-    bits_per_weight, bits_per_weight_linear, n_params, prefill_tok_s, decode_tok_s, peak_mem_mb,
+    bits_per_weight, bits_per_weight_linear, n_params, prefill_tok_s, decode_tok_s, peak_mem_mb (the process's
+    resident peak), work_mem_mb (what evaluating added to the resident memory),
     eval_seconds, eval_tok_s (plus peak_gpu_mem_mb on a GPU). KL metrics are present only with a base.
     ``base_fingerprint`` (from :func:`workbench.models.load_model`) lets the base outputs be kept on disk and
     reused by later runs and other processes; without it they are reused only within this process.
@@ -213,7 +214,8 @@ def evaluate(
                 for p, bt, mt in zip(GENERATION_PROMPTS, base_texts, texts, strict=False)
             ]
     metrics.update(_size_metrics(model))
-    metrics["peak_mem_mb"] = memory.peak / 2**20
+    metrics["peak_mem_mb"] = memory.peak / 2**20  # the whole process
+    metrics["work_mem_mb"] = max(0, memory.peak - memory.start) / 2**20  # what evaluating added on top
     if device.type == "cuda":
         metrics["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     metrics["eval_seconds"] = time.perf_counter() - t_start

@@ -29,7 +29,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "metric_bits_per_weight_linear": ("Bits per weight (decoder linears)", "min"),
     "metric_prefill_tok_s": ("Prefill tokens/s", "max"),
     "metric_decode_tok_s": ("Decode tokens/s", "max"),
-    "metric_peak_mem_mb": ("Peak memory (MB)", "min"),
+    "metric_peak_mem_mb": ("Peak memory of the process (MB)", "min"),
+    "metric_work_mem_mb": ("Evaluation working memory (MB)", "min"),
     "metric_eval_tok_s": ("Evaluation tokens/s", "max"),
     # Derived for display by ``with_display_metrics`` (the registry stores only the measured ones above).
     "metric_decode_ms_per_tok": ("Decode latency (ms/token)", "min"),

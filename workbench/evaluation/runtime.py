@@ -123,7 +123,12 @@ def generate(model: nn.Module, tokenizer: Any, n: int, new_tokens: int = 16) -> 
 
 
 class PeakMemory:
-    """Resident-memory high-water mark of this process while the ``with`` block runs (bytes)."""
+    """Resident-memory high-water mark of this process while the ``with`` block runs (bytes).
+
+    ``peak`` is the whole process (a notebook also holds the base model, cached outputs, other variants);
+    ``peak - start`` is what the evaluation itself added on top of what was resident when it began
+    (activations, the KV cache, temporary logits): the part that differs between variants of one model.
+    """
 
     def __init__(self, period: float = 0.02) -> None:
         self._period = period
@@ -135,7 +140,8 @@ class PeakMemory:
             self._proc: Any = psutil.Process()
         except ImportError:  # psutil is a dependency, but a bare environment still gets a (coarser) number
             self._proc = None
-        self.peak = self._rss()
+        self.start = self._rss()
+        self.peak = self.start
 
     def _rss(self) -> int:
         if self._proc is not None:
@@ -157,4 +163,4 @@ class PeakMemory:
         self.peak = max(self.peak, self._rss())
 
 
-__all__ = ["GENERATION_PROMPTS", "PeakMemory", "generate", "measure_speed"]
+__all__ = ["GENERATION_PROMPTS", "PeakMemory", "configure_threads", "generate", "measure_speed"]
