@@ -256,3 +256,15 @@ def test_quantized_model_goes_where_the_model_lives(device, spread, expected):
 def test_backend_configs_round_trip(name, params):
     config = make_config(name, **params)
     assert config_from_dict(config_to_dict(config)) == config
+
+
+@pytest.mark.parametrize("params", [{"weights": "int4"}, {"weights": "int2"}, {"weights": "int8"}],
+                         ids=["quanto-int4", "quanto-int2", "quanto-int8"])
+def test_packed_quanto_models_evaluate_through_run_experiment(params, tmp_path):
+    # quanto's 4/2-bit weights are tensor subclasses whose matmul makes views: under torch.inference_mode that
+    # failed with "Cannot set version_counter for inference tensor"; evaluation must pick no_grad for them.
+    from workbench.experiment import run_experiment
+
+    res = run_experiment("tiny-llama", [make_config("quanto", **params)], registry=f"sqlite:///{tmp_path / 'r.db'}")
+    assert res.status == "done", res.error
+    assert res.metrics["kl_mean"] >= 0 and res.metrics["decode_tok_s"] > 0 and res.generations

@@ -40,6 +40,7 @@ from workbench.evaluation.scoring import (
     autocast,
     kl_divergence,
     model_device,
+    no_grad_for,
     row_blocks,
     score_block,
     scored_hidden,
@@ -100,7 +101,7 @@ def score_tokens(
     kl = torch.empty(total, dtype=torch.float32) if base is not None else None
     agree = torch.empty(total, dtype=torch.bool) if base is not None else None
     offset = 0
-    with torch.inference_mode():
+    with no_grad_for(model):
         for b in range(0, n_chunks, suite.batch_size):
             progress.update(b / n_chunks, f"evaluating: chunk {b + 1}/{n_chunks}")
             batch = chunks[b : b + suite.batch_size]

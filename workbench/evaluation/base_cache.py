@@ -37,6 +37,7 @@ from torch import nn
 from workbench.evaluation.runtime import generate
 from workbench.evaluation.scoring import (
     model_device,
+    no_grad_for,
     row_blocks,
     score_block,
     scored_hidden,
@@ -160,7 +161,7 @@ def _compute(base_model: nn.Module, tokenizer: Any, suite: Suite, chunks: torch.
         hidden = open_mm(folder / "hidden.npy", mode="w+", dtype=np.float32, shape=(rows, head.in_features))
     device = model_device(base_model)
     offset = 0
-    with torch.inference_mode():
+    with no_grad_for(base_model):
         for b in range(0, n_chunks, suite.batch_size):
             progress.update(b / n_chunks, f"base model: chunk {b + 1}/{n_chunks}")
             batch = chunks[b : b + suite.batch_size]

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from workbench.evaluation.scoring import model_device
+from workbench.evaluation.scoring import model_device, no_grad_for
 
 GENERATION_PROMPTS = (
     "The Python `with` statement",
@@ -82,7 +82,7 @@ def measure_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 16, 
     device = model_device(model)
     prompt = prompt.to(device)[None]  # (1, T)
     prefill, decode = [], []
-    with torch.inference_mode():
+    with no_grad_for(model):
         for i in range(repeats + 1):
             if check is not None:
                 check()
@@ -108,7 +108,7 @@ def generate(model: nn.Module, tokenizer: Any, n: int, new_tokens: int = 16) -> 
     texts = []
     device = model_device(model)
     eos = getattr(tokenizer, "eos_token_id", None)
-    with torch.inference_mode():
+    with no_grad_for(model):
         for prompt in GENERATION_PROMPTS[:n]:
             ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device)
             step_in, past, new = ids, None, []

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,6 +30,15 @@ def model_device(model: nn.Module) -> torch.device:
         return next(p.device for p in model.parameters() if p.device.type != "meta")
     except StopIteration:
         return torch.device("cpu")
+
+
+def no_grad_for(model: nn.Module) -> Any:
+    """``torch.inference_mode()`` (the fastest way to run without autograd), or ``torch.no_grad()`` for a model
+    whose weights are tensor subclasses (optimum-quanto's packed 4- and 2-bit weights): their ops make views
+    and set version counters, which inference mode forbids ("Cannot set version_counter for inference tensor").
+    """
+    subclassed = any(type(p.data) is not torch.Tensor for p in model.parameters())
+    return torch.no_grad() if subclassed else torch.inference_mode()
 
 
 def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
