@@ -205,6 +205,9 @@ def test_workbench_in_jupyterlab(chromium, workspace) -> None:
                 _fail(page, server, f"the quantize plot did not gain a point (still {points.count()})",
                       "lab-fail-plot")
             expect(app.get_by_text(re.compile(r"Run \d+ · .*evaluated and recorded"))).to_be_visible()
+            # Notes drawn on the plot before it had runs are gone once it has them.
+            expect(plot.get_by_text("Reading the registry")).to_have_count(0)
+            expect(plot.get_by_text("No quantized runs yet")).to_have_count(0)
             plot.scroll_into_view_if_needed()
             _shot(page, "lab-06-plot-gained-point")
 
@@ -213,6 +216,7 @@ def test_workbench_in_jupyterlab(chromium, workspace) -> None:
             rows = app.locator(".widget-html table tbody tr:visible")
             expect(rows).to_have_count(2, timeout=UI_TIMEOUT_MS)
             expect(rows.first).to_contain_text("baseline")
+            expect(app.get_by_text("Reading the registry")).to_have_count(0)
             _shot(page, "lab-07-compare")
 
             # Export CSV: the file is written to the export folder, and clicking its link downloads it.

@@ -134,7 +134,20 @@ def render_note(message: str, kind: str = "info") -> str:
 
 
 def replace_figure(widget: go.FigureWidget, figure: go.Figure) -> None:
-    """Show ``figure`` in ``widget``, sent to the browser as one message (plotly's ``batch_update``)."""
+    """Show ``figure`` in ``widget``, sent to the browser as one message (plotly's ``batch_update``).
+
+    The browser merges a new layout into the one it shows, so what the new layout leaves unset would stay on
+    screen (an empty plot's note, hidden axes): those are cleared first, in a message of their own.
+    """
+    stale = widget.layout
+    with widget.batch_update():
+        if stale.annotations and not figure.layout.annotations:
+            widget.layout.annotations = ()
+        if stale.shapes and not figure.layout.shapes:
+            widget.layout.shapes = ()
+        for axis in ("xaxis", "yaxis"):
+            if stale[axis].visible is False and figure.layout[axis].visible is not False:
+                widget.layout[axis].visible = True
     with widget.batch_update():
         widget.data = ()
         widget.add_traces(list(figure.data))

@@ -173,7 +173,8 @@ class ComparePanel(W.VBox):
         app.watcher.subscribe(self.refresh)
 
         super().__init__([
-            W.HBox([self.model, self.technique, self.suite, self.tag, self.since]),
+            W.HBox([self.model, self.technique, self.suite, self.tag, self.since],
+                   layout=W.Layout(flex_flow="row wrap")),  # five filters: wrap rather than clip on a narrow page
             W.HBox([self.y, self.x, self.color]),
             self.plot,
             W.HBox([self.sort_by, self.descending]),
