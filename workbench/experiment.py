@@ -56,6 +56,25 @@ class RunResult:
         return self.status == "done"
 
 
+def find_recorded(loaded: Any, pipeline: Any, suite: Any, registry: Any) -> RunResult | None:
+    """The done run of this loaded model, pipeline and suite in ``registry`` (a :class:`Registry`), as a reused
+    :class:`RunResult`, or None.
+
+    The lookup :func:`run_experiment` makes before any work; a UI can make it on its own thread to answer a
+    setting measured before at once, without waiting for a queue.
+    """
+    from workbench.evaluate import get_suite
+
+    steps = _as_pipeline(pipeline)
+    hit = registry.find_done(loaded.fingerprint, pipeline_to_json(steps), get_suite(suite).key)
+    if hit is None:
+        return None
+    extras = dict(hit.extras or {})
+    return RunResult(run_id=hit.id, status="done", metrics=dict(hit.metrics), reused=True,
+                     generations=list(extras.get("generations", [])), label=describe_pipeline(steps),
+                     model_fingerprint=loaded.fingerprint, extras=extras)
+
+
 def _as_pipeline(pipeline: Any) -> list[Any]:
     if pipeline is None:
         return []
@@ -186,19 +205,10 @@ def _run(model: Any, steps: list[Any], suite: Any, reg: Any, progress: Progress,
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model, progress=progress.span(0.0, 0.1))
     if reuse:
-        hit = reg.find_done(loaded.fingerprint, pipeline_json, suite.key)
-        if hit is not None:
+        found = find_recorded(loaded, steps, suite, reg)
+        if found is not None:
             progress.update(1.0, "found in the registry")
-            return RunResult(
-                run_id=hit.id,
-                status="done",
-                metrics=dict(hit.metrics),
-                reused=True,
-                generations=list((hit.extras or {}).get("generations", [])),
-                label=label,
-                model_fingerprint=loaded.fingerprint,
-                extras=dict(hit.extras or {}),
-            )
+            return found
     if steps:
         check(loaded.model, steps[0])  # ConfigError here: nothing is recorded, nothing heavy has run
 
@@ -270,5 +280,5 @@ def _model_device(model: Any) -> Any:
         return None
 
 
-__all__ = ["RunResult", "environment", "run_experiment"]
+__all__ = ["RunResult", "environment", "find_recorded", "run_experiment"]
 

@@ -237,23 +237,17 @@ class QuantizePanel(W.VBox):
         loaded = self._loaded()
         if loaded is None:
             return False
-        from workbench.evaluate import get_suite
-        from workbench.experiment import RunResult
-        from workbench.techniques import check, describe_pipeline, pipeline_to_json
+        from workbench.experiment import find_recorded
+        from workbench.techniques import check
 
         registry = self.app.registry  # ConfigError when none is open
         try:
-            key = get_suite(self.app.suite).key
-            hit = registry.find_done(loaded.fingerprint, pipeline_to_json([config]), key)
+            result = find_recorded(loaded, [config], self.app.suite, registry)
         except RegistryError:
-            hit = None  # the queued run looks again and reports what is wrong with the registry
-        if hit is None:
+            result = None  # the queued run looks again and reports what is wrong with the registry
+        if result is None:
             check(loaded.model, config)
             return False
-        extras = dict(hit.extras or {})
-        result = RunResult(run_id=hit.id, status="done", metrics=dict(hit.metrics), reused=True,
-                           generations=list(extras.get("generations", [])), label=describe_pipeline([config]),
-                           model_fingerprint=loaded.fingerprint, extras=extras)
         self.app.last_result = result
         self._show_result(result)
         return True

@@ -9,6 +9,7 @@ process's life, so it cannot tell one run from the next), plus the CUDA allocato
 
 from __future__ import annotations
 
+import functools
 import inspect
 import resource
 import statistics
@@ -30,16 +31,19 @@ GENERATION_PROMPTS = (
 )
 
 
+@functools.cache
+def _cache_arg(model_cls: type) -> str:
+    """The name ``model_cls.forward`` takes the KV cache under (read once per class, not per decode step)."""
+    return "cache" if "cache" in inspect.signature(model_cls.forward).parameters else "past_key_values"
+
+
 def _step(model: nn.Module, ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
     """One forward with the KV cache: (logits, the updated cache).
 
     transformers 5.23 renamed the cache argument and output from ``past_key_values`` to ``cache`` (the old name
     still works but warns on every call); older 5.x releases know only the old name.
     """
-    kwargs = {}
-    if cache is not None:
-        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        kwargs[name] = cache
+    kwargs = {_cache_arg(type(model)): cache} if cache is not None else {}
     out = model(input_ids=ids, use_cache=True, **kwargs)
     new_cache = getattr(out, "cache", None)
     if new_cache is None:
