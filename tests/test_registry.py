@@ -483,3 +483,118 @@ def test_one_registry_shared_by_threads(url):
             t.join()
         assert errors == []
         assert len(reg.runs_frame()) == 40
+
+
+# --------------------------------------------------------------------------- opening twice in one process
+def _count_from_another_process(url: str) -> int:
+    """How many runs ``workbench runs`` sees from a fresh process (which opens and closes the registry)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "workbench.cli", "runs", "--registry", url, "--format", "csv"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    return len(out.stdout.strip().splitlines()) - 1
+
+
+def _add(reg: Registry, label: str) -> int:
+    run_id = reg.start_run("fp", "m", "[]", label, "quick", "quick")
+    reg.finish_run(run_id, {"ppl": 1.0})
+    return run_id
+
+
+def test_opening_the_registry_twice_in_one_process_loses_no_run(tmp_path, monkeypatch):
+    # The sequence a notebook makes: the registry opened in a cell, again by the app, and `workbench runs` in a
+    # terminal beside it. A second open must not drop the first one's SQLite locks (a plain-Python read of the
+    # file did: the other process then deleted the -wal file and later writes went nowhere).
+    monkeypatch.chdir(tmp_path)
+    url = "sqlite:///r.db"
+    r1 = Registry.open(url)
+    _add(r1, "a")
+    r2 = Registry.open(url)
+    assert _count_from_another_process(url) == 1
+    _add(r1, "b")
+    assert _count_from_another_process(url) == 2
+    _add(r2, "c")
+    r2.close()
+    r2.close()  # closing twice is harmless, and r1 keeps working
+    _add(r1, "d")
+    assert _count_from_another_process(url) == 4
+    assert sorted(r1.runs_frame()["pipeline"]) == ["a", "b", "c", "d"]
+    r1.close()
+    assert (tmp_path / "r.db").exists()
+
+
+def test_a_text_file_check_never_reads_the_file_outside_sqlite(tmp_path, monkeypatch):
+    # Opening a registry must not open its file with Python's own open(): closing that descriptor would drop the
+    # process's SQLite locks on it.
+    import builtins
+    import io
+
+    path = tmp_path / "runs.db"
+    Registry.open(path).close()
+    opened: list[str] = []
+    real_open, real_io_open = builtins.open, io.open
+
+    def spy(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    def spy_io(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_io_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    monkeypatch.setattr(io, "open", spy_io)
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: spy(self, *a, **k))
+    with Registry.open(path) as reg, Registry.open(path) as again:
+        _add(reg, "x")
+        assert len(again.runs_frame()) == 1
+    assert not [name for name in opened if name.startswith(str(path))]
+
+
+def _random_session(url: str, worker: int, seed: int, n_steps: int, queue: multiprocessing.Queue) -> None:
+    """Open the registry several times, list, write and close in random order; report what was written."""
+    import random
+
+    rng = random.Random(seed)
+    handles: list[Registry] = []
+    written: list[str] = []
+    try:
+        for step in range(n_steps):
+            action = rng.choice(["open", "open", "write", "write", "write", "list", "close"])
+            if action == "open" or not handles:
+                handles.append(Registry.open(url))
+            elif action == "write":
+                label = f"w{worker}-{step}"
+                _add(rng.choice(handles), label)
+                written.append(label)
+            elif action == "list":
+                rng.choice(handles).runs_frame(status=None)
+                _count_from_another_process(url) if rng.random() < 0.05 else None
+            else:
+                handles.pop(rng.randrange(len(handles))).close()
+        for handle in handles:
+            handle.close()
+        queue.put((worker, written, None))
+    except BaseException as err:  # noqa: BLE001 - reported to the parent
+        queue.put((worker, written, f"{type(err).__name__}: {err}"))
+
+
+def test_processes_opening_the_registry_many_times_in_random_order_lose_nothing(tmp_path):
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    Registry.open(url).close()
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_random_session, args=(url, w, 1000 + w, 60, queue)) for w in range(4)]
+    for p in procs:
+        p.start()
+    reports = [queue.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    assert [error for _w, _written, error in reports if error] == []
+    written = sorted(label for _w, labels, _e in reports for label in labels)
+    assert len(written) > 40
+    # A fresh process sees every run that was written, and so does this one.
+    assert _count_from_another_process(url) == len(written)
+    with Registry.open(url) as reg:
+        assert sorted(reg.runs_frame(status=None)["pipeline"]) == written

@@ -10,9 +10,8 @@ import base64
 import copy
 import dataclasses
 import json
-import pathlib
 import re
-import shutil
+import sqlite3
 import threading
 import time
 
@@ -63,9 +62,12 @@ def three_runs_db(tmp_path_factory) -> str:
 def compare(three_runs_db, tmp_path, monkeypatch):
     """The Compare panel of an app on a private copy of the three-run registry."""
     monkeypatch.chdir(tmp_path)
-    for suffix in ("", "-wal", "-shm"):
-        if (src := pathlib.Path(three_runs_db + suffix)).exists():
-            shutil.copy(src, tmp_path / f"runs.db{suffix}")
+    # Copied through SQLite's backup API: copying the file (and its -wal) with plain Python would read it
+    # outside SQLite, which drops this process's locks on it (see workbench.registry.store._SharedEngine).
+    with sqlite3.connect(three_runs_db) as src, sqlite3.connect(tmp_path / "runs.db") as dst:
+        src.backup(dst)
+    src.close()
+    dst.close()
     url = f"sqlite:///{tmp_path / 'runs.db'}"
     bench = Workbench(url, model="tiny-llama", suite=SUITE, poll_interval=0)
     yield bench.compare

@@ -26,12 +26,14 @@ import logging
 import os
 import random
 import socket
+import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, func, inspect, select, text, update
 from sqlalchemy.engine import URL, Connection, make_url
@@ -58,7 +60,6 @@ STALE_AFTER_S = 120.0
 # Transient conflicts (see session_scope) are retried this many times in total.
 _ATTEMPTS = 6
 _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-_SQLITE_MAGIC = b"SQLite format 3\x00"
 
 T = TypeVar("T")
 
@@ -209,9 +210,11 @@ class Registry:
     with the driver's message in plain words.
     """
 
-    def __init__(self, engine: Engine, url: str) -> None:
+    def __init__(self, engine: Engine, url: str, *, shared: _SharedEngine | None = None) -> None:
         """Use :meth:`open`; this constructor does not check the schema."""
         self._engine = engine
+        self._shared = shared
+        self._closed = False
         # Writers start with BEGIN IMMEDIATE on SQLite (see _install_sqlite_events); readers with plain BEGIN.
         self._write_engine = engine.execution_options(workbench_write=True)
         self.url = url
@@ -235,7 +238,7 @@ class Registry:
                 database, a text file), or has another schema version (the message says how to upgrade).
         """
         url = resolve_url(url)
-        registry = cls(_create_engine(url), url)
+        registry = cls._acquire(url)
         try:
             registry._prepare(upgrade=False)
             if mark_stale:
@@ -246,13 +249,19 @@ class Registry:
         return registry
 
     @classmethod
+    def _acquire(cls, url: str) -> Registry:
+        """A Registry over the process's one engine for ``url`` (see :class:`_SharedEngine` for why one)."""
+        shared = _SharedEngine.acquire(url)
+        return cls(shared.engine, url, shared=shared)
+
+    @classmethod
     def upgrade(cls, url: str | os.PathLike[str] | None = None) -> str:
         """Bring the registry at ``url`` to this workbench's schema (``workbench registry upgrade --url URL``).
 
         Runs are kept; a new database is created. Returns the schema version now in place.
         """
         url = resolve_url(url)
-        registry = cls(_create_engine(url), url)
+        registry = cls._acquire(url)
         try:
             registry._prepare(upgrade=True)
         finally:
@@ -260,8 +269,18 @@ class Registry:
         return SCHEMA_VERSION
 
     def close(self) -> None:
-        """Close pooled connections; the registry must not be used afterwards."""
-        self._engine.dispose()
+        """Let go of the database; this object must not be used afterwards (closing twice is harmless).
+
+        Other ``Registry`` objects of this process on the same database keep working: the pooled connections
+        are closed only when the last of them closes.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._shared is not None:
+            self._shared.release()
+        else:
+            self._engine.dispose()
 
     def __enter__(self) -> Self:
         return self
@@ -275,7 +294,7 @@ class Registry:
     def _prepare(self, *, upgrade: bool) -> None:
         """Check the schema; create (new database) or migrate (``upgrade``) it. Never touches foreign data."""
         if self._engine.dialect.name == "sqlite":
-            _check_sqlite_file(self._engine.url)
+            _check_sqlite_path(self._engine.url)
         for attempt in range(_ATTEMPTS):
             try:
                 with self._write_engine.begin() as conn:
@@ -341,8 +360,11 @@ class Registry:
         """
         if os.getpid() != self._pid:
             # A forked child must not use the parent's pooled connections (both would talk over one socket or
-            # SQLite handle); drop them without closing what the parent still uses.
-            self._engine.dispose(close=False)
+            # SQLite handle); drop them without closing what the parent still uses, once per engine.
+            if self._shared is not None:
+                self._shared.after_fork()
+            else:
+                self._engine.dispose(close=False)
             self._pid = os.getpid()
         session = Session(bind=self._write_engine if write else self._engine, expire_on_commit=False)
         try:
@@ -751,8 +773,83 @@ def _install_sqlite_events(engine: Engine) -> None:
         conn.exec_driver_sql(mode)
 
 
-def _check_sqlite_file(url: URL) -> None:
-    """Refuse a file that is not an SQLite database before SQLite (or WAL setup) touches it."""
+class _SharedEngine:
+    """The one engine (and connection pool) of this process for one database URL, shared by every ``Registry``.
+
+    Why one per process: SQLite's locks are POSIX advisory locks, which belong to the process, and closing *any*
+    descriptor of a file drops *all* of the process's locks on it. SQLite guards against that only among its own
+    connections of one process (it defers closing a descriptor while another of its connections holds a lock).
+    Two engines in one process are still both SQLite, but every extra pool is another set of connections to keep
+    consistent, and an open used to read the file's header with plain Python while the first engine's
+    connections held locks: another process then saw no reader and deleted the ``-wal`` file, and later writes
+    went to a deleted file. So a file is never opened outside SQLite (see :func:`_check_sqlite_path`), and a
+    second ``Registry.open`` of the same database reuses the first engine; the pool is disposed when the last
+    ``Registry`` using it closes. In-memory SQLite URLs are not shared: each open is its own database.
+    """
+
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+    _by_key: ClassVar[dict[str, _SharedEngine]] = {}
+
+    def __init__(self, key: str | None, engine: Engine) -> None:
+        self.key, self.engine, self.users, self.pid = key, engine, 0, os.getpid()
+
+    @classmethod
+    def acquire(cls, url: str) -> _SharedEngine:
+        key = _engine_key(url)
+        with cls._lock:
+            shared = cls._by_key.get(key) if key is not None else None
+            if shared is None:
+                shared = cls(key, _create_engine(url))
+                if key is not None:
+                    cls._by_key[key] = shared
+            shared.users += 1
+            return shared
+
+    def release(self) -> None:
+        with self._lock:
+            self.users -= 1
+            if self.users > 0:
+                return
+            if self.key is not None and self._by_key.get(self.key) is self:
+                del self._by_key[self.key]
+        if self.pid == os.getpid():
+            self.engine.dispose()
+        else:  # a forked child closing what it inherited: leave the parent's connections alone
+            self.engine.dispose(close=False)
+
+    def after_fork(self) -> None:
+        with self._lock:
+            if self.pid != os.getpid():
+                self.engine.dispose(close=False)
+                self.pid = os.getpid()
+
+
+def _engine_key(url: str) -> str | None:
+    """What identifies a database within this process: the file's real path for SQLite files, else the URL.
+
+    None for in-memory SQLite (nothing to share).
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return url  # _create_engine says what is wrong with it
+    if parsed.get_backend_name() != "sqlite":
+        return parsed.render_as_string(hide_password=False)
+    database = parsed.database
+    if not database or database == ":memory:" or "mode=memory" in str(parsed):
+        return None
+    if database.startswith("file:"):
+        return str(parsed)
+    return f"sqlite:{os.path.realpath(database)}?{sorted(parsed.query.items())}"
+
+
+def _check_sqlite_path(url: URL) -> None:
+    """Refuse a folder, a missing folder or a file that is not an SQLite database, reading it only through SQLite.
+
+    The file is never opened with plain Python: closing that descriptor would drop every lock this process's
+    SQLite connections hold on it (see :class:`_SharedEngine`). SQLite itself reads the header and answers
+    ``file is not a database``; a plain read transaction writes nothing, so a text file is left as it was.
+    """
     database = url.database
     if not database or database == ":memory:" or database.startswith("file:"):
         return
@@ -767,15 +864,20 @@ def _check_sqlite_file(url: URL) -> None:
             )
         return
     try:
-        with path.open("rb") as fh:
-            head = fh.read(len(_SQLITE_MAGIC))
-    except OSError as err:
-        raise RegistryError(f"Cannot read the registry file {path}: {err}.") from None
-    if head != _SQLITE_MAGIC:
-        raise RegistryError(
-            f"{path} is not a workbench registry: it is not an SQLite database (a text file, another format, "
-            f"or a damaged file). Nothing was changed. Choose another file, e.g. --registry sqlite:///runs.db."
-        )
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S)
+        try:
+            conn.execute("PRAGMA schema_version").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as err:
+        if "not a database" in str(err):
+            raise RegistryError(
+                f"{path} is not a workbench registry: it is not an SQLite database (a text file, another "
+                f"format, or a damaged file). Nothing was changed. Choose another file, e.g. "
+                f"--registry sqlite:///runs.db."
+            ) from None
+        # Anything else (a damaged page, no permission) is reported by the open that follows, with the URL.
+        log.debug("SQLite check of %s: %s", path, err)
 
 
 __all__ = ["DEFAULT_URL", "ENV_VAR", "STALE_AFTER_S", "Registry", "canonical_pipeline", "resolve_url"]
