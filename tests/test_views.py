@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
@@ -13,8 +15,13 @@ from workbench.views import (
     loss_curve_figure,
     pareto_mask,
     sensitivity_figure,
+    setting_labels,
+    short_model_name,
+    simulated_latency,
+    technique_colour,
     tradeoff_figure,
     tradeoff_info,
+    with_display_metrics,
 )
 
 
@@ -55,13 +62,92 @@ def test_hover_names_the_pipeline_and_escapes_user_text():
     assert "&lt;b&gt;x&lt;/b&gt;" in hover[3]
 
 
-def test_figures_draw_points_front_and_baseline():
+def test_figures_draw_points_per_technique_front_and_baseline_as_a_reference_line():
     fig = tradeoff_figure(_runs())
     names = [t.name for t in fig.data]
-    assert names == ["runs", "Pareto front", "baseline"]
-    assert len(fig.data[0].x) == 5 and fig.layout.xaxis.title.text == "Bits per weight (all weights)"
+    assert names == ["rtn", "gptq", "Pareto front"]
+    assert sum(len(t.x) for t in fig.data if t.customdata is not None) == 4  # the baseline is not a point
+    assert max(max(t.x) for t in fig.data) == 4.5  # so its 32 bits do not stretch the axis
+    assert fig.layout.xaxis.title.text == "Bits per weight (all weights)"
+    # A dashed line at the baseline's quality; its size (far off the variants' range) is named in the label.
+    (line,) = fig.layout.shapes
+    assert line.y0 == line.y1 == 0.0 and line.line.dash == "dash"
+    assert any("baseline" in a.text and "32" in a.text for a in fig.layout.annotations)
     lines = bits_figure(_runs())
-    assert {t.name for t in lines.data} == {"baseline", "rtn", "gptq"}
+    assert {t.name for t in lines.data} == {"rtn", "gptq"}
+    assert len(lines.layout.shapes) == 1 and lines.layout.shapes[0].y0 == 0.0
+
+
+def test_baseline_near_the_variants_gets_a_vertical_line_too():
+    runs = _runs().assign(metric_decode_tok_s=[50.0, 60.0, 61.0, 61.0, 62.0])
+    fig = tradeoff_figure(runs, x="metric_decode_tok_s")
+    kinds = sorted((s.x0 == s.x1, s.y0 == s.y1) for s in fig.layout.shapes)
+    assert len(kinds) == 2 and fig.layout.shapes[1].x0 == 50.0  # horizontal at KL 0, vertical at 50 tok/s
+    only_base = tradeoff_figure(_runs().iloc[:1])
+    assert not only_base.data and len(only_base.layout.shapes) == 2  # a lone baseline: both lines, no note
+
+
+def test_each_technique_keeps_its_colour_and_marker_whatever_else_is_plotted():
+    alone = tradeoff_figure(_runs()[_runs()["technique"] != "gptq"])
+    together = tradeoff_figure(_runs())
+
+    def marker(fig, name):
+        trace = next(t for t in fig.data if t.name == name)
+        return trace.marker.color, trace.marker.symbol
+
+    assert marker(alone, "rtn") == marker(together, "rtn") == (technique_colour("rtn"), "circle")
+    assert marker(together, "gptq")[0] != marker(together, "rtn")[0]
+    assert technique_colour("brand-new") == technique_colour("brand-new")  # unknown names: stable too
+    bits = bits_figure(_runs())
+    assert next(t for t in bits.data if t.name == "rtn").line.color == technique_colour("rtn")
+
+
+def test_log_quality_axis_and_a_baseline_at_zero_kl():
+    fig = tradeoff_figure(_runs(), log_y=True)
+    assert fig.layout.yaxis.type == "log" and not fig.layout.shapes  # KL 0 has no place on a log axis...
+    assert any(a.text.startswith("baseline: Mean KL") for a in fig.layout.annotations)  # ...so it is named
+    assert bits_figure(_runs(), log_y=True).layout.yaxis.type == "log"
+    assert tradeoff_figure(_runs()).layout.yaxis.type == "linear"
+
+
+def test_points_are_labelled_with_their_setting_and_plots_follow_the_container_width():
+    runs = _runs().assign(param_bits=[None, 4, 3, 3, 2], param_group_size=[None, 64, 64, 32, 64],
+                          param_symmetric=[None, True, False, False, False])
+    fig = tradeoff_figure(runs)
+    rtn = next(t for t in fig.data if t.name == "rtn")
+    assert list(rtn.text) == ["4b g64 sym", "3b g64", "2b g64"] and "text" in rtn.mode
+    assert setting_labels(pd.DataFrame({"technique": ["bnb", "quanto", "baseline"], "param_mode": ["nf4", None, None],
+                                        "param_double_quant": [True, None, None],
+                                        "param_weights": [None, "int4", None],
+                                        "param_group_size": [None, 64, None]})) == ["nf4 dq", "int4 g64", "float"]
+    for figure in (fig, bits_figure(runs), tradeoff_figure(pd.DataFrame())):
+        assert figure.layout.autosize is True and figure.layout.width is None and figure.layout.height
+    many = pd.concat([runs] * 20, ignore_index=True).assign(run_id=range(100))
+    assert all(t.text is None for t in tradeoff_figure(many).data)  # 80 labels would only overlap
+
+
+def test_simulated_latency_is_marked_in_axis_colour_and_hover():
+    runs = with_display_metrics(_runs().assign(technique=["baseline", "rtn", "rtn", "bnb", "rtn"],
+                                               notes=["", "", "", "packed <nf4>", ""]))
+    assert simulated_latency(runs).tolist() == [False, True, True, False, True]
+    fig = tradeoff_figure(runs, x="metric_decode_ms_per_tok", color="metric_decode_tok_s")
+    assert fig.layout.xaxis.title.text == "Decode latency (ms/token; simulated for rtn)"
+    assert fig.data[0].marker.colorbar.title.text == "Decode tokens/s (simulated for rtn)"
+    hover = dict(zip(tradeoff_info(runs).points["run_id"], tradeoff_info(runs).points["hover"]))
+    assert "Decode tokens/s: 60 (simulated)" in hover[2] and "(simulated)" not in hover[4]
+    assert "notes: packed &lt;nf4&gt;" in hover[4]
+    # A stacked pipeline is simulated when any step is, whatever its first step.
+    stacked = pd.DataFrame({"technique": ["bnb", "bnb"], "pipeline_json": [
+        json.dumps([{"technique": "bnb"}]), json.dumps([{"technique": "bnb"}, {"technique": "gptq"}])]})
+    assert simulated_latency(stacked).tolist() == [False, True]
+
+
+def test_short_model_names():
+    assert short_model_name("SmolLM2-135M-Instruct (134.5M params, 538 MB f32)") == "SmolLM2-135M-Instruct"
+    assert short_model_name("/home/me/models/llama-3.2-1b-instruct-q4 (1236.0M params, 4944 MB f32)") == \
+        "llama-3.2-1b-instruct-q4"
+    assert short_model_name("HuggingFaceTB/SmolLM2-360M") == "SmolLM2-360M"
+    assert len(short_model_name("x" * 80)) == 32 and short_model_name(None) == ""
 
 
 def test_empty_registry_gives_a_friendly_empty_figure():
@@ -93,17 +179,21 @@ def test_runs_missing_a_plotted_metric_are_left_out_not_plotted_at_zero():
     assert 3 not in set(info.points["run_id"]) and len(info.points) == 4
 
 
-def test_colour_scale_is_titled_and_optional():
+def test_colour_is_the_technique_by_default_and_a_metric_scale_on_request():
     fig = tradeoff_figure(_runs())
-    assert fig.data[0].marker.colorbar.title.text == "Decode tokens/s"
-    fig = tradeoff_figure(_runs().drop(columns="metric_decode_tok_s"))
-    assert fig.data[0].marker.showscale is None and len(fig.data[0].x) == 5
+    assert fig.data[0].marker.showscale is None and fig.data[0].marker.color == technique_colour("rtn")
+    fig = tradeoff_figure(_runs(), color="metric_decode_tok_s")
+    assert fig.data[0].marker.colorbar.title.text == "Decode tokens/s (simulated)"
+    assert fig.data[0].marker.showscale and not fig.data[1].marker.showscale  # one colour bar for all traces
+    assert fig.data[0].marker.cmin == fig.data[1].marker.cmin == 60.0
+    fig = tradeoff_figure(_runs().drop(columns="metric_decode_tok_s"), color="metric_decode_tok_s")
+    assert fig.data[0].marker.showscale is None and sum(len(t.x) for t in fig.data[:2]) == 4
 
 
 def test_bits_figure_draws_one_line_per_method_sorted_by_bits_with_latency_in_hover():
     fig = bits_figure(_runs())
     rtn = next(t for t in fig.data if t.name == "rtn")
-    assert list(rtn.x) == [2.5, 3.5, 4.5] and rtn.mode == "lines+markers"
+    assert list(rtn.x) == [2.5, 3.5, 4.5] and rtn.mode.startswith("lines+markers")
     assert all("Decode tokens/s" in h for h in rtn.hovertext)
     assert fig.layout.yaxis.title.text == "Mean KL divergence vs base"
     assert "No quantized runs" in bits_figure(pd.DataFrame()).layout.annotations[0].text
@@ -127,7 +217,7 @@ def test_bits_figure_draws_one_line_per_grid_and_one_per_format_method():
     })
     fig = bits_figure(runs, x="metric_bits_per_weight_linear")
     names = [t.name for t in fig.data]
-    assert names == ["baseline", "bnb", "gptq g32", "quanto", "rtn g32", "rtn g32 int-zero", "rtn g32 sym",
+    assert names == ["bnb", "gptq g32", "quanto", "rtn g32", "rtn g32 int-zero", "rtn g32 sym",
                      "rtn g64", "rtn per-channel"]
     lines = {t.name: t for t in fig.data}
     assert list(lines["rtn g32"].x) == [4.0, 5.0] and list(lines["rtn g32"].customdata) == [3, 2]
