@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from workbench.errors import ConfigError
-from workbench.export import EXPORT_FORMATS, export_frame, format_number
+from workbench.export import EXPORT_FORMATS, export_frame, format_number, format_significant
 
 
 @pytest.fixture()
@@ -103,3 +103,25 @@ def test_a_registry_frame_exports_in_every_format(tmp_path):
         export_frame(empty, fmt)  # an empty selection still exports (a header only)
     assert "&lt;b&gt;bold&lt;/b&gt; &amp; 5%" in export_frame(frame, "html")
     assert json.loads(export_frame(empty, "json")) == []
+
+
+def test_small_values_read_without_scientific_notation():
+    assert format_number(7.718e-06) == "0.000007718"
+    assert format_number(0.01234) == "0.01234" and format_number(0.5) == "0.5"
+    assert format_number(1e-9) == "1.000e-09"  # positional would be unreadable this small
+
+
+def test_format_significant_keeps_one_precision_per_column():
+    assert format_significant(7.718e-06, 3) == "0.00000772" and format_significant(0.01234, 3) == "0.0123"
+    assert format_significant(12.3456, 4) == "12.35" and format_significant(0.5, 3) == "0.500"
+    assert format_significant(538.04, 3) == "538" and format_significant(123456.7, 3) == "123457"
+    assert format_significant(0.0, 3) == "0" and format_significant(float("nan"), 3) == ""
+
+
+def test_digits_per_column_apply_to_people_formats_only():
+    df = pd.DataFrame({"kl_mean": [7.718e-06, 0.01234], "ppl": [12.3456, 13.0]})
+    md = export_frame(df, "md", digits={"kl_mean": 3, "ppl": 4})
+    assert "0.00000772" in md and "0.0123 " in md and "13.00" in md and "e-06" not in md
+    assert "0.00000772" in export_frame(df, "html", digits={"kl_mean": 3})
+    assert "0.00000772" in export_frame(df, "tex", digits={"kl_mean": 3})
+    assert pd.read_csv(io.StringIO(export_frame(df, "csv", digits={"kl_mean": 3})))["kl_mean"][0] == 7.718e-06

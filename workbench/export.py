@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import math
 import numbers
+from collections.abc import Mapping
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -23,20 +24,39 @@ EXPORT_FORMATS = ("csv", "md", "html", "tex", "json")
 _ALIASES = {"markdown": "md", "latex": "tex", "htm": "html"}
 
 
-def format_number(value: float) -> str:
-    """About four significant digits, but whole numbers (parameter counts, bytes) in full."""
+def format_significant(value: float, digits: int) -> str:
+    """``value`` with ``digits`` significant digits in plain positional notation, trailing zeros kept so a
+    column reads at one precision: 0.00000772 and 0.0123 (KL), 12.35 (perplexity), 538.0 (MB).
+
+    Scientific notation only where positional would be unreadable: below 1e-6 and from 1e15.
+    """
     if math.isnan(value):
         return ""
     if math.isinf(value):
         return "inf" if value > 0 else "-inf"
+    if value == 0:
+        return "0"
+    magnitude = abs(value)
+    if magnitude < 1e-6 or magnitude >= 1e15:
+        return f"{value:.{max(digits - 1, 0)}e}"
+    decimals = max(0, digits - 1 - math.floor(math.log10(magnitude)))
+    return f"{value:.{decimals}f}"
+
+
+def format_number(value: float) -> str:
+    """About four significant digits, but whole numbers (parameter counts, bytes) in full; no scientific
+    notation for ordinary values (7.718e-06 reads as 0.000007718)."""
+    if math.isnan(value) or math.isinf(value):
+        return format_significant(value, 4)
     if float(value).is_integer() and abs(value) < 1e15:
         return str(int(value))
     if abs(value) >= 1e4:
         return f"{value:.0f}"
-    return f"{value:.4g}"
+    text = format_significant(value, 4)
+    return text if "e" in text or "." not in text else text.rstrip("0").rstrip(".")
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, digits: int | None = None) -> str:
     """A value as a person reads it: '' for missing, rounded floats, dates to the second, one line."""
     if value is None or value is pd.NA or value is pd.NaT:
         return ""
@@ -45,7 +65,7 @@ def _cell(value: Any) -> str:
     if isinstance(value, numbers.Integral):
         return str(int(value))
     if isinstance(value, numbers.Real):
-        return format_number(float(value))
+        return format_number(float(value)) if digits is None else format_significant(float(value), digits)
     if isinstance(value, pd.Timestamp | datetime):
         return pd.Timestamp(value).strftime("%Y-%m-%d %H:%M:%S")
     if isinstance(value, date):
@@ -53,18 +73,23 @@ def _cell(value: Any) -> str:
     return " ".join(str(value).split())  # newlines and tabs would break a table row
 
 
-def _text_cells(df: pd.DataFrame) -> tuple[list[str], list[list[str]], list[bool]]:
+def _text_cells(
+    df: pd.DataFrame, digits: Mapping[str, int] | None = None
+) -> tuple[list[str], list[list[str]], list[bool]]:
     """Header, rows of cell text, and which columns are numeric (right-aligned)."""
     header = [str(c) for c in df.columns]
     numeric = [
         pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c]) for c in df.columns
     ]
-    rows = [[_cell(v) for v in row] for row in df.itertuples(index=False, name=None)]
+    per_column = [(digits or {}).get(str(c)) for c in df.columns]
+    rows = [
+        [_cell(v, d) for v, d in zip(row, per_column)] for row in df.itertuples(index=False, name=None)
+    ]
     return header, rows, numeric
 
 
-def _markdown(df: pd.DataFrame) -> str:
-    header, rows, numeric = _text_cells(df)
+def _markdown(df: pd.DataFrame, digits: Mapping[str, int] | None = None) -> str:
+    header, rows, numeric = _text_cells(df, digits)
 
     def esc(text: str) -> str:
         return text.replace("\\", "\\\\").replace("|", "\\|")
@@ -86,8 +111,8 @@ def _markdown(df: pd.DataFrame) -> str:
     return "\n".join([line(header), rule, *(line(r) for r in rows)]) + "\n"
 
 
-def _html(df: pd.DataFrame) -> str:
-    header, rows, numeric = _text_cells(df)
+def _html(df: pd.DataFrame, digits: Mapping[str, int] | None = None) -> str:
+    header, rows, numeric = _text_cells(df, digits)
     out = ['<table class="workbench-runs">', "  <thead>", "    <tr>"]
     out += [f"      <th>{html.escape(h)}</th>" for h in header]
     out += ["    </tr>", "  </thead>", "  <tbody>"]
@@ -126,8 +151,8 @@ def escape_latex(text: str) -> str:
     return "".join(_TEX_SPECIAL.get(ch, ch) for ch in text)
 
 
-def _latex(df: pd.DataFrame) -> str:
-    header, rows, numeric = _text_cells(df)
+def _latex(df: pd.DataFrame, digits: Mapping[str, int] | None = None) -> str:
+    header, rows, numeric = _text_cells(df, digits)
     spec = "".join("r" if num else "l" for num in numeric)
     # booktabs rules: the usual look of tables in papers (\usepackage{booktabs}).
     out = [
@@ -146,8 +171,17 @@ def _json(df: pd.DataFrame) -> str:
     return df.to_json(orient="records", date_format="iso", force_ascii=False, indent=1) + "\n"
 
 
-def export_frame(df: pd.DataFrame, fmt: str, path: str | Path | None = None) -> str:
+def export_frame(
+    df: pd.DataFrame,
+    fmt: str,
+    path: str | Path | None = None,
+    *,
+    digits: Mapping[str, int] | None = None,
+) -> str:
     """``df`` as text in ``fmt`` (csv, md, html, tex, json); also written to ``path`` when given.
+
+    ``digits`` gives columns a fixed number of significant digits in the formats for people (md, html, tex;
+    see :func:`format_significant`); CSV and JSON always keep full values.
 
     Raises:
         ConfigError: an unknown format (the message lists the known ones), or ``path`` cannot be written.
@@ -159,11 +193,11 @@ def export_frame(df: pd.DataFrame, fmt: str, path: str | Path | None = None) -> 
     if key == "csv":
         text = df.to_csv(index=False, date_format="%Y-%m-%dT%H:%M:%S.%f%z")
     elif key == "md":
-        text = _markdown(df)
+        text = _markdown(df, digits)
     elif key == "html":
-        text = _html(df)
+        text = _html(df, digits)
     elif key == "tex":
-        text = _latex(df)
+        text = _latex(df, digits)
     else:
         text = _json(df)
     if path is not None:
@@ -178,4 +212,4 @@ def export_frame(df: pd.DataFrame, fmt: str, path: str | Path | None = None) -> 
     return text
 
 
-__all__ = ["EXPORT_FORMATS", "escape_latex", "export_frame", "format_number"]
+__all__ = ["EXPORT_FORMATS", "escape_latex", "export_frame", "format_number", "format_significant"]
