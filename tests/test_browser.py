@@ -255,7 +255,7 @@ def test_workbench_in_jupyterlab(chromium, workspace) -> None:
 
 
 def test_dashboard_in_voila(chromium, workspace, tmp_path) -> None:
-    """`workbench lab --dashboard` on an empty registry: the app alone, and the baseline one click away."""
+    """`workbench lab --dashboard`: the app alone, the baseline one click away, and plots that draw on reload."""
     from playwright.sync_api import expect
 
     nbdir: Path = workspace["notebooks"]  # type: ignore[assignment]
@@ -292,6 +292,24 @@ def test_dashboard_in_voila(chromium, workspace, tmp_path) -> None:
             _shot(page, "voila-02-baseline-recorded")
             body = page.locator("body").inner_text()
             assert TRACEBACK not in body, f"a raw traceback is visible:\n{body[-3000:]}"
+
+            # A dashboard opened on a registry that already has runs (a reload is a new kernel and a new page):
+            # the plots draw their points, and no placeholder note stays above them.
+            page.reload(timeout=RUN_TIMEOUT_MS)
+            expect(page.locator(".widget-tab").first).to_be_visible(timeout=RUN_TIMEOUT_MS)
+            expect(page.get_by_text("the registry has no runs yet")).to_be_hidden(timeout=UI_TIMEOUT_MS)
+            plot = page.locator(".js-plotly-plot:visible").first
+            expect(plot.locator(".scatterlayer .point").first).to_be_attached(timeout=UI_TIMEOUT_MS)
+            expect(plot.locator(".xtitle")).to_have_text(re.compile(r"Bits per weight"))
+            expect(page.get_by_text("Reading the registry")).to_have_count(0, timeout=UI_TIMEOUT_MS)
+            # The title is shown once (the app's), not again by the notebook around it.
+            expect(page.get_by_text("Efficiency Workbench", exact=True)).to_have_count(1)
+            _shot(page, "voila-03-reloaded-with-runs")
+            page.locator(".lm-TabBar-tab", has_text="Compare").first.click()
+            compare_plot = page.locator(".js-plotly-plot:visible").first
+            expect(compare_plot.locator(".scatterlayer .point").first).to_be_attached(timeout=UI_TIMEOUT_MS)
+            expect(page.get_by_text("Reading the registry")).to_have_count(0)
+            _shot(page, "voila-04-compare-with-runs")
         except Exception:
             _shot(page, "voila-fail")
             print(f"server log (tail):\n{server.log()}")

@@ -6,6 +6,7 @@ registry watcher's timer thread may call them (see the module docstring there).
 
 from __future__ import annotations
 
+import copy
 import html
 import threading
 import time
@@ -152,6 +153,22 @@ def replace_figure(widget: go.FigureWidget, figure: go.Figure) -> None:
         widget.data = ()
         widget.add_traces(list(figure.data))
         widget.layout = figure.layout
+    sync_figure_state(widget)
+
+
+def sync_figure_state(widget: go.FigureWidget) -> None:
+    """Make the figure's synced state what the kernel shows now, so that a view created later draws it.
+
+    A browser view of a FigureWidget draws the synced ``_widget_data`` / ``_widget_layout`` traits when it is
+    created, and only then applies the edit messages that follow. plotly sets those two traits when the figure
+    is built and when it is displayed on its own, not when it sits inside a box, and edits made before any view
+    exists reach no view. So a view created after the kernel drew (a Voilà page, which connects once the
+    notebook has run; a reloaded JupyterLab page) showed the figure as first built, "Reading the registry…",
+    and kept that note above the points of later edits.
+    """
+    with widget.hold_sync():
+        widget._widget_layout = copy.deepcopy(widget._layout_obj._props)
+        widget._widget_data = copy.deepcopy(widget._data)
 
 
 class RegistryWatcher:
@@ -307,4 +324,5 @@ __all__ = [
     "render_error",
     "render_note",
     "replace_figure",
+    "sync_figure_state",
 ]

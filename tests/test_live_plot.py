@@ -1,0 +1,32 @@
+"""The plot widget every panel shares: what a browser view created after the kernel drew will show."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+
+from widgets.common import LivePlot
+
+
+def _figure(n: int) -> go.Figure:
+    fig = go.Figure(go.Scatter(x=list(range(n)), y=list(range(n)), mode="markers", name="rtn"))
+    return fig.update_layout(title="trade-off", height=400)
+
+
+def test_a_view_created_after_a_refresh_draws_the_current_figure_not_the_placeholder():
+    # A Voilà page (or a reloaded JupyterLab page) creates its views after the kernel drew: they render the
+    # synced _widget_data/_widget_layout, so those must follow every refresh.
+    calls = iter([_figure(3), _figure(5)])
+    plot = LivePlot(lambda: next(calls))
+    placeholder = plot.figure._widget_layout
+    assert any("Reading the registry" in a["text"] for a in placeholder.get("annotations", []))
+
+    plot.refresh()
+    state = plot.figure.get_state()
+    layout, data = state["_widget_layout"], state["_widget_data"]
+    assert not layout.get("annotations"), "the placeholder note would stay above the points"
+    assert layout["title"]["text"] == "trade-off"
+    assert [len(trace["x"]) for trace in data] == [3]
+
+    plot.refresh()
+    assert [len(t["x"]) for t in plot.figure.get_state()["_widget_data"]] == [5]
+    assert plot.trace_points() == 5
