@@ -267,3 +267,22 @@ def test_demo_perplexity_equals_a_plain_transformers_loop():
         ref = _plain_nll(loaded.model, chunks, suite.score_start)
         assert res.metrics["nll"] == pytest.approx(ref, rel=1e-5), scoring
         assert 1.5 < res.metrics["ppl"] < 100, res.metrics["ppl"]
+
+
+def test_provisional_metrics_arrive_per_batch_and_do_not_change_the_result(tiny_llama, byte_tokenizer):
+    # A plot shows a first estimate after the first batch; listening must not move the final numbers.
+    other = _perturbed(tiny_llama)
+    partials: list[dict] = []
+    heard = ev.evaluate(other, byte_tokenizer, FAST, base_model=tiny_llama,
+                        progress=Progress(on_partial=partials.append))
+    quiet = ev.evaluate(other, byte_tokenizer, FAST, base_model=tiny_llama)
+    assert heard.metrics["ppl"] == quiet.metrics["ppl"] and heard.metrics["kl_mean"] == quiet.metrics["kl_mean"]
+    n_batches = -(-(FAST.n_tokens // FAST.context_length) // FAST.batch_size)
+    assert len(partials) == n_batches - 1  # after every batch but the last (the result itself follows)
+    fractions = [p["provisional"] for p in partials]
+    assert fractions == sorted(fractions) and 0 < fractions[0] < fractions[-1] < 1
+    first = partials[0]
+    # The variant's size is known at once; quality is the estimate over the chunks scored so far.
+    assert first["bits_per_weight"] == quiet.metrics["bits_per_weight"]
+    assert first["kl_mean"] > 0 and first["ppl"] > 1 and 0 <= first["top1_agree"] <= 1
+    assert abs(partials[-1]["ppl"] - quiet.metrics["ppl"]) / quiet.metrics["ppl"] < 0.5

@@ -124,6 +124,12 @@ def score_tokens(
                 del logits, base_logits
             offset += targets.shape[0]
             del hidden, full
+            if progress.wants_partial and b + suite.batch_size < n_chunks:
+                # A first estimate from the chunks scored so far (cheap: sums over at most `total` floats).
+                done = slice(0, offset)
+                partial = summarize(TokenScores(nll[done], None if kl is None else kl[done],
+                                                None if agree is None else agree[done]))
+                progress.partial({**partial, "provisional": offset / total})
     progress.update(1.0, "evaluated")
     return TokenScores(nll=nll, kl=kl, agree=agree)
 
@@ -192,6 +198,9 @@ def evaluate(
         else:
             t_eval = time.perf_counter()
             span = progress.span(0.45 if base is not None else 0.0, 0.8)
+            if span.wants_partial:
+                # Provisional points carry the variant's size at once (it does not change while scoring).
+                span = span.adding(_size_metrics(model))
             scores = score_tokens(model, chunks, suite, base=base, base_model=base_model, progress=span)
         eval_s = time.perf_counter() - t_eval
         metrics = summarize(scores)

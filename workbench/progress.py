@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from workbench.errors import RunInterrupted
 
 T = TypeVar("T")
 ProgressCallback = Callable[[float, str], None]
+# Receives provisional results while a step runs (e.g. metrics over the chunks evaluated so far).
+PartialCallback = Callable[[dict[str, Any]], None]
 
 
 class Progress:
@@ -23,6 +25,10 @@ class Progress:
     ``Progress(callback)`` reports to ``callback(fraction, message)``; ``progress.span(0.2, 0.9)`` gives a child
     whose 0..1 maps to 0.2..0.9 of the parent, so nested steps need not know where they sit. All children share
     one cancel event: ``cancel()`` on any of them stops the whole run at the next ``check()``.
+
+    ``on_partial(metrics)``, shared by all children too, receives provisional results while a step runs: the
+    evaluation sends its metrics over the chunks scored so far, with ``provisional`` (the fraction of the text
+    they cover), so a plot can show a first estimate long before the run ends.
     """
 
     def __init__(
@@ -30,11 +36,13 @@ class Progress:
         callback: ProgressCallback | None = None,
         *,
         cancel_event: threading.Event | None = None,
+        on_partial: PartialCallback | None = None,
         _start: float = 0.0,
         _end: float = 1.0,
     ) -> None:
         self._callback = callback
         self.cancel_event = cancel_event if cancel_event is not None else threading.Event()
+        self.on_partial = on_partial
         self._start, self._end = _start, _end
 
     @classmethod
@@ -54,6 +62,7 @@ class Progress:
         return Progress(
             self._callback,
             cancel_event=self.cancel_event,
+            on_partial=self.on_partial,
             _start=self._start + width * start,
             _end=self._start + width * end,
         )
@@ -69,6 +78,27 @@ class Progress:
             self.update(i / total if total else 0.0, f"{desc} {i + 1}/{total}" if total else desc)
             yield item
         self.update(1.0, desc)
+
+    def partial(self, metrics: dict[str, Any]) -> None:
+        """Send provisional ``metrics`` to ``on_partial`` (nothing when no one listens)."""
+        if self.on_partial is not None:
+            self.on_partial(dict(metrics))
+
+    def adding(self, extra: dict[str, Any]) -> Progress:
+        """This progress, with ``extra`` merged into every provisional result sent through it."""
+        parent = self.on_partial
+        return Progress(
+            self._callback,
+            cancel_event=self.cancel_event,
+            on_partial=None if parent is None else (lambda metrics: parent({**extra, **metrics})),
+            _start=self._start,
+            _end=self._end,
+        )
+
+    @property
+    def wants_partial(self) -> bool:
+        """Whether anyone listens for provisional results (computing them is then worth it)."""
+        return self.on_partial is not None
 
     def cancel(self) -> None:
         self.cancel_event.set()
@@ -90,4 +120,4 @@ def as_progress(progress: Progress | ProgressCallback | None) -> Progress:
     return Progress(progress)
 
 
-__all__ = ["Progress", "ProgressCallback", "as_progress"]
+__all__ = ["PartialCallback", "Progress", "ProgressCallback", "as_progress"]
