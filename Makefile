@@ -49,8 +49,8 @@ browser:
 	  else echo "Chromium missing: install Debian's 'chromium' package for the browser test."; fi; \
 	fi
 
-# pytest's exit code 5 means it collected no test: that is a failure too, said plainly.
-test: setup-test demo browser
+# pytest's exit code 5 means it collected no test: that is a failure too, said plainly. Lint runs first.
+test: setup-test demo browser lint
 	@$(PY) -m pytest -q --timeout=900 $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc = 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
@@ -63,8 +63,11 @@ bench: setup-test demo
 	$(PY) bench/registry_scale.py
 	$(PY) bench/ui_refresh.py
 
+# ruff comes with the test extras; the code is kept in `ruff format` style.
+LINTED := workbench widgets tests bench
 lint: setup-test
-	$(PY) -m ruff check workbench widgets tests bench
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
