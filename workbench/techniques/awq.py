@@ -27,61 +27,60 @@ activation statistic mean|x| uses all of them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from workbench.errors import ConfigError
 from workbench.techniques._calibration import LayerRunner, calibration_ids, decoder_layers, named_linears
+from workbench.techniques._grid import WeightGridConfig, check_at_least
 from workbench.techniques._quant import (
     check_embedding_groups,
     check_group_size,
     fake_quantize_,
     mark_quantized,
     quantize_embeddings_from_config_,
-    validate_common,
 )
 from workbench.techniques.base import ApplyContext, register
+from workbench.techniques.space import DEFAULT_GROUP_SIZES, declare_space
 
 
 @dataclass(frozen=True)
-class AWQConfig:
+class AWQConfig(WeightGridConfig):
     """AWQ: activation-aware per-channel scaling and weight clipping, calibrated on the corpus.
 
-    bits, group_size, symmetric, zero_point: as for RTN (the packed format is the same).
-    n_samples, seq_len: calibration windows (n_samples × seq_len tokens) for the activation statistics.
-    n_grid: points of the α grid (20 as in the paper).
-    search_tokens: calibration tokens (whole sequences) on which scales and clipping are searched; 512 keeps a
-        CPU run of the demo model near a minute, and is already many outputs per candidate.
-    clip: run the clipping search.
-    include_embeddings, include_head, embedding_bits: embedding/head by RTN, as for RTN.
+    The shared weight-grid fields (bits, group_size, symmetric, zero_point, embedding options) are as for RTN
+    (the packed format is the same; embeddings and head by RTN); the rest tune the calibration and the searches.
     """
 
-    bits: int = 4
-    group_size: int = 32
-    symmetric: bool = False
-    zero_point: str = "float"
-    n_samples: int = 64
-    seq_len: int = 256
-    n_grid: int = 20
-    search_tokens: int = 512
-    clip: bool = True
-    include_embeddings: bool = False
-    include_head: bool = False
-    embedding_bits: int = 8
+    technique: ClassVar[str] = "awq"
+
+    n_samples: int = field(
+        default=64,
+        metadata={"help": "Calibration windows for the activation statistics (n_samples × seq_len tokens)."},
+    )
+    seq_len: int = field(default=256, metadata={"help": "Tokens per calibration window, at least 8."})
+    n_grid: int = field(default=20, metadata={"help": "Points of the scale exponent grid α, at least 2 (20 as in "
+                                              "the paper)."})
+    search_tokens: int = field(
+        default=512,
+        metadata={
+            "help": "Calibration tokens (whole sequences) on which scales and clipping are searched, at least 16; "
+            "512 keeps a CPU run of the demo model near a minute and is already many outputs per candidate."
+        },
+    )
+    clip: bool = field(default=True, metadata={"help": "Run the weight clipping search after the scale search."})
 
     def __post_init__(self) -> None:
-        validate_common("awq", self.bits, self.group_size, self.zero_point)
-        if self.n_grid < 2:
-            raise ConfigError(f"awq: n_grid={self.n_grid} must be at least 2 (20 as in the paper).")
-        if self.n_samples < 1 or self.seq_len < 8:
-            raise ConfigError(f"awq: n_samples={self.n_samples} must be ≥ 1 and seq_len={self.seq_len} ≥ 8.")
-        if self.search_tokens < 16:
-            raise ConfigError(f"awq: search_tokens={self.search_tokens} must be at least 16 (512 is usual).")
-        if not 2 <= self.embedding_bits <= 8:
-            raise ConfigError(f"awq: embedding_bits={self.embedding_bits} is out of range; choose 2 to 8.")
+        super().__post_init__()
+        check_at_least("awq", "n_samples", self.n_samples, 1, "64 is usual")
+        check_at_least("awq", "seq_len", self.seq_len, 8, "256 is usual")
+        check_at_least("awq", "n_grid", self.n_grid, 2, "20 as in the paper")
+        check_at_least("awq", "search_tokens", self.search_tokens, 16, "512 is usual")
+        if not isinstance(self.clip, bool):
+            raise ConfigError(f"awq: clip={self.clip!r} must be True or False.")
 
 
 _NEEDED = (
@@ -239,6 +238,10 @@ def _search_clip(
 
 def _layer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache", "position_ids")}
+
+
+# What the bit-width slider and `workbench sweep` offer (see workbench/techniques/space.py).
+declare_space("awq", bits=range(2, 9), group_sizes=DEFAULT_GROUP_SIZES, symmetric=True, grid_sensitive=True)
 
 
 @register("awq", AWQConfig, kind="quantize", check=check_awq)

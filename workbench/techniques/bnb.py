@@ -28,13 +28,14 @@ import logging
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from workbench.errors import ConfigError
 from workbench.techniques.base import ApplyContext, register
+from workbench.techniques.space import declare_space
 
 MODES = ("nf4", "fp4", "int8")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -43,21 +44,35 @@ INSTALL_HINT = "pip install 'efficiency-workbench[quant]'"
 
 @dataclass(frozen=True)
 class BnbConfig:
-    """bitsandbytes weight quantization of the decoder's linear layers (real packed storage).
+    """bitsandbytes weight quantization of the decoder's linear layers (real packed storage)."""
 
-    mode: "nf4" or "fp4" (4 bits, blocks of 64 weights, one absmax each) or "int8" (LLM.int8: int8 weights
-        with one scale per row, activation outliers above `int8_threshold` multiplied in fp16).
-    double_quant: nf4/fp4 only: also quantize the absmax constants to 8 bits (saves ~0.37 bits per weight).
-    compute_dtype: dtype of the matmuls. bitsandbytes computes in the input's dtype when that is fp32 or bf16,
-        so the unquantized parts (embeddings, norms, head) are kept in this dtype too; that is what makes
-        "bfloat16" take effect.
-    int8_threshold: outlier threshold of LLM.int8 (6.0 as in the paper; 0 turns the decomposition off).
-    """
-
-    mode: str = "nf4"
-    double_quant: bool = False
-    compute_dtype: str = "float32"
-    int8_threshold: float = 6.0
+    mode: str = field(
+        default="nf4",
+        metadata={
+            "help": "'nf4' or 'fp4' (4 bits, blocks of 64 weights, one absmax each) or 'int8' (LLM.int8: int8 "
+            "weights with one scale per row, activation outliers above `int8_threshold` multiplied in fp16).",
+            "choices": MODES,
+        },
+    )
+    double_quant: bool = field(
+        default=False,
+        metadata={"help": "nf4/fp4 only: also quantize the absmax constants to 8 bits (saves ~0.37 bits per "
+                  "weight)."},
+    )
+    compute_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "dtype of the matmuls. bitsandbytes computes in the input's dtype when that is fp32 or bf16, "
+            "so the unquantized parts (embeddings, norms, head) are kept in this dtype too; that is what makes "
+            "'bfloat16' take effect.",
+            "choices": COMPUTE_DTYPES,
+        },
+    )
+    int8_threshold: float = field(
+        default=6.0,
+        metadata={"help": "int8 only: outlier threshold of LLM.int8 (6.0 as in the paper; 0 turns the "
+                  "decomposition off)."},
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -79,6 +94,17 @@ class BnbConfig:
     def bits(self) -> int:
         """Bits per stored weight code (scales come on top: see ``wb_storage_bytes``)."""
         return 8 if self.mode == "int8" else 4
+
+    def label(self) -> str:
+        """``bnb nf4``, ``bnb nf4 dq bf16``, ``bnb int8 t=0.0``: the format, then what differs from the defaults."""
+        parts = ["bnb", self.mode]
+        if self.double_quant:
+            parts.append("dq")
+        if self.compute_dtype != "float32":
+            parts.append({"bfloat16": "bf16", "float16": "fp16"}.get(self.compute_dtype, self.compute_dtype))
+        if self.int8_threshold != 6.0:
+            parts.append(f"t={self.int8_threshold}")
+        return " ".join(parts)
 
 
 class _DropFp16CastNotice(logging.Filter):
@@ -203,6 +229,11 @@ def bnb_quantization_config(config: BnbConfig) -> Any:
         bnb_4bit_use_double_quant=config.double_quant,
         bnb_4bit_compute_dtype=getattr(torch, config.compute_dtype),
     )
+
+
+# What the bit-width slider and `workbench sweep` offer (see workbench/techniques/space.py).
+# nf4 rather than fp4 at 4 bits: it is the 4-bit format bitsandbytes recommends (lower error on normal weights).
+declare_space("bnb", formats={8: {"mode": "int8"}, 4: {"mode": "nf4"}})
 
 
 @register("bnb", BnbConfig, kind="quantize", check=check_bnb)

@@ -19,14 +19,15 @@ docs/quantization.md). The algorithm is short, and this version follows the refe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from workbench.errors import ConfigError
 from workbench.techniques._calibration import LayerRunner, calibration_ids, decoder_layers, named_linears
+from workbench.techniques._grid import WeightGridConfig, check_at_least
 from workbench.techniques._quant import (
     check_embedding_groups,
     check_group_size,
@@ -35,44 +36,51 @@ from workbench.techniques._quant import (
     quantize_embeddings_from_config_,
     quantize_fused_experts_,
     quantize_groups,
-    validate_common,
 )
 from workbench.techniques.base import ApplyContext, register
+from workbench.techniques.space import DEFAULT_GROUP_SIZES, declare_space
 
 
 @dataclass(frozen=True)
-class GPTQConfig:
+class GPTQConfig(WeightGridConfig):
     """GPTQ: second-order error compensation, calibrated on the corpus's calibration part.
 
-    bits, group_size, symmetric, zero_point: as for RTN (the packed format is the same).
-    act_order: quantize columns in order of decreasing Hessian diagonal. On by default (the reference's default
-        is off): on the demo model it cuts the 3-bit KL divergence by almost half at the same cost and size, and
-        with static groups the stored layout is unchanged.
-    damp: fraction of the mean Hessian diagonal added to it (numerical stability; 0.01 as in the paper).
-    n_samples, seq_len: calibration windows (n_samples × seq_len tokens).
-    block_size: columns per lazy batch update (128 as in the reference).
-    include_embeddings, include_head, embedding_bits: embeddings by RTN, as for RTN.
+    The shared weight-grid fields (bits, group_size, symmetric, zero_point, embedding options) are as for RTN
+    (the packed format is the same; embeddings and head by RTN); the rest tune the calibration and the sweep.
     """
 
-    bits: int = 4
-    group_size: int = 32
-    symmetric: bool = False
-    zero_point: str = "float"
-    act_order: bool = True
-    damp: float = 0.01
-    n_samples: int = 32
-    seq_len: int = 256
-    block_size: int = 128
-    include_embeddings: bool = False
-    include_head: bool = False
-    embedding_bits: int = 8
+    technique: ClassVar[str] = "gptq"
+
+    act_order: bool = field(
+        default=True,
+        metadata={
+            "help": "Quantize columns in order of decreasing Hessian diagonal, with static groups (the stored "
+            "layout is unchanged). On by default, unlike the reference: on the demo model it cuts the 3-bit KL "
+            "divergence by almost half at the same cost and size."
+        },
+    )
+    damp: float = field(
+        default=0.01,
+        metadata={"help": "Fraction of the mean Hessian diagonal added to it, for numerical stability; between "
+                  "0 and 1 (0.01 as in the paper)."},
+    )
+    n_samples: int = field(
+        default=32, metadata={"help": "Calibration windows taken from the corpus (n_samples × seq_len tokens)."}
+    )
+    seq_len: int = field(default=256, metadata={"help": "Tokens per calibration window, at least 8."})
+    block_size: int = field(
+        default=128, metadata={"help": "Columns per lazy batch update (128 as in the reference); any positive size."}
+    )
 
     def __post_init__(self) -> None:
-        validate_common("gptq", self.bits, self.group_size, self.zero_point)
-        if not 0 < self.damp < 1:
-            raise ConfigError(f"gptq: damp={self.damp} must be between 0 and 1 (0.01 is usual).")
-        if self.n_samples < 1 or self.seq_len < 8 or self.block_size < 1:
-            raise ConfigError("gptq: n_samples, seq_len (≥ 8) and block_size must be positive.")
+        super().__post_init__()
+        if not isinstance(self.act_order, bool):
+            raise ConfigError(f"gptq: act_order={self.act_order!r} must be True or False.")
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 < self.damp < 1:
+            raise ConfigError(f"gptq: damp={self.damp!r} must be between 0 and 1 (0.01 is usual).")
+        check_at_least("gptq", "n_samples", self.n_samples, 1, "32 is usual")
+        check_at_least("gptq", "seq_len", self.seq_len, 8, "256 is usual")
+        check_at_least("gptq", "block_size", self.block_size, 1, "128 as in the reference")
 
 
 def check_gptq(model: Any, config: GPTQConfig) -> None:
@@ -200,6 +208,10 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> 
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
     return Q.to(weight.dtype)
+
+
+# What the bit-width slider and `workbench sweep` offer (see workbench/techniques/space.py).
+declare_space("gptq", bits=range(2, 9), group_sizes=DEFAULT_GROUP_SIZES, symmetric=True, grid_sensitive=True)
 
 
 @register("gptq", GPTQConfig, kind="quantize", check=check_gptq)

@@ -10,12 +10,13 @@ decoder linears' bits per weight before anything is applied, and the run records
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import pandas as pd
 
 from workbench.errors import ConfigError
+from workbench.techniques._grid import WeightGridConfig, check_bits
 from workbench.techniques._quant import (
     check_embedding_groups,
     check_group_size,
@@ -26,48 +27,58 @@ from workbench.techniques._quant import (
     packed_bytes,
     quantize_embeddings_from_config_,
     quantize_fused_experts_,
-    validate_common,
 )
 from workbench.techniques.base import ApplyContext, register
+from workbench.techniques.space import DEFAULT_GROUP_SIZES, declare_space
 
 
 @dataclass(frozen=True)
-class MixedPrecisionConfig:
+class MixedPrecisionConfig(WeightGridConfig):
     """RTN at ``bits``, with the decoder linears matching ``high_precision`` patterns at ``high_bits``.
 
-    bits, group_size, symmetric, zero_point: the base quantization (as for RTN).
-    high_bits: bits for the modules kept at higher precision (8 by default: close to lossless).
-    high_precision: glob patterns of module names (e.g. "model.layers.0.*", "*.down_proj"); build it from a
-        sensitivity scan with :func:`mixed_from_sensitivity`.
-    include_embeddings, include_head: quantize the token embedding / output head too, at ``embedding_bits``
-        (tied in the demo model: one tensor, quantized once).
+    The shared weight-grid fields give the base quantization (as for RTN; embeddings and head at
+    ``embedding_bits``, tied in the demo model: one tensor, quantized once). Build ``high_precision`` from a
+    sensitivity scan with :func:`mixed_from_sensitivity`.
     """
 
-    bits: int = 3
-    group_size: int = 32
-    symmetric: bool = False
-    zero_point: str = "float"
-    high_bits: int = 8
-    high_precision: tuple[str, ...] = ()
-    include_embeddings: bool = False
-    include_head: bool = False
-    embedding_bits: int = 8
+    technique: ClassVar[str] = "mixed"
+
+    # 3 rather than RTN's 4: mixed precision pays off where plain RTN starts to hurt.
+    bits: int = field(default=3, metadata={"help": "Bits per weight code of the base quantization, 2 to 8."})
+    high_bits: int = field(
+        default=8,
+        metadata={"help": "Bits for the modules kept at higher precision, from `bits` to 8 (8: close to lossless)."},
+    )
+    high_precision: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "Glob patterns of decoder linear names kept at `high_bits` (e.g. 'model.layers.0.*', "
+            "'*.down_proj'); each must match something. Build it from a sensitivity scan with "
+            "mixed_from_sensitivity."
+        },
+    )
 
     def __post_init__(self) -> None:
-        validate_common("mixed", self.bits, self.group_size, self.zero_point)
-        if not isinstance(self.high_bits, int) or not 2 <= self.high_bits <= 8:
-            raise ConfigError(f"mixed: high_bits={self.high_bits} is out of range; choose 2 to 8.")
+        super().__post_init__()
+        check_bits("mixed", "high_bits", self.high_bits)
         if self.high_bits < self.bits:
             raise ConfigError(
                 f"mixed: high_bits={self.high_bits} is below bits={self.bits}; the kept modules "
                 "should get more bits, not fewer."
             )
-        if not isinstance(self.embedding_bits, int) or not 2 <= self.embedding_bits <= 8:
-            raise ConfigError(f"mixed: embedding_bits={self.embedding_bits} is out of range; choose 2 to 8.")
         if isinstance(self.high_precision, str):
             raise ConfigError("mixed: high_precision must be a list of name patterns, e.g. ['*.down_proj'].")
         if isinstance(self.high_precision, list):  # lists are not hashable; a frozen config stores a tuple
             object.__setattr__(self, "high_precision", tuple(self.high_precision))
+
+    def label(self) -> str:
+        """``mixed 3b g32 8b:*.down_proj``; more than two patterns (a sensitivity pick) show as a count."""
+        if not self.high_precision:
+            return f"mixed {self.grid_label()}"
+        kept = " ".join(self.high_precision)
+        if len(self.high_precision) > 2 or len(kept) > 40:
+            kept = f"{len(self.high_precision)} patterns"
+        return f"mixed {self.grid_label()} {self.high_bits}b:{kept}"
 
 
 def _is_high(name: str, config: MixedPrecisionConfig) -> bool:
@@ -107,6 +118,10 @@ def mixed_bits_per_weight(model: Any, config: MixedPrecisionConfig) -> float:
             config.zero_point,
         )
     return 8 * n_bytes / max(n_weights, 1)
+
+
+# What the bit-width slider and `workbench sweep` offer (see workbench/techniques/space.py).
+declare_space("mixed", bits=range(2, 9), group_sizes=DEFAULT_GROUP_SIZES, symmetric=True, grid_sensitive=True)
 
 
 @register("mixed", MixedPrecisionConfig, kind="quantize", check=check_mixed)

@@ -24,7 +24,7 @@ import contextlib
 import io
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ import torch
 from workbench.errors import ConfigError
 from workbench.techniques._quant import check_group_size, decoder_linears
 from workbench.techniques.base import ApplyContext, register
+from workbench.techniques.space import declare_space
 
 WEIGHTS = ("int8", "int4", "int2")
 INSTALL_HINT = "pip install 'efficiency-workbench[quant]'"
@@ -40,16 +41,24 @@ DEVICES = ("cpu", "cuda")
 
 @dataclass(frozen=True)
 class QuantoConfig:
-    """optimum-quanto weight-only quantization of the decoder's linear layers (real packed storage).
+    """optimum-quanto weight-only quantization of the decoder's linear layers (real packed storage)."""
 
-    weights: "int8" (per output row), "int4" or "int2" (group-wise, asymmetric: a scale and a shift per group).
-    group_size: int4/int2 only: input weights sharing one scale and shift. None keeps quanto's own choice
-        (128, reduced by 32 until it divides the layer; per row for layers of 128 inputs or fewer); -1 is one
-        group per output row; any other value must divide every layer's input width.
-    """
-
-    weights: str = "int4"
-    group_size: int | None = None
+    weights: str = field(
+        default="int4",
+        metadata={
+            "help": "'int8' (one scale per output row), 'int4' or 'int2' (group-wise, asymmetric: a scale and a "
+            "shift per group).",
+            "choices": WEIGHTS,
+        },
+    )
+    group_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "int4/int2 only: input weights sharing one scale and shift. None keeps quanto's own choice "
+            "(128, reduced by 32 until it divides the layer; per row for layers of 128 inputs or fewer); -1 is "
+            "one group per output row; any other value, at least 8, must divide every layer's input width."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.weights not in WEIGHTS:
@@ -69,6 +78,12 @@ class QuantoConfig:
     @property
     def bits(self) -> int:
         return int(self.weights[3:])
+
+    def label(self) -> str:
+        """``quanto int4``, ``quanto int4 g64``, ``quanto int2 per-row``."""
+        if self.group_size is None:
+            return f"quanto {self.weights}"
+        return f"quanto {self.weights} " + ("per-row" if self.group_size == -1 else f"g{self.group_size}")
 
 
 def import_quanto() -> Any:
@@ -122,6 +137,10 @@ def _plain_tensors(t: torch.Tensor) -> Iterator[torch.Tensor]:
 def storage_bytes(module: Any) -> int:
     """Bytes of a frozen quanto module's weight: codes plus scales (and shifts), from the tensors themselves."""
     return int(sum(t.numel() * t.element_size() for t in _plain_tensors(module.weight)))
+
+
+# What the bit-width slider and `workbench sweep` offer (see workbench/techniques/space.py).
+declare_space("quanto", formats={int(w[3:]): {"weights": w} for w in WEIGHTS})
 
 
 @register("quanto", QuantoConfig, kind="quantize", check=check_quanto)

@@ -10,9 +10,9 @@ second, so moving the slider feels immediate.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from workbench.errors import ConfigError
+from workbench.techniques._grid import WeightGridConfig
 from workbench.techniques._quant import (
     check_embedding_groups,
     check_group_size,
@@ -21,46 +21,30 @@ from workbench.techniques._quant import (
     mark_quantized,
     quantize_embeddings_from_config_,
     quantize_fused_experts_,
-    validate_common,
 )
 from workbench.techniques.base import ApplyContext, register
+from workbench.techniques.space import DEFAULT_GROUP_SIZES, declare_space
 
 
 @dataclass(frozen=True)
-class RTNConfig:
+class RTNConfig(WeightGridConfig):
     """Round-to-nearest, group-wise, weight-only.
 
-    bits: 2 to 8.
-    group_size: input weights sharing one scale (32 matches the demo model's native Q4_1 grid; -1 per-channel).
-    symmetric: no zero point (codes centred on 0, llama.cpp's Q*_0 rule), or asymmetric with a zero point.
-    zero_point: asymmetric form: "float" (an fp16 minimum per group, as llama.cpp's Q4_1) or "int" (an integer
-        zero point of `bits` bits, as GPTQ/AWQ checkpoints store it).
-    include_embeddings: also quantize the token embedding at `embedding_bits`, group-wise with the same group
-        size. When the head is tied to the embedding (SmolLM2, the demo model) the head shares it and is
-        quantized with it.
-    include_head: also quantize the output head at `embedding_bits` (when tied: the embedding with it).
-    embedding_bits: bits for the embedding and head (8 keeps their error small; they are a large share of a
-        small model's weights).
+    Its fields are the shared weight-grid ones (bits, group_size, symmetric, zero_point, include_embeddings,
+    include_head, embedding_bits; see :class:`~workbench.techniques._grid.WeightGridConfig` for each one's help).
     """
 
-    bits: int = 4
-    group_size: int = 32
-    symmetric: bool = False
-    zero_point: str = "float"
-    include_embeddings: bool = False
-    include_head: bool = False
-    embedding_bits: int = 8
-
-    def __post_init__(self) -> None:
-        validate_common("rtn", self.bits, self.group_size, self.zero_point)
-        if not isinstance(self.embedding_bits, int) or not 2 <= self.embedding_bits <= 8:
-            raise ConfigError(f"rtn: embedding_bits={self.embedding_bits} is out of range; choose 2 to 8.")
+    technique: ClassVar[str] = "rtn"
 
 
 def check_rtn(model: Any, config: RTNConfig) -> None:
     """Model-dependent checks, before any weight changes: every group size must divide its layer's width."""
     check_group_size("rtn", model, config.group_size)
     check_embedding_groups("rtn", model, config.group_size, config.include_embeddings, config.include_head)
+
+
+# What the bit-width slider and `workbench sweep` offer (see workbench/techniques/space.py).
+declare_space("rtn", bits=range(2, 9), group_sizes=DEFAULT_GROUP_SIZES, symmetric=True, grid_sensitive=True)
 
 
 @register("rtn", RTNConfig, kind="quantize", check=check_rtn)
