@@ -35,13 +35,37 @@ KINDS = ("quantize", "route", "distill", "prune", "other")
 
 
 @dataclass
+class StageRecord:
+    """What one pipeline step reported: its own metrics and extras, and how long it took.
+
+    ``index`` is the step's 0-based position in the pipeline; ``reused`` marks a step whose result came from
+    the prefix cache (its numbers are those of the run that computed it).
+    """
+
+    index: int
+    technique: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    reused: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON kept in a run's ``extras["stages"]`` (extras themselves are merged at the top level)."""
+        return {"stage": self.index + 1, "technique": self.technique, "metrics": dict(self.metrics),
+                "seconds": self.seconds, "reused": self.reused}
+
+
+@dataclass
 class ApplyContext:
     """What an apply function may need besides the model and its config.
 
     ``tokenizer`` and ``corpus`` serve calibrated methods (GPTQ, AWQ, distillation), which take their text from
     ``corpus.text("calibration")`` or ``corpus.text("training")`` (disjoint from the evaluation part).
     ``base`` is the unmodified model (a teacher for distillation); it must not be modified. ``extras`` collects
-    what a technique wants recorded with the run (e.g. a loss curve, expert loads) under its name.
+    what a technique wants recorded with the run (e.g. a loss curve, expert loads) under its name; ``metrics``
+    the numbers it reports about its own work. Inside :func:`apply_pipeline_` each step sees empty ``extras``
+    and ``metrics`` of its own, merged afterwards (see :func:`merge_stages`), so two steps never overwrite
+    each other's values.
     """
 
     tokenizer: Any = None
@@ -51,6 +75,12 @@ class ApplyContext:
     seed: int = 0
     progress: Progress = field(default_factory=Progress.null)
     extras: dict[str, Any] = field(default_factory=dict)
+    # Numbers a technique reports about its own work (experts kept, active parameters, training tokens,
+    # calibration seconds); run_experiment adds them to the run's metrics (metric_* columns).
+    metrics: dict[str, float] = field(default_factory=dict)
+    # One record per pipeline step applied so far, filled by apply_pipeline_ (earlier steps may come from a
+    # cached prefix, marked reused).
+    stages: list[StageRecord] = field(default_factory=list)
 
 
 ApplyFn = Callable[[Any, Any, ApplyContext], Any]
@@ -160,19 +190,209 @@ def apply_(model: Any, config: Any, ctx: ApplyContext | None = None) -> Any:
     return model if out is None else out
 
 
-def apply_pipeline_(model: Any, pipeline: Sequence[Any], ctx: ApplyContext | None = None) -> Any:
-    """Check every step up front, then apply them in order; progress is split evenly between steps."""
-    ctx = ctx if ctx is not None else ApplyContext()
-    for config in pipeline:
-        technique_for(config)
-    if pipeline:
-        check(model, pipeline[0])  # later steps are checked on the model the earlier ones produce
-    outer = ctx.progress
+# ---- stacking: how a step behaves inside a pipeline ------------------------------------------------------
+
+PreviewFn = Callable[[Any, Any], Any]
+
+
+@dataclass(frozen=True)
+class Stacking:
+    """How a technique behaves as one step of a pipeline (declared with :func:`register_stacking`).
+
+    preview: ``preview(model, config) -> model`` returns a stand-in with the shapes the step will produce
+        (e.g. built on the meta device with :func:`meta_model`), so the checks of later steps run before any
+        work. It must be cheap and must not modify ``model``.
+    same_shapes: the step leaves every shape a later check reads as it was (weight-only quantizers). None:
+        True for techniques of kind ``quantize``, False otherwise; a step that neither keeps shapes nor has a
+        preview defers the checks of every later step to the moment just before each runs.
+    cacheable: the model after this step may be kept and reused by a later run (see
+        :mod:`workbench.prefix_cache`). Opt out when the result is not deterministic for a given seed.
+    """
+
+    preview: PreviewFn | None = None
+    same_shapes: bool | None = None
+    cacheable: bool = True
+
+
+_STACKING: dict[type, Stacking] = {}
+
+
+def register_stacking(
+    config_cls: type, *, preview: PreviewFn | None = None, same_shapes: bool | None = None,
+    cacheable: bool = True,
+) -> None:
+    """Declare how the technique of ``config_cls`` stacks (see :class:`Stacking`); the defaults need no call."""
+    if not isinstance(config_cls, type):
+        raise TypeError(f"register_stacking takes a config class, not {config_cls!r}.")
+    _STACKING[config_cls] = Stacking(preview, same_shapes, cacheable)
+
+
+def stacking_for(config: Any) -> Stacking:
+    """What :func:`register_stacking` declared for ``config``'s technique, else the defaults."""
+    return _STACKING.get(type(config), Stacking())
+
+
+def is_cacheable(pipeline: Sequence[Any]) -> bool:
+    """Whether the model after every step of ``pipeline`` may be kept for reuse."""
+    return all(stacking_for(c).cacheable for c in pipeline)
+
+
+def meta_model(model: Any, **config_changes: Any) -> Any:
+    """A Hugging Face model of ``model``'s class on the meta device, its config changed by ``config_changes``.
+
+    Costs no memory (meta tensors have shapes, no data): what a preview returns for a step that changes
+    widths, e.g. ``meta_model(model, intermediate_size=96)`` for a pruning step.
+    """
+    import copy
+
+    import torch
+
+    config = copy.deepcopy(model.config)
+    for key, value in config_changes.items():
+        if not hasattr(config, key):
+            raise ValueError(f"{type(config).__name__} has no attribute {key!r}.")
+        setattr(config, key, value)
+    with torch.device("meta"):
+        return type(model)(config)
+
+
+def _in_step(err: ConfigError, index: int, n: int, config: Any) -> ConfigError:
+    """The same message, saying which step it concerns (one-step pipelines keep the message as it was)."""
+    if n <= 1:
+        return err
+    return ConfigError(f"Step {index + 1} of {n} ({technique_for(config).name}): {err}")
+
+
+def _next_view(model: Any, config: Any) -> Any | None:
+    """What the next step's check should see after ``config`` is applied to ``model``; None: not known."""
+    stacking = stacking_for(config)
+    if stacking.preview is not None:
+        return stacking.preview(model, config)
+    same = stacking.same_shapes
+    if same is None:
+        same = technique_for(config).kind == "quantize"
+    return model if same else None
+
+
+def check_pipeline(model: Any, pipeline: Sequence[Any], *, start: int = 0) -> list[int]:
+    """Check every step before any work, each on the shapes the earlier steps will produce.
+
+    ``model`` is the model step ``start`` will be applied to (the steps before it already are). Each check
+    sees ``model`` as the earlier steps' previews transform it (see :class:`Stacking`). Returns the indices of
+    the steps whose check could not run yet because an earlier step changes shapes in a way it does not
+    declare; :func:`apply_pipeline_` checks those just before they run.
+
+    Raises:
+        ConfigError: a step's parameters do not fit (``Step 3 of 3 (rtn): ...`` in a stacked pipeline).
+    """
     n = len(pipeline)
-    for i, config in enumerate(pipeline):
-        ctx.progress = outer.span(i / n, (i + 1) / n)
-        model = apply_(model, config, ctx)
-    ctx.progress = outer
+    for config in pipeline:
+        technique_for(config)  # an unknown config type fails before any check runs
+    view: Any | None = model
+    deferred = []
+    for i in range(start, n):
+        config = pipeline[i]
+        if view is None:
+            deferred.append(i)
+            continue
+        try:
+            check(view, config)
+        except ConfigError as err:
+            raise _in_step(err, i, n, config) from None
+        if i < n - 1:
+            view = _next_view(view, config)
+    return deferred
+
+
+def _numbers(config: Any, metrics: dict[str, Any]) -> dict[str, float]:
+    """A step's metrics as plain numbers; anything else is the technique's bug, named as such."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if hasattr(value, "item") and not isinstance(value, (int, float)):
+            value = value.item()  # a 0-d tensor or numpy scalar
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(
+                f"{technique_for(config).name}: metric {key!r} is {value!r}; metrics are numbers. Put "
+                f"structured results in ctx.extras."
+            )
+        out[str(key)] = value
+    return out
+
+
+def merge_stages(stages: Sequence[StageRecord], what: str, reserved: Sequence[str] = ()) -> dict[str, Any]:
+    """The stages' ``metrics`` or ``extras`` (``what``) in one flat dict.
+
+    A name only one stage reports keeps its name; a name several stages report, or one in ``reserved``
+    (what the evaluation itself measures), becomes ``stage<i>_<name>`` (1-based) for each, so nothing is
+    overwritten: two calibrated steps give ``stage1_calibration_seconds`` and ``stage3_calibration_seconds``.
+    """
+    if what not in ("metrics", "extras"):
+        raise ValueError(f"merge_stages: what={what!r}; use 'metrics' or 'extras'.")
+    taken = set(reserved)
+    counts: dict[str, int] = {}
+    for stage in stages:
+        for key in getattr(stage, what):
+            counts[key] = counts.get(key, 0) + 1
+    out: dict[str, Any] = {}
+    for stage in stages:
+        for key, value in getattr(stage, what).items():
+            name = key if counts[key] == 1 and key not in taken else f"stage{stage.index + 1}_{key}"
+            out[name] = value
+    return out
+
+
+def apply_pipeline_(
+    model: Any,
+    pipeline: Sequence[Any],
+    ctx: ApplyContext | None = None,
+    *,
+    start: int = 0,
+    after_step: Callable[[int, Any], None] | None = None,
+) -> Any:
+    """Check every step up front, then apply them in order; progress is split evenly between the steps run.
+
+    Args:
+        start: the steps before it are already applied to ``model`` (a cached prefix); their records, if
+            any, are already in ``ctx.stages``.
+        after_step: ``after_step(i, model)`` once step ``i`` is done (e.g. to keep the prefix model); it must
+            not modify the model.
+
+    Each step gets empty ``ctx.metrics`` and ``ctx.extras`` of its own and leaves a :class:`StageRecord` in
+    ``ctx.stages``; at the end ``ctx.metrics`` and ``ctx.extras`` hold all stages' values merged (see
+    :func:`merge_stages`). A step whose check had to wait for the earlier steps' real output (see
+    :func:`check_pipeline`) is checked just before it runs; its :class:`ConfigError` names the step.
+    """
+    import time
+
+    ctx = ctx if ctx is not None else ApplyContext()
+    n = len(pipeline)
+    deferred = set(check_pipeline(model, pipeline, start=start))
+    outer, outer_extras, outer_metrics = ctx.progress, ctx.extras, ctx.metrics
+    todo = n - start
+    try:
+        for i in range(start, n):
+            config = pipeline[i]
+            tech = technique_for(config)
+            outer.check()  # a cancel between two steps stops before the next one starts
+            if i in deferred:
+                try:
+                    check(model, config)
+                except ConfigError as err:
+                    raise _in_step(err, i, n, config) from None
+            ctx.progress = outer.span((i - start) / todo, (i - start + 1) / todo)
+            ctx.extras, ctx.metrics = {}, {}
+            t0 = time.perf_counter()
+            out = tech.apply(model, config, ctx)  # checked above, in check_pipeline or just now
+            model = model if out is None else out
+            ctx.stages.append(StageRecord(i, tech.name, _numbers(config, ctx.metrics), dict(ctx.extras),
+                                          time.perf_counter() - t0))
+            if after_step is not None:
+                after_step(i, model)
+    finally:
+        ctx.progress = outer
+        ctx.extras, ctx.metrics = outer_extras, outer_metrics
+    ctx.extras.update(merge_stages(ctx.stages, "extras"))
+    ctx.metrics.update(merge_stages(ctx.stages, "metrics"))
     return model
 
 
@@ -242,19 +462,27 @@ def describe_pipeline(pipeline: Sequence[Any]) -> str:
 
 __all__ = [
     "ApplyContext",
+    "Stacking",
+    "StageRecord",
     "Technique",
     "apply_",
     "apply_pipeline_",
     "check",
+    "check_pipeline",
     "config_from_dict",
     "config_to_dict",
     "describe_pipeline",
     "get_technique",
+    "is_cacheable",
     "make_config",
+    "merge_stages",
+    "meta_model",
     "pipeline_from_json",
     "pipeline_key",
     "pipeline_to_json",
     "register",
+    "register_stacking",
+    "stacking_for",
     "technique_for",
     "technique_names",
 ]
