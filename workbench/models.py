@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from workbench.anatomy import anatomy, logical_weights
 from workbench.errors import ConfigError
 from workbench.progress import Progress, ProgressCallback, as_progress
 
@@ -631,28 +632,6 @@ def _cached_fingerprint(model: nn.Module, files: list[Path], dtype: str) -> str:
 
 # ---- sizes -----------------------------------------------------------------------------------------------------
 
-_ROUTER_LEAVES = ("gate", "router", "shared_expert_gate")
-
-
-def _logical_weights(module: nn.Module) -> int | None:
-    inf, outf = getattr(module, "in_features", None), getattr(module, "out_features", None)
-    if isinstance(inf, int) and isinstance(outf, int) and inf and outf:
-        return inf * outf
-    return None
-
-
-def _is_linear(module: nn.Module) -> bool:
-    """nn.Linear and the modules that replace it (bitsandbytes, quanto, HQQ, ...)."""
-    return isinstance(module, nn.Linear) or (_logical_weights(module) is not None and hasattr(module, "weight"))
-
-
-def _is_experts(module: nn.Module) -> bool:
-    """Fused MoE experts (one 3-D tensor per projection), as transformers 5 stores Mixtral/Qwen-MoE experts."""
-    return type(module).__name__.endswith("Experts") and any(
-        p.dim() == 3 for p in module.parameters(recurse=False)
-    )
-
-
 def _plain_bytes(t: Any) -> int:
     """Bytes of a tensor, looking inside tensor subclasses (quanto's QTensors) at the plain tensors they hold."""
     data = t.data if isinstance(t, nn.Parameter) else t
@@ -665,9 +644,14 @@ def _plain_bytes(t: Any) -> int:
 def packed_weight_bytes(module: nn.Module) -> int | None:
     """Bytes of a real packed backend's weight, from its own tensors; None for an ordinary dense weight.
 
-    bitsandbytes ``Linear4bit``: packed uint8 codes + per-block absmax (+ the nested absmax, code and offset of
-    double quantization). ``Linear8bitLt``: int8 codes + per-row scales (SCB). quanto ``QLinear``: the QTensor's
-    inner tensors (codes, maybe packed; scales; shifts).
+    The one place these bytes are counted (bitsandbytes' technique records this number at load time):
+
+    - bitsandbytes ``Linear4bit`` (nf4/fp4): packed uint8 codes (two 4-bit codes per byte) + one absmax per block
+      of 64 weights; with double quantization the absmax are uint8 codes instead, plus the nested fp32 absmax
+      (one per 256 of them) and the fp32 offset. The 16- and 256-entry code tables are constants shared by every
+      layer (bitsandbytes builds them, they are not the model's information) and are not counted.
+    - bitsandbytes ``Linear8bitLt``: int8 codes + SCB (one fp32 scale per output row).
+    - quanto ``QLinear``: the QTensor's inner tensors (codes, maybe packed; scales; shifts).
     """
     w = getattr(module, "weight", None)
     if w is None:
@@ -675,15 +659,16 @@ def packed_weight_bytes(module: nn.Module) -> int | None:
     state = getattr(w, "quant_state", None)
     if state is not None and hasattr(state, "absmax"):
         parts = [w.data, state.absmax]
+        total = 0
         if getattr(state, "nested", False) and getattr(state, "state2", None) is not None:
-            parts += [state.state2.absmax, state.state2.code]
-            if isinstance(state.offset, torch.Tensor):
-                parts.append(state.offset)
-        return sum(_plain_bytes(t) for t in parts)
-    if w.dtype == torch.int8 and hasattr(module, "state") and type(module).__name__.startswith("Linear8bit"):
+            parts.append(state.state2.absmax)
+            offset = state.offset
+            total += _plain_bytes(offset) if isinstance(offset, torch.Tensor) else 4  # one fp32 either way
+        return total + sum(_plain_bytes(t) for t in parts)
+    if w.dtype == torch.int8 and type(module).__name__.startswith("Linear8bit"):
         scb = getattr(w, "SCB", None)
         if scb is None:
-            scb = getattr(module.state, "SCB", None)  # moved to the state on the first forward
+            scb = getattr(getattr(module, "state", None), "SCB", None)  # moved to the state on the first forward
         return _plain_bytes(w) + (_plain_bytes(scb) if isinstance(scb, torch.Tensor) else 0)
     data = w.data if isinstance(w, nn.Parameter) else w
     if type(data) is not torch.Tensor and hasattr(data, "__tensor_flatten__"):
@@ -711,18 +696,17 @@ def _storage_key(t: torch.Tensor) -> int:
 def size_report(model: nn.Module) -> SizeReport:
     """Parameters and the bytes they really take. Tied tensors count once; ``wb_storage_bytes`` wins.
 
-    "Linear" means the weights of the linear layers inside the decoder blocks (and fused MoE expert tensors), the
-    ones weight quantizers change; embeddings, the output head, norms and MoE routers are not in it.
+    "Linear" means what :func:`workbench.anatomy.anatomy` lists as the decoder's linears and fused routed-expert
+    weights, the ones weight quantizers change; embeddings, the output head, norms, MoE routers, shared-expert
+    gates and expert biases are not in it.
     """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    anat = anatomy(model)
+    linear_names = {lin.name for lin in anat.linears}
+    expert_names = {spec.name for _, spec in anat.expert_tensors()}
     # storage key -> [count, bytes, linear, from_wb_storage]
     entries: dict[int, list[Any]] = {}
     for name, module in model.named_modules():
-        in_decoder = ".layers." in f".{name}." and module is not head and module is not emb
-        leaf = name.rsplit(".", 1)[-1]
-        linear_module = in_decoder and _is_linear(module) and leaf not in _ROUTER_LEAVES
-        experts = in_decoder and _is_experts(module)
+        linear_module = name in linear_names
         stored = getattr(module, "wb_storage_bytes", None)
         stored = int(stored) if isinstance(stored, (int, float)) and not isinstance(stored, bool) else None
         # Modules holding several quantized tensors (fused MoE experts) give packed bytes per parameter name.
@@ -732,12 +716,12 @@ def size_report(model: nn.Module) -> SizeReport:
             if pname in per_param:
                 count, size = tensor.numel(), int(per_param[pname])
             elif is_weight and stored is not None:
-                count, size = _logical_weights(module) or tensor.numel(), stored
+                count, size = logical_weights(module) or tensor.numel(), stored
             elif is_weight and (packed := packed_weight_bytes(module)) is not None:
-                count, size = _logical_weights(module) or tensor.numel(), packed
+                count, size = logical_weights(module) or tensor.numel(), packed
             else:
                 count, size = tensor.numel(), _plain_bytes(tensor)
-            linear = (linear_module and is_weight) or (experts and tensor.dim() == 3)
+            linear = (linear_module and is_weight) or f"{name}.{pname}" in expert_names
             key = _storage_key(tensor)
             if key in entries:  # tied: one tensor, counted once; a packed size given by any owner wins
                 entry = entries[key]

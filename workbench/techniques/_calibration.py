@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from workbench.anatomy import decoder_layer_list, layer_linears
 from workbench.errors import ConfigError
 
 
@@ -38,11 +39,11 @@ def calibration_ids(ctx: Any, n_samples: int, seq_len: int, name: str) -> torch.
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    body = getattr(model, "model", None)
-    layers = getattr(body, "layers", None)
+    """The decoder layers, as :mod:`workbench.anatomy` finds them (``model.layers``, DBRX's ``blocks``, ...)."""
+    _, layers = decoder_layer_list(model)
     if not isinstance(layers, nn.ModuleList):
-        raise ConfigError(f"{type(model).__name__} has no decoder layer list (model.model.layers); calibrated "
-                          "quantization supports Llama-, Mistral-, Qwen- and similar decoder models.")
+        raise ConfigError(f"{type(model).__name__} has no list of decoder layers (config.num_hidden_layers blocks); "
+                          "calibrated quantization supports Llama-, Mistral-, Qwen- and similar decoder models.")
     return layers
 
 
@@ -89,10 +90,6 @@ class LayerRunner:
 
 
 def named_linears(layer: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """The quantizable linears of one decoder layer (MoE routers stay in full precision)."""
-    out = []
-    for name, module in layer.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if isinstance(module, nn.Linear) and leaf not in ("gate", "router", "shared_expert_gate"):
-            out.append((name, module))
-    return out
+    """The quantizable linears of one decoder layer, named relative to it, as :mod:`workbench.anatomy` describes
+    them (MoE routers and shared-expert gates stay in full precision)."""
+    return [(name, module) for name, module in layer_linears(layer) if isinstance(module, nn.Linear)]

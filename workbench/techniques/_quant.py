@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from workbench.anatomy import ExpertTensor, anatomy
 from workbench.errors import ConfigError
 
 ZERO_POINTS = ("float", "int")
@@ -43,35 +44,44 @@ def validate_common(name: str, bits: int, group_size: int, zero_point: str = "fl
 def decoder_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
     """The linear layers inside the decoder blocks: what weight-only quantizers change by default.
 
-    Embeddings and the output head are left out (they are options of each technique); MoE routers (``gate``
-    producing expert scores) stay in full precision, as every MoE quantizer keeps them.
+    Read from :func:`workbench.anatomy.anatomy`: attention, dense MLP, shared-expert and per-expert linears.
+    Embeddings and the output head are left out (they are options of each technique); MoE routers and the
+    shared-expert gate stay in full precision, as every MoE quantizer keeps them.
     """
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        if ".layers." not in f".{name}" and not name.startswith("layers."):
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in ("gate", "router", "shared_expert_gate") or name.endswith("mlp.gate"):
-            continue
-        yield name, module
+    for name, module in anatomy(model).modules(model):
+        if isinstance(module, nn.Linear):
+            yield name, module
+
+
+def fused_expert_tensors(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Parameter, ExpertTensor]]:
+    """Routed-expert weights stored fused (one tensor for all experts), with the anatomy's description of each:
+    (name, owning module, parameter name, parameter, :class:`~workbench.anatomy.ExpertTensor`).
+
+    Layouts differ (``[E, out, in]``, transposed ``[E, in, out]``, DBRX's flattened ``[E*F, H]``), but each
+    expert's slice is an ordinary (out, in) weight (``spec.matrices(param)[e]``), so quantizers treat the tensor
+    as (E·out, in) rows, grouped along each expert's input. Biases are not included.
+    """
+    found = []
+    for _, spec in anatomy(model).expert_tensors():
+        owner, _, pname = spec.name.rpartition(".")
+        module = model.get_submodule(owner)
+        param = getattr(module, pname)
+        if isinstance(param, torch.Tensor) and param.is_floating_point():
+            found.append((spec.name, module, pname, param, spec))
+    return found
 
 
 def fused_experts(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Parameter]]:
-    """Routed experts stored as 3D tensors, (experts, out, in), as transformers 5 keeps MoE experts (Qwen2-MoE,
-    Mixtral, OLMoE ``*Experts`` modules): (name, module, parameter name, parameter).
+    """:func:`fused_expert_tensors` without the description: (name, module, parameter name, parameter).
 
-    Each expert's slice is an ordinary (out, in) weight, so quantizers treat the tensor as (experts·out, in)
-    rows. They are most of an MoE model's weights, so leaving them out would make sizes meaningless.
+    They are most of an MoE model's weights, so leaving them out would make sizes meaningless.
     """
-    found = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or not type(module).__name__.endswith("Experts"):
-            continue
-        for pname, param in module.named_parameters(recurse=False):
-            if param.dim() == 3 and param.is_floating_point():
-                found.append((f"{name}.{pname}", module, pname, param))
-    return found
+    return [(label, module, pname, param) for label, module, pname, param, _ in fused_expert_tensors(model)]
+
+
+def expert_rows(spec: ExpertTensor) -> tuple[int, int]:
+    """The (rows, in) shape a fused expert tensor is quantized as: every expert's (out, in) rows stacked."""
+    return spec.n_experts * spec.out_features, spec.in_features
 
 
 def divisors_for_all(widths: list[int]) -> list[int]:
@@ -92,7 +102,7 @@ def check_group_size(
     if not modules:
         raise ConfigError(f"{name}: found no decoder linear layers to quantize in {type(model).__name__}.")
     named = [(layer, m.weight.shape[1]) for layer, m in modules]
-    named += [(label, p.shape[2]) for label, _, _, p in fused_experts(model)]
+    named += [(label, spec.in_features) for label, _, _, _, spec in fused_expert_tensors(model)]
     widths = [w for _, w in named]
     for layer, width in named:
         if width % group_size:
@@ -323,25 +333,23 @@ def quantize_fused_experts_(
     method: str,
     bits_for: Callable[[str], int] | None = None,
 ) -> int:
-    """Round-to-nearest for the 3D expert tensors of :func:`fused_experts`, in place; returns how many.
+    """Round-to-nearest for the fused expert tensors of :func:`fused_expert_tensors`, in place; returns how many.
 
     Their packed sizes go to ``module.wb_param_storage_bytes`` (parameter name → bytes), since one module holds
     several such tensors. ``bits_for(name)`` may choose bits per tensor (mixed precision).
     """
     count = 0
-    for label, module, pname, param in fused_experts(model):
+    for label, module, pname, param, spec in fused_expert_tensors(model):
         b = bits_for(label) if bits_for is not None else bits
-        n_exp, out_f, in_f = param.shape
-        flat = (
-            param.data.view(n_exp * out_f, in_f)
-            if param.data.is_contiguous()
-            else param.data.reshape(-1, in_f)
-        )
-        fake_quantize_(flat, b, group_size, symmetric, zero_point)
-        if flat.data_ptr() != param.data.data_ptr():
-            param.data.copy_(flat.view_as(param.data))
+        # (E, out, in): a view; contiguous for the usual [E, out, in] and flattened w1/v1 layouts, strided for
+        # transposed ones ([E, in, out]; DBRX's w2), which are quantized in a copy and written back.
+        mats = spec.matrices(param.data)
+        rows = mats.view(-1, spec.in_features) if mats.is_contiguous() else mats.reshape(-1, spec.in_features)
+        fake_quantize_(rows, b, group_size, symmetric, zero_point)
+        if not mats.is_contiguous():  # rows is a copy: write it back
+            mats.copy_(rows.view(mats.shape))
         stored = dict(getattr(module, "wb_param_storage_bytes", {}))
-        stored[pname] = packed_bytes((n_exp * out_f, in_f), b, group_size, symmetric, zero_point)
+        stored[pname] = packed_bytes(expert_rows(spec), b, group_size, symmetric, zero_point)
         module.wb_param_storage_bytes = stored  # type: ignore[assignment]
         module.wb_quant = {
             "method": method,

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from workbench.errors import ConfigError
+from workbench.models import packed_weight_bytes
 from workbench.techniques.base import ApplyContext, register
 from workbench.techniques.space import declare_space
 
@@ -174,28 +175,11 @@ def check_bnb(model: Any, config: BnbConfig) -> None:
 
 
 def storage_bytes(module: Any) -> int | None:
-    """Bytes of a bitsandbytes module's quantized weight with its quantization state (None: not quantized)."""
-    weight = getattr(module, "weight", None)
-    if weight is None:
-        return None
-    state = getattr(weight, "quant_state", None)
-    if state is not None:  # Params4bit: packed codes + absmax (+ the nested state of double quantization)
-        total = weight.data.numel() * weight.data.element_size()
-        total += state.absmax.numel() * state.absmax.element_size()
-        if getattr(state, "nested", False) and getattr(state, "state2", None) is not None:
-            total += state.state2.absmax.numel() * state.state2.absmax.element_size()
-            offset = state.offset
-            total += offset.numel() * offset.element_size() if torch.is_tensor(offset) else 4
-        return int(total)
-    if weight.dtype == torch.int8:  # Int8Params: codes + one fp32 scale (SCB) per output row
-        total = weight.numel()
-        scb = getattr(weight, "SCB", None)
-        if scb is None:
-            scb = getattr(getattr(module, "state", None), "SCB", None)
-        if scb is not None:
-            total += scb.numel() * scb.element_size()
-        return int(total)
-    return None
+    """Bytes of a bitsandbytes module's quantized weight with its quantization state (None: not quantized).
+
+    Counted by :func:`workbench.models.packed_weight_bytes`, the one rule size accounting also applies.
+    """
+    return packed_weight_bytes(module)
 
 
 def _save_plain(model: Any, folder: str) -> None:

@@ -21,7 +21,9 @@ from workbench.techniques._quant import (
     check_embedding_groups,
     check_group_size,
     decoder_linears,
+    expert_rows,
     fake_quantize_,
+    fused_expert_tensors,
     fused_experts,
     mark_quantized,
     packed_bytes,
@@ -107,11 +109,11 @@ def mixed_bits_per_weight(model: Any, config: MixedPrecisionConfig) -> float:
         n_bytes += packed_bytes(
             tuple(linear.weight.shape), bits, config.group_size, config.symmetric, config.zero_point
         )
-    for label, _, _, param in fused_experts(model):
+    for label, _, _, param, spec in fused_expert_tensors(model):
         bits = config.high_bits if _is_high(label, config) else config.bits
         n_weights += param.numel()
         n_bytes += packed_bytes(
-            (param.shape[0] * param.shape[1], param.shape[2]),
+            expert_rows(spec),  # (E·out, in) whatever the stored layout
             bits,
             config.group_size,
             config.symmetric,
