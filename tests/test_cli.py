@@ -80,3 +80,55 @@ def test_a_non_integer_bit_width_says_so(registry_url, capsys):
     assert main(["run", "--model", "tiny-llama", "--technique", "rtn", "--param", "bits=abc",
                  "--registry", registry_url]) == 2
     assert "is not a whole number" in capsys.readouterr().err
+
+
+# ---- sweeps through the technique's parameter space -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("technique", "bits", "formats"),
+    [("bnb", ["8", "4"], ["int8", "nf4"]), ("quanto", ["8", "4", "2"], ["int8", "int4", "int2"])],
+)
+def test_sweep_runs_a_format_technique_at_its_widths(technique, bits, formats, registry_url, capsys):
+    argv = ["sweep", "--model", "tiny-llama", "--technique", technique, "--bits", *bits, "--registry", registry_url]
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    for fmt in formats:
+        assert fmt in out
+    from workbench.registry import Registry
+
+    with Registry.open(registry_url) as reg:
+        frame = reg.runs_frame()
+    field = "param_mode" if technique == "bnb" else "param_weights"
+    assert sorted(frame[field]) == sorted(formats), frame
+    # Fewer bits, fewer bytes: the widths really differ (scales come on top of the codes).
+    by_width = frame.set_index(field).loc[formats, "metric_bits_per_weight_linear"]
+    assert by_width.is_monotonic_decreasing, by_width
+
+
+def test_sweep_refuses_a_width_the_technique_lacks_before_any_run(registry_url, capsys):
+    argv = ["sweep", "--model", "tiny-llama", "--technique", "bnb", "--bits", "8", "3", "--registry", registry_url]
+    assert main(argv) == 2
+    assert "takes 4 (nf4), 8 (int8) bits, not 3" in capsys.readouterr().err
+    from workbench.registry import Registry
+
+    with Registry.open(registry_url) as reg:
+        assert reg.runs_frame(status=None).empty
+
+
+def test_sweep_refuses_a_group_size_the_model_cannot_take_before_any_run(registry_url, capsys):
+    argv = ["sweep", "--model", "tiny-llama", "--technique", "rtn", "--bits", "8", "4", "--param", "group_size=48",
+            "--registry", registry_url]
+    assert main(argv) == 2
+    assert "does not divide" in capsys.readouterr().err
+
+
+def test_techniques_lists_widths_and_one_technique_shows_its_fields_with_help(capsys):
+    assert main(["techniques"]) == 0
+    out = capsys.readouterr().out
+    assert "bnb" in out and "4 (nf4), 8 (int8)" in out and "2 (int2), 4 (int4), 8 (int8)" in out
+    assert main(["run", "--help-technique", "rtn"]) == 0
+    out = capsys.readouterr().out
+    assert "group_size (int, default 32)" in out and "per-channel" in out and "sweep --bits: 2, 3" in out
+    assert main(["techniques", "quanto"]) == 0
+    assert "weights (str, default 'int4')" in capsys.readouterr().out

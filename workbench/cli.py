@@ -4,6 +4,9 @@
     workbench eval --model demo --suite quick    # baseline run, prints a table
     workbench run --model demo --technique rtn --param bits=3 --param group_size=64
     workbench sweep --model demo --technique rtn --bits 2 3 4 8
+    workbench sweep --model demo --technique bnb --bits 8 4    # 8 -> int8, 4 -> nf4 (the technique's space)
+    workbench techniques [rtn]                   # what exists; one technique's fields with their help
+    workbench run --help-technique rtn           # the same field list
     workbench runs --technique rtn --format md   # list / filter / export the registry
     workbench registry upgrade --url sqlite:///workbench-runs.db
     workbench lab [--dashboard]                  # JupyterLab (or a Voila dashboard) on notebooks/
@@ -86,21 +89,19 @@ class _Bar:
         self._bar.close()
 
 
-def _run_one(args: argparse.Namespace, pipeline: list[Any]) -> Any:
-    from workbench.experiment import run_experiment
+def _workspace(args: argparse.Namespace) -> Any:
+    """The workspace a command runs in: the suite is resolved first, so a bad one fails before the registry opens."""
+    from workbench.workspace import Workspace
 
+    suite = _suite(args)
+    return Workspace(args.registry, model=args.model, suite=suite)
+
+
+def _run_one(ws: Any, args: argparse.Namespace, pipeline: list[Any]) -> Any:
     bar = _Bar("run")
     try:
-        return run_experiment(
-            args.model,
-            pipeline,
-            _suite(args),
-            registry=args.registry,
-            progress=bar,
-            tags=tuple(args.tag or ()),
-            notes=args.notes or "",
-            reuse=not args.force,
-        )
+        return ws.run_now(pipeline, progress=bar, tags=tuple(args.tag or ()), notes=args.notes or "",
+                          reuse=not args.force)
     finally:
         bar.close()
 
@@ -125,23 +126,78 @@ def _print_results(results: Sequence[Any], fmt: str = "md") -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    return _print_results([_run_one(args, [])])
+    with _workspace(args) as ws:
+        return _print_results([_run_one(ws, args, [])])
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from workbench.techniques import make_config
 
+    if args.help_technique:
+        print(technique_help(args.help_technique))
+        return 0
+    if not args.technique:
+        raise ConfigError("run needs --technique NAME (e.g. rtn); `workbench techniques` lists them.")
     pipeline = [make_config(args.technique, **_params(args.param or ()))]
-    return _print_results([_run_one(args, pipeline)])
+    with _workspace(args) as ws:
+        return _print_results([_run_one(ws, args, pipeline)])
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from workbench.techniques import make_config
+    """One run per bit width, through the technique's parameter space (the same the Quantize panel offers):
+    bnb's 8 and 4 bits are int8 and nf4, quanto's 8/4/2 its int8/int4/int2, and the default point is the one
+    the panel starts at for this model (off a grid its weights sit on)."""
+    params = _params(args.param or ())
+    if "bits" in params:
+        raise ConfigError("sweep: give the widths with --bits, not --param bits=...")
+    axes = {k: params.pop(k) for k in ("group_size", "symmetric") if k in params}
+    with _workspace(args) as ws:
+        ws.space(args.technique)  # an unknown technique or one without a space fails before the model loads
+        ws.load()
+        space = ws.space(args.technique)
+        if space.reason and not (set(axes) & {"group_size", "symmetric"}):
+            print(f"note: {space.reason}", file=sys.stderr)
+        configs = ws.sweep_configs(args.technique, args.bits, **axes, **params)  # all built and checked first
+        return _print_results([_run_one(ws, args, [c]) for c in configs])
 
-    base = _params(args.param or ())
-    configs = [make_config(args.technique, **{**base, "bits": b}) for b in args.bits]  # all validated first
-    results = [_run_one(args, [c]) for c in configs]
-    return _print_results(results)
+
+def technique_help(name: str) -> str:
+    """One technique's fields (default and help text) and the widths a sweep or slider offers."""
+    from workbench.techniques import get_technique
+    from workbench.techniques.space import field_help, parameter_space
+
+    tech = get_technique(name)
+    lines = [f"{name} ({tech.kind}): {tech.summary}", ""]
+    for f in field_help(name):
+        lines.append(f"  {f.name} ({f.type}, default {f.default!r})")
+        if f.help:
+            lines.append(f"      {f.help}")
+    try:
+        space = parameter_space(name)
+    except ConfigError:
+        return "\n".join(lines)
+    lines += ["", f"  sweep --bits: {space.widths_text()}"]
+    if space.group_sizes:
+        lines.append("  group sizes offered: " + ", ".join("per-channel" if g == -1 else str(g)
+                                                          for g in space.group_sizes)
+                     + " (a loaded model narrows these to the ones every layer takes)")
+    return "\n".join(lines)
+
+
+def cmd_techniques(args: argparse.Namespace) -> int:
+    from workbench.techniques import get_technique, technique_names
+    from workbench.techniques.space import parameter_space, space_names
+
+    if args.name:
+        print(technique_help(args.name))
+        return 0
+    spaced = set(space_names())
+    for name in technique_names():
+        tech = get_technique(name)
+        widths = f" [bits: {parameter_space(name).widths_text()}]" if name in spaced else ""
+        print(f"{name:10s} {tech.kind:9s} {tech.summary}{widths}")
+    print("\nFields and their help: workbench techniques NAME", file=sys.stderr)
+    return 0
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -243,16 +299,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="apply one technique and evaluate")
     common(p)
-    p.add_argument("--technique", required=True, help="e.g. rtn, gptq, awq, bnb, quanto")
+    p.add_argument("--technique", help="e.g. rtn, gptq, awq, bnb, quanto (`workbench techniques` lists them)")
     p.add_argument("--param", action="append", metavar="NAME=VALUE", help="technique parameter (repeatable)")
+    p.add_argument("--help-technique", metavar="NAME", help="list the technique's fields with their help and exit")
     p.set_defaults(fn=cmd_run)
 
-    p = sub.add_parser("sweep", help="run a technique at several bit widths")
+    p = sub.add_parser("sweep", help="run a technique at several bit widths (its parameter space)")
     common(p)
     p.add_argument("--technique", required=True)
-    p.add_argument("--bits", type=int, nargs="+", default=[8, 6, 5, 4, 3, 2])
-    p.add_argument("--param", action="append", metavar="NAME=VALUE")
+    p.add_argument("--bits", type=int, nargs="+", default=None,
+                   help="bit widths (default: every width the technique takes, widest first)")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE",
+                   help="fixed for every run, e.g. group_size=64 or symmetric=true")
     p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("techniques", help="list techniques, or one technique's fields with their help")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(fn=cmd_techniques)
 
     p = sub.add_parser("runs", help="list, filter and export recorded runs")
     p.add_argument("--registry", default=None)
