@@ -137,7 +137,7 @@ def test_slider_step_runs_records_and_adds_a_point_to_the_plot(app, registry_url
     app.quantize.bits.value = 3
     assert app.jobs.wait(WAIT)
     runs = _done_runs(registry_url)
-    assert list(runs["pipeline"]) == ["baseline", "rtn(bits=3, group_size=32)"]
+    assert list(runs["pipeline"]) == ["baseline", "rtn 3b g32"]
     assert app.quantize.plot.trace_points() == before + 1
     assert "rtn g32" in [t.name for t in app.quantize.plot.figure.data]  # one line per method and grid
     assert "evaluated and recorded" in app.quantize.message.value
@@ -157,7 +157,7 @@ def test_slider_moved_back_hits_registry_instead_of_recomputing(app, registry_ur
     elapsed = time.perf_counter() - t0
     assert len(_done_runs(registry_url)) == n_runs
     last = app.quantize.results[-1]
-    assert last.reused and last.label == "rtn(bits=3, group_size=32)"
+    assert last.reused and last.label == "rtn 3b g32"
     assert "found in the registry" in app.quantize.message.value
     assert elapsed < 2.0, f"a registry hit took {elapsed:.2f} s"
 
@@ -285,7 +285,7 @@ def test_a_measured_point_answers_at_once_while_the_queue_is_busy(app, registry_
         elapsed = time.perf_counter() - t0
         assert elapsed < 0.5, f"a registry hit behind a busy queue took {elapsed:.2f} s"
         last = panel.results[-1]
-        assert last.reused and last.status == "done" and last.label == "rtn(bits=3, group_size=32)"
+        assert last.reused and last.status == "done" and last.label == "rtn 3b g32"
         assert last.metrics and "found in the registry" in panel.message.value
         assert app.jobs.busy and not app.jobs.pending  # nothing was queued behind the slow job
     finally:
@@ -344,12 +344,13 @@ def test_compare_table_puts_the_baseline_first_whatever_the_sort(compare):
     compare.sort_by.value = "kl_mean"
     compare.descending.value = True
     table = compare.table
-    assert list(table["pipeline"]) == ["baseline", "rtn(bits=3, group_size=32)", "rtn(bits=8, group_size=32)"]
+    assert list(table["setting"]) == ["float", "3b g32", "8b g32"]
     compare.descending.value = False
-    assert list(compare.table["pipeline"]) == ["baseline", "rtn(bits=8, group_size=32)", "rtn(bits=3, group_size=32)"]
-    assert "<table" in compare.table_html.value and "Mean KL divergence vs base" in compare.table_html.value
+    assert list(compare.table["setting"]) == ["float", "8b g32", "3b g32"]
+    assert "<table" in compare.table_html.value and "<th>KL mean</th>" in compare.table_html.value
     names = [t.name for t in compare.plot.figure.data]
-    assert names == ["runs", "Pareto front", "baseline"]
+    assert names == ["rtn", "Pareto front"]  # one trace per method; the baseline is a reference line
+    assert any("baseline" in a.text for a in compare.plot.figure.layout.annotations)
     assert compare.plot.figure.layout.xaxis.title.text == "Bits per weight (all weights)"
 
 
@@ -358,8 +359,10 @@ def test_compare_axes_switch_quality_and_size(compare):
     compare.x.value = "metric_size_mb"
     layout = compare.plot.figure.layout
     assert layout.yaxis.title.text == "Same top token as base (%)" and layout.xaxis.title.text == "Size (MB)"
-    assert len(compare.plot.figure.data[0].x) == 3
-    assert list(compare.plot.figure.data[0].y) == pytest.approx(list(100 * compare.frame["metric_top1_agree"]))
+    rtn = compare.plot.figure.data[0]
+    assert rtn.name == "rtn" and len(rtn.x) == 2
+    top1 = dict(zip(compare.frame["run_id"], 100 * compare.frame["metric_top1_agree"]))
+    assert list(rtn.y) == pytest.approx([top1[r] for r in rtn.customdata])
 
 
 def test_compare_filters_narrow_plot_and_table(compare):
@@ -369,8 +372,11 @@ def test_compare_filters_narrow_plot_and_table(compare):
     assert len(compare.plot.figure.data[0].x) == 2
     compare.technique.value = ""
     compare.tag.value = "nothing-has-this"
-    assert compare.table.empty and "No runs match" in compare.table_html.value
-    assert "No runs yet" in compare.plot.figure.layout.annotations[0].text
+    # Nothing matches: the panel says which filter to loosen, not that the registry is empty.
+    assert compare.table.empty and "No run matches the filters" in compare.table_html.value
+    assert "Tag: empty it to see 3 run(s)" in compare.table_html.value
+    note = compare.plot.figure.layout.annotations[0].text
+    assert "No runs yet" not in note and "Tag = nothing-has-this" in note
 
 
 def test_exports_write_the_table_and_plot_with_download_links(compare, tmp_path):
@@ -383,7 +389,7 @@ def test_exports_write_the_table_and_plot_with_download_links(compare, tmp_path)
     records = json.loads(written["json"].read_text())
     assert [r["run_id"] for r in records] == list(compare.table["run_id"])
     markdown = written["md"].read_text()
-    assert markdown.startswith("| run_id") and "rtn(bits=3, group_size=32)" in markdown
+    assert markdown.startswith("| run_id") and "3b g32" in markdown
     assert "\\begin{tabular}" in written["tex"].read_text()
     assert "<table" in written["html"].read_text()
     plot = compare.export_plot()
@@ -418,6 +424,7 @@ def test_notes_and_tags_are_saved_to_the_registry(compare):
     assert list(run.tags) == ["keep", "report"] and run.notes == "best at 3 bits <b>really</b>"
     row = compare.table[compare.table["run_id"] == run_id].iloc[0]
     assert row["tags"] == "keep,report"
+    compare.more_columns.value = ("notes",)  # notes are one choice away in the table
     assert "&lt;b&gt;really" in compare.table_html.value  # notes are text, never markup
     compare.tag.value = "keep"
     assert list(compare.table["run_id"]) == [run_id]
@@ -436,7 +443,7 @@ def test_plot_follows_runs_written_by_another_process(registry_url):
         other.close()
         assert _until(lambda: bench.compare.plot.refreshes > before and bench.first_run.layout.display == "none")
         assert list(bench.compare.frame["run_id"]) == [run_id]
-        assert bench.compare.plot.trace_points("runs") == 1
+        assert len(bench.compare.plot.figure.layout.shapes) == 2  # a lone baseline: its reference lines
     finally:
         bench.close()
     time.sleep(0.3)
@@ -466,6 +473,15 @@ def _add_run_of_another_suite(url: str, fingerprint: str) -> int:
     return run_id
 
 
+def _variant_points(compare) -> int:
+    """Runs drawn as points (one trace per method; the front and the baseline lines carry no run ids)."""
+    return sum(len(t.x) for t in compare.plot.figure.data if t.customdata is not None)
+
+
+def _baselines_drawn(compare) -> int:
+    return sum("baseline" in (a.text or "") for a in compare.plot.figure.layout.annotations)
+
+
 def test_compare_shows_the_apps_suite_unless_asked_for_all(compare):
     app = compare.app
     ours = set(compare.frame["run_id"])
@@ -475,11 +491,11 @@ def test_compare_shows_the_apps_suite_unless_asked_for_all(compare):
     assert compare.suite.value == app.suite_filter == SUITE.key
     assert ("standard", "standard") in compare.suite.options and compare.suite.options[0] == ("All suites", "")
     assert set(compare.frame["run_id"]) == ours and set(compare.table["run_id"]) == ours
-    assert compare.plot.trace_points("runs") == 3
+    assert _variant_points(compare) == 2 and _baselines_drawn(compare) == 1
     assert "metric_eval_loss_only" not in compare.frame.columns  # only the other suite's run has it
     compare.suite.value = ""
     assert set(compare.frame["run_id"]) == ours | {other} and len(compare.table) == 4
-    assert compare.plot.trace_points("runs") == 4
+    assert _variant_points(compare) == 2 and _baselines_drawn(compare) == 2
     compare.suite.value = "standard"
     assert list(compare.frame["run_id"]) == [other] and list(compare.table["run_id"]) == [other]
     # Picked by hand, the filter stays when the app's suite changes; left on the app's suite, it follows.
@@ -522,12 +538,12 @@ def test_compare_offers_quality_against_latency_and_linear_bits(compare):
     compare.x.value = "metric_decode_ms_per_tok"
     compare.y.value = "metric_top1_agree_pct"
     fig = compare.plot.figure
-    assert fig.layout.xaxis.title.text == "Decode latency (ms/token)"
+    assert fig.layout.xaxis.title.text == "Decode latency (ms/token; simulated)"  # every variant is rtn
     by_run = dict(zip(compare.frame["run_id"], compare.frame["metric_decode_tok_s"]))
     assert list(fig.data[0].x) == pytest.approx([1000 / by_run[r] for r in fig.data[0].customdata])
     compare.x.value = "metric_bits_per_weight_linear"
     assert compare.plot.figure.layout.xaxis.title.text == "Bits per weight (decoder linears)"
-    assert compare.plot.trace_points("runs") == 3
+    assert _variant_points(compare) == 2
     assert "metric_decode_ms_per_tok" not in _done_runs(compare.app.registry_url.value).columns  # display only
 
 

@@ -1,7 +1,9 @@
-"""Compare panel: every run on one trade-off plot, a sortable table, exports, and notes/tags per run.
+"""Compare panel: every run on one trade-off plot, a sortable table, exports, notes/tags and outputs per run.
 
 One refresh reads the registry once (``runs_frame`` with the filters), then draws the plot
-(:func:`workbench.views.tradeoff_figure`) and the table from that same frame, so both always show the same runs.
+(:func:`workbench.views.tradeoff_figure`) and the table (:func:`workbench.tables.comparison_table`, the same
+table ``workbench runs`` prints) from that same frame, so both always show the same runs. The panel builds
+widgets over those library calls and decides nothing about columns, units or formats itself.
 The Suite filter starts on the app's evaluation suite and follows it while left there: metrics from different
 suites (other text, other scoring) are not comparable, so runs of other suites show only on request.
 Exports go through :func:`workbench.export.export_frame` (tables) and plotly's ``write_html`` (the plot) into
@@ -24,7 +26,19 @@ import plotly.graph_objects as go
 
 from widgets.common import ErrorArea, LivePlot, render_note
 from workbench.errors import ConfigError
-from workbench.views import with_display_metrics
+from workbench.export import export_frame
+from workbench.tables import (
+    COLUMNS_BY_KEY,
+    DEFAULT_COLUMNS,
+    MORE_COLUMNS,
+    available_columns,
+    comparison_table,
+    export_table,
+    generations_table,
+    no_match_message,
+    only_suite,
+)
+from workbench.views import title, with_display_metrics
 
 if TYPE_CHECKING:
     from widgets.app import Workbench
@@ -34,12 +48,10 @@ if TYPE_CHECKING:
 QUALITY = ("metric_ppl", "metric_kl_mean", "metric_top1_agree_pct")
 AGAINST = ("metric_size_mb", "metric_bits_per_weight", "metric_bits_per_weight_linear", "metric_decode_ms_per_tok",
            "metric_prefill_ms_per_tok")
-COLOURS = ("metric_decode_ms_per_tok", "metric_prefill_ms_per_tok", "metric_decode_tok_s", "metric_peak_mem_mb",
-           "metric_size_mb", "metric_bits_per_weight")
-# The table: identity first, then the metrics a report compares, then what people wrote.
-TABLE_METRICS = ("metric_ppl", "metric_kl_mean", "metric_kl_p99", "metric_top1_agree", "metric_bits_per_weight",
-                 "metric_size_mb", "metric_prefill_tok_s", "metric_decode_tok_s", "metric_peak_mem_mb")
-TABLE_COLUMNS = ("run_id", "pipeline", "technique", "model", "suite", *TABLE_METRICS, "tags", "notes", "created_at")
+# Colour by method first: the latency of simulated quantizers (rtn, gptq, awq, mixed) is the float model's, so
+# a latency colour would rank them by noise. Latency stays one choice away, marked simulated on the colour bar.
+COLOURS = ("technique", "metric_decode_ms_per_tok", "metric_prefill_ms_per_tok", "metric_decode_tok_s",
+           "metric_size_mb", "metric_peak_mem_mb", "metric_bits_per_weight")
 # Rows drawn in the notebook; exports hold every row. A longer HTML table only slows each redraw (about 0.3 ms a
 # row) and nobody scrolls a thousand rows: the sort order picks which runs come first.
 TABLE_ROWS_SHOWN = 100
@@ -51,32 +63,13 @@ MIME_TYPES = {"csv": "text/csv", "md": "text/markdown", "html": "text/html", "te
 # with plotly.js inlined is ~6 MB as base64) and some browsers refuse to download very long data URIs.
 LARGE_LINK_CHARS = 8 * 1024 * 1024
 LINKS_KEPT = 8  # newest export links shown; each carries its file, so the list must not grow without end
+# Continuations are free text several lines long: wrap them in cells of a readable width, top-aligned.
+_OUTPUTS_STYLE = ("<style>.wb-outputs td{white-space:pre-wrap;vertical-align:top;max-width:480px;padding:4px 8px}"
+                  ".wb-outputs th{text-align:left;padding:4px 8px}</style>")
 
 
-def _column_title(column: str) -> str:
-    from workbench.views import title
-
-    return title(column) if column.startswith("metric_") else column.replace("_", " ")
-
-
-def comparison_table(frame: pd.DataFrame, sort_by: str = "run_id", descending: bool = False) -> pd.DataFrame:
-    """The runs as a report table: chosen columns, baseline rows first, then sorted by ``sort_by``.
-
-    Column names lose their ``metric_`` prefix (``kl_mean``), which reads well in every export format.
-    """
-    columns = [c for c in TABLE_COLUMNS if c in frame.columns]
-    table = frame[columns].copy()
-    if table.empty:
-        return table.rename(columns=lambda c: c.removeprefix("metric_"))
-    key = next((c for c in (sort_by, f"metric_{sort_by}") if c in table.columns), "run_id")
-    not_baseline = (table["technique"] != "baseline") if "technique" in table.columns else pd.Series(False, table.index)
-    table = table.assign(_not_baseline=not_baseline.astype(int))
-    table = table.sort_values(["_not_baseline", key], ascending=[True, not descending], kind="stable",
-                              na_position="last")
-    table = table.drop(columns="_not_baseline").reset_index(drop=True)
-    if "created_at" in table.columns:
-        table["created_at"] = pd.to_datetime(table["created_at"], utc=True).dt.strftime("%Y-%m-%d %H:%M")
-    return table.rename(columns=lambda c: c.removeprefix("metric_"))
+def _colour_label(column: str) -> str:
+    return "method" if column == "technique" else title(column)
 
 
 def data_uri(path: Path) -> str:
@@ -103,11 +96,13 @@ def _download_link(path: Path) -> str:
 
 
 class ComparePanel(W.VBox):
-    """The trade-off plot, filters, a sortable table, export buttons and a notes/tags editor."""
+    """The trade-off plot, filters, a sortable table with more columns on request, export buttons, a notes/tags
+    editor and the picked runs' continuations."""
 
     def __init__(self, app: Workbench) -> None:
         self.app = app
         self.frame = pd.DataFrame()  # the filtered runs on show (plot and table)
+        self.full = pd.DataFrame()  # every run, whatever the filters (says which filter to loosen)
         self.table = pd.DataFrame()  # the table as shown and exported
         self._lock = threading.RLock()  # the watcher thread and the kernel may refresh at the same time
         self._updating = False
@@ -128,19 +123,25 @@ class ComparePanel(W.VBox):
                                 description="Suite", tooltip="Evaluation suite of the runs shown",
                                 layout=W.Layout(width="260px"))
         # Axes.
-        from workbench.views import title
-
         self.y = W.Dropdown(options=[(title(c), c) for c in QUALITY], value="metric_kl_mean", description="Quality",
                             layout=W.Layout(width="330px"))
         self.x = W.Dropdown(options=[(title(c), c) for c in AGAINST], value="metric_bits_per_weight",
                             description="against", layout=W.Layout(width="330px"))
-        self.color = W.Dropdown(options=[(title(c), c) for c in COLOURS] + [("none", "")],
-                                value="metric_decode_ms_per_tok", description="colour", layout=W.Layout(width="300px"))
+        self.color = W.Dropdown(options=[(_colour_label(c), c) for c in COLOURS] + [("none", "")],
+                                value="technique", description="colour", layout=W.Layout(width="300px"))
+        self.log_y = W.Checkbox(value=False, description="log quality axis", indent=False,
+                                tooltip="A log scale keeps one very bad point from flattening the others")
+        self.labels = W.Checkbox(value=True, description="label points", indent=False,
+                                 tooltip="Write each point's setting (4b g64 sym) beside it")
         self.plot = LivePlot(self._figure, on_click=self.select_run)
         # Table.
         self.sort_by = W.Dropdown(options=[("run", "run_id")], value="run_id", description="Sort by",
                                   layout=W.Layout(width="300px"))
         self.descending = W.Checkbox(value=False, description="descending", indent=False)
+        self.more_columns = W.SelectMultiple(options=[(COLUMNS_BY_KEY[k].header, k) for k in MORE_COLUMNS], value=(),
+                                             rows=4, description="More columns",
+                                             tooltip="Ctrl/Shift-click to add columns to the table and its exports",
+                                             layout=W.Layout(width="320px"))
         self.table_html = W.HTML("")
         # Export.
         self.export_buttons = {fmt: W.Button(description=label, tooltip=f"Export the table as {label}",
@@ -156,33 +157,42 @@ class ComparePanel(W.VBox):
         self.notes_box = W.Textarea(description="Notes", layout=W.Layout(width="600px", height="70px"))
         self.save_button = W.Button(description="Save", icon="save", button_style="primary")
         self.edit_message = W.HTML("")
+        # Outputs: the picked run's continuations beside the base model's, and optionally a second run's.
+        self.beside = W.Dropdown(options=[("none", None)], value=None, description="beside",
+                                 tooltip="A second run whose continuations show next to the first",
+                                 layout=W.Layout(width="420px"))
+        self.outputs_html = W.HTML("")
         self.errors = ErrorArea()
 
         for control in (self.model, self.technique, self.tag, self.since):
             control.observe(lambda _c: None if self._updating else self.refresh(), names="value")
         self.suite.observe(self._suite_picked, names="value")
-        for control in (self.y, self.x, self.color):
+        for control in (self.y, self.x, self.color, self.log_y, self.labels):
             control.observe(lambda _c: self.plot.refresh(), names="value")
-        for control in (self.sort_by, self.descending):
+        for control in (self.sort_by, self.descending, self.more_columns):
             control.observe(lambda _c: self._render_table(), names="value")
         for fmt, button in self.export_buttons.items():
             button.on_click(lambda _b, fmt=fmt: self.export(fmt))
         self.export_plot_button.on_click(lambda _b: self.export_plot())
         self.run_picker.observe(lambda _c: self._fill_editor(), names="value")
+        for control in (self.run_picker, self.beside):
+            control.observe(lambda _c: self.show_outputs(), names="value")
         self.save_button.on_click(lambda _b: self.save_edits())
         app.watcher.subscribe(self.refresh)
 
         super().__init__([
             W.HBox([self.model, self.technique, self.suite, self.tag, self.since],
                    layout=W.Layout(flex_flow="row wrap")),  # five filters: wrap rather than clip on a narrow page
-            W.HBox([self.y, self.x, self.color]),
+            W.HBox([self.y, self.x, self.color, self.log_y, self.labels], layout=W.Layout(flex_flow="row wrap")),
             self.plot,
-            W.HBox([self.sort_by, self.descending]),
+            W.HBox([self.sort_by, self.descending, self.more_columns], layout=W.Layout(flex_flow="row wrap")),
             self.table_html,
             W.HBox([W.HTML("<b>Export</b>&nbsp;"), *self.export_buttons.values(), self.export_plot_button]),
             self.export_links,
             W.HTML("<b>Notes and tags</b> (click a point to pick its run)"),
             self.run_picker, self.tags_box, self.notes_box, W.HBox([self.save_button, self.edit_message]),
+            W.HTML("<b>Outputs</b>: the picked run's continuations against the base model's"),
+            self.beside, self.outputs_html,
             self.errors,
         ])
 
@@ -220,7 +230,7 @@ class ComparePanel(W.VBox):
                 if set(active) - {"suite"}:
                     frame = self.app.runs_frame(**active)
                 elif "suite" in active:
-                    frame = _only_suite(full, active["suite"])
+                    frame = only_suite(full, active["suite"])
                 else:
                     frame = full
                 frame = with_display_metrics(frame)
@@ -231,7 +241,7 @@ class ComparePanel(W.VBox):
                 self.errors.show(err)
                 return
             self.errors.clear()
-            self.frame = frame
+            self.frame, self.full = frame, full
             self._update_choices()
             self.plot.refresh()
             self._render_table()
@@ -263,10 +273,23 @@ class ComparePanel(W.VBox):
 
     def _update_choices(self) -> None:
         sortable = [("run", "run_id"), ("created", "created_at")] + [
-            (_column_title(c), c.removeprefix("metric_")) for c in TABLE_METRICS if c in self.frame.columns]
+            (COLUMNS_BY_KEY[k].header, k) for k in available_columns(self.frame)
+            if k not in ("run_id", "created_at", "tags", "notes")]
         _set_options(self.sort_by, sortable, quiet=True)
         runs = [(f"{r} · {p}", int(r)) for r, p in zip(self.frame.get("run_id", []), self.frame.get("pipeline", []))]
         _set_options(self.run_picker, runs, quiet=False)
+        _set_options(self.beside, [("none", None), *runs], quiet=False)
+
+    def _filter_labels(self) -> dict[str, str]:
+        """The active filters as the user sees them (a model's name, not its fingerprint)."""
+        since = self.since.value
+        return {"model": str(self.model.label), "technique": str(self.technique.label),
+                "suite": str(self.suite.label), "tag": self.tag.value.strip(),
+                "since": since.isoformat() if isinstance(since, date) else ""}
+
+    def empty_message(self) -> str:
+        """Why nothing shows: no runs at all, or which filter to loosen (``workbench.tables.no_match_message``)."""
+        return no_match_message(self.full, self._filters(), self._filter_labels())
 
     # ---- drawing --------------------------------------------------------------------------------------
 
@@ -276,25 +299,23 @@ class ComparePanel(W.VBox):
         frame = self.frame
         for column in (self.y.value, self.x.value):
             if not frame.empty and column not in frame.columns:
-                from workbench.views import title
-
                 return _message_figure(f"No run in this selection has {title(column).lower()} yet.")
-        return tradeoff_figure(frame, x=self.x.value, y=self.y.value, color=self.color.value or None)
+        return tradeoff_figure(frame, x=self.x.value, y=self.y.value, color=self.color.value or None,
+                               log_y=self.log_y.value, labels=self.labels.value,
+                               empty_message=self.empty_message() if frame.empty else None)
+
+    def columns(self) -> list[str]:
+        """The table's columns: the defaults, then those picked under "More columns" (in table order)."""
+        picked = set(self.more_columns.value)
+        return [*DEFAULT_COLUMNS, *(k for k in MORE_COLUMNS if k in picked)]
 
     def _render_table(self) -> None:
-        from workbench.export import export_frame
-
-        self.table = comparison_table(self.frame, self.sort_by.value or "run_id", self.descending.value)
+        self.table = comparison_table(self.frame, self.sort_by.value or "run_id", self.descending.value,
+                                      columns=self.columns())
         if self.table.empty:
-            hint = ""
-            active = {k for k, v in self._filters().items() if v is not None}
-            if self._all_runs and active == {"suite"}:
-                hint = (f" The Suite filter shows runs of {self.suite.label} only; pick \"All suites\" to see the "
-                        f"{self._all_runs} run(s) of every suite.")
-            self.table_html.value = render_note("No runs match these filters." + hint)
+            self.table_html.value = render_note(self.empty_message())
             return
-        shown = self.table.head(TABLE_ROWS_SHOWN).rename(
-            columns=lambda c: _column_title("metric_" + c) if "metric_" + c in TABLE_METRICS else c.replace("_", " "))
+        shown = self.table.head(TABLE_ROWS_SHOWN)
         more = len(self.table) - len(shown)
         note = (f"<div style='color:#555'>Showing the first {len(shown)} of {len(self.table)} runs in this order; "
                 "exports contain all of them.</div>") if more > 0 else ""
@@ -302,7 +323,7 @@ class ComparePanel(W.VBox):
         style = ("<style>.wb-table td{white-space:nowrap;padding:2px 6px}"
                  ".wb-table th{padding:2px 6px;vertical-align:bottom}</style>")
         self.table_html.value = (style + '<div class="wb-table" style="max-height:360px;overflow:auto;'
-                                 'font-size:12px">' + export_frame(shown, "html") + "</div>" + note)
+                                 'font-size:12px">' + export_table(shown, "html", headers=True) + "</div>" + note)
 
     # ---- exporting ------------------------------------------------------------------------------------
 
@@ -317,12 +338,11 @@ class ComparePanel(W.VBox):
         return path
 
     def export(self, fmt: str) -> Path | None:
-        """Write the table as shown (filters, order) in ``fmt``; returns the file and shows a download link."""
-        from workbench.export import export_frame
-
+        """Write the table as shown (filters, order, columns) in ``fmt``; returns the file and shows a download
+        link. Markdown, HTML and LaTeX show each metric at its fixed digits; CSV and JSON keep full values."""
         path = self._export_path(fmt)
         try:
-            export_frame(self.table, fmt, path)
+            export_table(self.table, fmt, path)
         except ConfigError as err:
             self.errors.show(err)
             return None
@@ -389,22 +409,35 @@ class ComparePanel(W.VBox):
         self.app.watcher.poke()
         return True
 
+    # ---- outputs --------------------------------------------------------------------------------------
+
+    def show_outputs(self) -> pd.DataFrame:
+        """Show the picked run's stored continuations (prompt, base, variant), and the "beside" run's next to
+        them; returns the table shown (empty when no run is picked or none stored any)."""
+        ids = list(dict.fromkeys(v for v in (self.run_picker.value, self.beside.value) if v is not None))
+        if not ids:
+            self.outputs_html.value = ""
+            return pd.DataFrame()
+        try:
+            runs = [self.app.registry.get_run(run_id) for run_id in ids]
+        except Exception as err:  # noqa: BLE001 - RegistryError says what; the panel stays usable
+            self.errors.show(err)
+            return pd.DataFrame()
+        table = generations_table(runs)
+        if table.empty:
+            which = " and ".join(f"run {i}" for i in ids)
+            self.outputs_html.value = render_note(
+                f"No continuations stored for {which}: its suite generates none (n_generations=0). "
+                "Runs of the quick and standard suites store a few.")
+            return table
+        self.outputs_html.value = (_OUTPUTS_STYLE + '<div class="wb-outputs" style="max-height:420px;overflow:auto;'
+                                   'font-size:12px">' + export_frame(table, "html") + "</div>")
+        return table
+
 
 def _suite_label(suite: Any) -> str:
     """The app's suite in the Suite filter: its name, marked as the one runs use now."""
     return f"{suite} (app's suite)" if isinstance(suite, str) else f"{suite.name} (custom, app's suite)"
-
-
-def _only_suite(frame: pd.DataFrame, suite: str) -> pd.DataFrame:
-    """The runs of ``suite`` (name or key, as ``runs_frame(suite=...)`` matches), dropping metric and parameter
-    columns no remaining run has (as ``runs_frame`` would not have them)."""
-    if frame.empty:
-        return frame
-    keep = (frame["suite"] == suite) | (frame["suite_key"] == suite)
-    part = frame[keep].reset_index(drop=True)
-    extra = [c for c in part.columns if c.startswith(("metric_", "param_"))]
-    empty = [c for c in extra if part[c].isna().all()]
-    return part.drop(columns=empty) if empty else part
 
 
 def _set_options(dropdown: W.Dropdown, options: list[tuple[str, Any]], quiet: bool = False) -> None:
