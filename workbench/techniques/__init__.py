@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterable
 
 from workbench.techniques.base import (
     ApplyContext,
+    FieldInfo,
     apply_,
     apply_pipeline_,
     check,
     config_from_dict,
+    config_label,
     config_to_dict,
+    describe_fields,
     describe_pipeline,
+    field_help,
     get_technique,
     make_config,
     pipeline_from_json,
@@ -21,24 +26,41 @@ from workbench.techniques.base import (
     technique_names,
 )
 
-# Built-in technique modules; each registers itself when imported. A module listed here that is missing is
-# skipped so the package imports while techniques are added one file at a time.
-_BUILTIN = ("rtn", "gptq", "awq", "hqq", "bnb", "quanto", "mixed", "moe", "distill")
-for _name in _BUILTIN:
-    try:
-        importlib.import_module(f"workbench.techniques.{_name}")
-    except ModuleNotFoundError as _err:
-        if _err.name != f"workbench.techniques.{_name}":
-            raise
+# Built-in technique modules; each registers itself when imported. Every module listed must import: a missing
+# or broken one is an error naming it, never a technique that silently is not there. (Optional back ends are
+# not a reason to fail: bnb and quanto import bitsandbytes/optimum-quanto only when used, and their checks say
+# what to install.) A new technique file is added here.
+BUILTIN = ("rtn", "gptq", "awq", "bnb", "quanto", "mixed")
+
+
+def _import_builtin(names: Iterable[str]) -> None:
+    for name in names:
+        module = f"{__name__}.{name}"
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ImportError(
+                f"Built-in technique module {module!r} failed to import: {err}. It is listed in "
+                f"workbench/techniques/__init__.py; restore the module, or remove it from BUILTIN there.",
+                name=module,
+            ) from err
+
+
+_import_builtin(BUILTIN)
 
 __all__ = [
+    "BUILTIN",
     "ApplyContext",
+    "FieldInfo",
     "apply_",
     "apply_pipeline_",
     "check",
     "config_from_dict",
+    "config_label",
     "config_to_dict",
+    "describe_fields",
     "describe_pipeline",
+    "field_help",
     "get_technique",
     "make_config",
     "pipeline_from_json",

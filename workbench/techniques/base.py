@@ -105,13 +105,22 @@ _BY_CONFIG: dict[type, Technique] = {}
 def register(
     name: str, config_cls: type, *, kind: str = "other", check: CheckFn | None = None, version: int = 1
 ) -> Callable[[ApplyFn], ApplyFn]:
-    """Decorator: register ``apply(model, config, ctx) -> model`` under ``name`` for ``config_cls``."""
+    """Decorator: register ``apply(model, config, ctx) -> model`` under ``name`` for ``config_cls``.
+
+    ``config_cls`` is a frozen dataclass; each field should carry ``metadata={"help": ...}`` (shown by panels and
+    the CLI through :func:`describe_fields`), and a ``label()`` method gives its short name in tables and plots
+    (:func:`config_label`).
+    """
     if not name or name != name.lower() or not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"Technique name {name!r} must be lower case letters, digits, '_' or '-'.")
     if kind not in KINDS:
         raise ValueError(f"Technique {name!r}: kind {kind!r} is not one of {', '.join(KINDS)}.")
     if not (dataclasses.is_dataclass(config_cls) and config_cls.__dataclass_params__.frozen):  # type: ignore[attr-defined]
         raise ValueError(f"Technique {name!r}: {config_cls.__name__} must be a frozen dataclass.")
+    # A config that names itself (the weight-grid configs do, for their messages) must use the registered name.
+    own = getattr(config_cls, "technique", name)
+    if own != name:
+        raise ValueError(f"Technique {name!r}: {config_cls.__name__}.technique is {own!r}; set it to {name!r}.")
 
     def decorator(fn: ApplyFn) -> ApplyFn:
         if name in _TECHNIQUES and _TECHNIQUES[name].apply is not fn:
@@ -443,25 +452,80 @@ def pipeline_key(pipeline: Sequence[Any]) -> str:
     return hashlib.sha256(pipeline_to_json(pipeline).encode()).hexdigest()[:16]
 
 
-_DEFINING = ("bits", "mode", "weights", "group_size")
+def config_label(config: Any) -> str:
+    """The short label of one config, as its technique defines it (``config.label()``: "rtn 4b g64 sym",
+    "bnb nf4", "gptq 3b g64"). A config without one gets ``name(param=value, ...)`` with the parameters that
+    differ from their defaults, so labels of different settings still differ."""
+    tech = technique_for(config)
+    own = getattr(config, "label", None)
+    if callable(own):
+        return str(own())
+    changed = [
+        f"{f.name}={_jsonable(getattr(config, f.name))}"
+        for f in dataclasses.fields(config)
+        if f.default is dataclasses.MISSING or getattr(config, f.name) != f.default
+    ]
+    return f"{tech.name}(" + ", ".join(changed) + ")"
 
 
 def describe_pipeline(pipeline: Sequence[Any]) -> str:
-    """Short human label, e.g. ``rtn(bits=3, group_size=64)``; the empty pipeline is ``baseline``."""
+    """Short human label: the steps' own labels joined by " → " (``rtn 4b g32 → bnb nf4``); the empty
+    pipeline is ``baseline``."""
     if not pipeline:
         return "baseline"
-    parts = []
-    for config in pipeline:
-        d = config_to_dict(config)
-        defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
-        # The defining parameters always show (a label "quanto()" says nothing); the rest only when changed.
-        shown = {k: v for k, v in d["params"].items() if defaults.get(k, object()) != v or (k in _DEFINING and v is not None)}
-        parts.append(f"{d['technique']}(" + ", ".join(f"{k}={v}" for k, v in shown.items()) + ")")
-    return " → ".join(parts)
+    return " → ".join(config_label(config) for config in pipeline)
+
+
+# ---- field help --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """One parameter of a technique's config, for a panel's control or ``workbench`` help output.
+
+    ``type`` is the annotation as written (``"int"``, ``"int | None"``); ``default`` the default value (None
+    when the field has none); ``help`` the field's ``metadata["help"]`` ("" when missing); ``choices`` the
+    allowed values when they are a fixed set (``metadata["choices"]``), else None.
+    """
+
+    name: str
+    type: str
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+
+
+def describe_fields(name_or_config: str | Any) -> list[FieldInfo]:
+    """The parameters of technique ``name`` (or of a config, or a config class), in declaration order."""
+    if isinstance(name_or_config, str):
+        cls = get_technique(name_or_config).config_cls
+    else:
+        cls = name_or_config if isinstance(name_or_config, type) else type(name_or_config)
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"{cls.__name__} is not a technique config; pass a technique name such as 'rtn'.")
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default: Any = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        choices = f.metadata.get("choices")
+        out.append(FieldInfo(f.name, str(kind), default, str(f.metadata.get("help", "")),
+                             tuple(choices) if choices is not None else None))
+    return out
+
+
+def field_help(name: str) -> dict[str, str]:
+    """Field name → help text for technique ``name`` (what a tooltip or ``--help`` shows)."""
+    return {info.name: info.help for info in describe_fields(name)}
 
 
 __all__ = [
     "ApplyContext",
+    "FieldInfo",
     "Stacking",
     "StageRecord",
     "Technique",
@@ -470,8 +534,11 @@ __all__ = [
     "check",
     "check_pipeline",
     "config_from_dict",
+    "config_label",
     "config_to_dict",
+    "describe_fields",
     "describe_pipeline",
+    "field_help",
     "get_technique",
     "is_cacheable",
     "make_config",
