@@ -216,9 +216,14 @@ def cmd_runs(args: argparse.Namespace) -> int:
         if missing:
             raise ConfigError(f"Unknown column(s) {', '.join(missing)}. Columns: {', '.join(frame.columns)}.")
         frame = frame[list(args.columns)]
-    elif args.format == "md" and not args.output:
-        keep = ["run_id", "status", "pipeline", "suite"] + [f"metric_{m}" for m in SHOWN_METRICS]
-        frame = frame[[c for c in keep if c in frame.columns]]
+    elif args.format in ("md", "html", "tex"):  # for people: the Compare panel's table (workbench.tables)
+        from workbench.tables import DEFAULT_COLUMNS, comparison_table, export_table
+
+        table = comparison_table(frame, columns=["run_id", "status", *DEFAULT_COLUMNS[1:], "suite"])
+        if not table.empty:
+            text = export_table(table, args.format, path=args.output)
+            print(f"wrote {len(table)} run(s) to {args.output}" if args.output else text)
+            return 0
     if frame.empty and not args.output:
         print("No runs match. Record one with: workbench eval --model demo", file=sys.stderr)
         return 0

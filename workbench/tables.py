@@ -73,6 +73,7 @@ COLUMNS: tuple[TableColumn, ...] = (
     # One choice away in the panel (MORE_COLUMNS).
     TableColumn("pipeline", "pipeline", "pipeline", help="every step with its parameters"),
     TableColumn("suite", "suite", "suite"),
+    TableColumn("status", "status", "status", help="done, failed, interrupted or running"),
     TableColumn("kl_median", "KL median", "metric_kl_median", 3),
     TableColumn("kl_p99", "KL p99", "metric_kl_p99", 3, "99th percentile of the per-token KL divergence"),
     TableColumn("prefill_ms_per_tok", "prefill ms/token", "metric_prefill_ms_per_tok", 3),
