@@ -20,14 +20,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from workbench.errors import RunInterrupted, WorkbenchError
+from workbench.errors import ConfigError, RunInterrupted, WorkbenchError
+from workbench.prefix_cache import PrefixCache, PrefixKey, default_prefix_cache
 from workbench.progress import Progress, ProgressCallback, as_progress
 from workbench.techniques.base import (
     ApplyContext,
+    StageRecord,
     apply_pipeline_,
-    check,
+    check_pipeline,
     config_from_dict,
     describe_pipeline,
+    merge_stages,
     pipeline_to_json,
     technique_for,
 )
@@ -50,6 +53,7 @@ class RunResult:
     label: str = "baseline"
     model_fingerprint: str = ""
     extras: dict[str, Any] = field(default_factory=dict)
+    parent_id: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -72,7 +76,16 @@ def find_recorded(loaded: Any, pipeline: Any, suite: Any, registry: Any) -> RunR
     extras = dict(hit.extras or {})
     return RunResult(run_id=hit.id, status="done", metrics=dict(hit.metrics), reused=True,
                      generations=list(extras.get("generations", [])), label=describe_pipeline(steps),
-                     model_fingerprint=loaded.fingerprint, extras=extras)
+                     model_fingerprint=loaded.fingerprint, extras=extras, parent_id=hit.parent_id)
+
+
+def _recorded_prefix(loaded: Any, steps: Sequence[Any], suite: Any, registry: Any) -> int | None:
+    """The done run of the longest proper prefix of ``steps`` (same model and suite): a stacked run's parent."""
+    for k in range(len(steps) - 1, 0, -1):
+        hit = registry.find_done(loaded.fingerprint, pipeline_to_json(steps[:k]), suite.key)
+        if hit is not None:
+            return hit.id
+    return None
 
 
 def _as_pipeline(pipeline: Any) -> list[Any]:
@@ -162,6 +175,7 @@ def run_experiment(
     parent_id: int | None = None,
     reuse: bool = True,
     seed: int = 0,
+    prefix_cache: PrefixCache | bool | None = None,
 ) -> RunResult:
     """Run one experiment and record it.
 
@@ -173,7 +187,18 @@ def run_experiment(
         suite: ``"quick"``, ``"standard"`` or a :class:`~workbench.evaluate.Suite`.
         registry: a :class:`~workbench.registry.Registry`, a SQLAlchemy URL, or None for the default.
         progress: a :class:`Progress` (cancel it to stop the run) or a ``callback(fraction, message)``.
+        parent_id: the run this one builds on; None: for a stacked pipeline, the done run of its longest
+            prefix (same model and suite) when there is one.
         reuse: return a matching ``done`` run from the registry instead of recomputing.
+        prefix_cache: where the model after ``pipeline[:-1]`` is kept, so that a run differing only in its last
+            step starts from it (a :class:`~workbench.prefix_cache.PrefixCache`); None: the process's cache;
+            False: none.
+
+    Every step is checked before anything is recorded, on the shapes the earlier steps will produce; a step
+    whose check needs an earlier step's real output is checked just before it runs (the run is then
+    recorded ``failed``, never ``done``). Numbers a technique reports in ``ctx.metrics`` join the run's
+    metrics, its ``ctx.extras`` the run's extras (a name several steps report gets a ``stage<i>_`` prefix),
+    and ``extras["stages"]`` lists each step's technique, metrics, seconds and whether it was reused.
 
     Raises:
         ConfigError: bad input (unknown model or technique, parameters the model cannot take), before any
@@ -186,22 +211,32 @@ def run_experiment(
     steps = _as_pipeline(pipeline)
     suite = get_suite(suite)
     _ = suite.key  # reads the suite's text: a missing or non-UTF-8 file fails here, before the model loads
+    if prefix_cache is None or prefix_cache is True:
+        cache: PrefixCache | None = default_prefix_cache()
+    elif prefix_cache is False:
+        cache = None
+    elif isinstance(prefix_cache, PrefixCache):
+        cache = prefix_cache
+    else:
+        raise ConfigError(f"prefix_cache={prefix_cache!r}; pass a PrefixCache, None (the default) or False.")
     owned = not isinstance(registry, Registry)
     reg = _open_registry(registry)
     try:
-        return _run(model, steps, suite, reg, progress, tags, notes, parent_id, reuse, seed)
+        return _run(model, steps, suite, reg, progress, tags, notes, parent_id, reuse, seed, cache)
     finally:
         if owned:
             reg.close()
 
 
 def _run(model: Any, steps: list[Any], suite: Any, reg: Any, progress: Progress, tags: Sequence[str], notes: str,
-         parent_id: int | None, reuse: bool, seed: int) -> RunResult:
+         parent_id: int | None, reuse: bool, seed: int, cache: PrefixCache | None) -> RunResult:
+    from workbench.corpus import get_corpus
     from workbench.evaluate import evaluate
     from workbench.models import LoadedModel, load_model
 
     label = describe_pipeline(steps)
     pipeline_json = pipeline_to_json(steps)
+    n = len(steps)
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model, progress=progress.span(0.0, 0.1))
     if reuse:
@@ -209,8 +244,23 @@ def _run(model: Any, steps: list[Any], suite: Any, reg: Any, progress: Progress,
         if found is not None:
             progress.update(1.0, "found in the registry")
             return found
-    if steps:
-        check(loaded.model, steps[0])  # ConfigError here: nothing is recorded, nothing heavy has run
+    corpus = get_corpus(suite.corpus) if steps else None
+    device = str(loaded.spec.device)
+
+    def key(prefix: Sequence[Any]) -> PrefixKey:
+        # Everything a prefix's result depends on: calibrated steps read the suite's corpus, seeded ones the seed.
+        return PrefixCache.key(loaded, prefix, device=device, corpus_key=corpus.key, seed=seed)
+
+    start = cache.longest(steps, key) if cache is not None and n > 1 else 0
+    check_model = cache.peek(key(steps[:start])) if cache is not None and start else None
+    if check_model is None:
+        start, check_model = 0, loaded.model
+    # ConfigError here: nothing is recorded, nothing heavy has run. Every step is checked, each on the shapes
+    # the steps before it will produce (a cached prefix is its real output).
+    check_pipeline(check_model, steps, start=start)
+    del check_model
+    if parent_id is None and n > 1:
+        parent_id = _recorded_prefix(loaded, steps, suite, reg)
 
     run_id = reg.start_run(
         model_fingerprint=loaded.fingerprint,
@@ -225,23 +275,32 @@ def _run(model: Any, steps: list[Any], suite: Any, reg: Any, progress: Progress,
         notes=notes,
     )
     extras: dict[str, Any] = {}
+    stages: list[StageRecord] = []
     try:
         with _Heartbeat(reg, run_id):
             t0 = time.perf_counter()
             if steps:
-                from workbench.corpus import get_corpus
-
-                work = copy.deepcopy(loaded.model)
+                taken = cache.take(key(steps[:start])) if cache is not None and start else None
+                if taken is None:  # no prefix held (or evicted since the lookup): start from the base model
+                    start, work = 0, copy.deepcopy(loaded.model)
+                else:
+                    work, stages = taken
                 ctx = ApplyContext(
                     tokenizer=loaded.tokenizer,
-                    corpus=get_corpus(suite.corpus),
+                    corpus=corpus,
                     base=loaded.model,
-                    device=str(loaded.spec.device),
+                    device=device,
                     seed=seed,
                     progress=progress.span(0.1, 0.55),
+                    stages=stages,
                 )
-                work = apply_pipeline_(work, steps, ctx)
-                extras.update(ctx.extras)
+
+                def keep_prefix(i: int, current: Any) -> None:
+                    # The model before the last step is what a run differing only in that step starts from.
+                    if cache is not None and i == n - 2:
+                        cache.put(key(steps[: i + 1]), current, list(ctx.stages), steps[: i + 1])
+
+                work = apply_pipeline_(work, steps, ctx, start=start, after_step=keep_prefix)
             else:
                 work = loaded.model  # the baseline evaluates the loaded model itself; evaluation does not modify it
             apply_s = time.perf_counter() - t0
@@ -255,21 +314,32 @@ def _run(model: Any, steps: list[Any], suite: Any, reg: Any, progress: Progress,
             )
             metrics = dict(result.metrics)
             metrics["apply_seconds"] = apply_s
+            # What the techniques report about their own work; a name the evaluation measures keeps the
+            # evaluation's value and the technique's gets its stage prefix.
+            metrics.update(merge_stages(stages, "metrics", reserved=tuple(metrics)))
+            extras.update(merge_stages(stages, "extras", reserved=("generations", "stages")))
+            if stages:
+                extras["stages"] = [stage.summary() for stage in stages]
             extras["generations"] = list(result.generations)
             reg.finish_run(run_id, metrics, extras=extras)
             del work
         return RunResult(run_id, "done", metrics, None, False, list(result.generations), label,
-                         loaded.fingerprint, extras)
+                         loaded.fingerprint, extras, parent_id)
     except RunInterrupted as err:
         reg.fail_run(run_id, str(err), status="interrupted")
-        return RunResult(run_id, "interrupted", error=str(err), label=label, model_fingerprint=loaded.fingerprint)
+        return RunResult(run_id, "interrupted", error=str(err), label=label, model_fingerprint=loaded.fingerprint,
+                         parent_id=parent_id)
     except KeyboardInterrupt:
         reg.fail_run(run_id, "Interrupted (KeyboardInterrupt).", status="interrupted")
         raise
     except Exception as err:  # recorded, never lost: the message for the user, the traceback for debugging
         message = str(err) if isinstance(err, WorkbenchError) else f"{type(err).__name__}: {err}"
+        failing = len(stages)  # the step that raised: stages holds one record per step finished
+        if n > 1 and failing < n and not message.startswith("Step "):
+            message = f"Step {failing + 1} of {n} ({technique_for(steps[failing]).name}): {message}"
         reg.fail_run(run_id, message + "\n\n" + traceback.format_exc(limit=8), status="failed")
-        return RunResult(run_id, "failed", error=message, label=label, model_fingerprint=loaded.fingerprint)
+        return RunResult(run_id, "failed", error=message, label=label, model_fingerprint=loaded.fingerprint,
+                         parent_id=parent_id)
 
 
 def _model_device(model: Any) -> Any:

@@ -87,6 +87,11 @@ def _as_list(value: str | Sequence[str] | None, what: str) -> list[str] | None:
     return [value] if isinstance(value, str) else [str(v) for v in value]
 
 
+def _like_escape(text: str) -> str:
+    """``text`` for a LIKE pattern with escape character backslash: its own wildcards match literally."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def _since(value: datetime | timedelta | str | pd.Timestamp) -> datetime:
     """A naive UTC bound for created_at: a timedelta counts back from now; naive datetimes are taken as UTC."""
     if isinstance(value, timedelta):
@@ -130,8 +135,29 @@ def _columns(
     return pd.DataFrame(data, index=index)
 
 
-def _parsed(registry: Registry, raw: pd.DataFrame) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Metrics and first-step params per row, parsed once per (run, revision) and kept on the registry object.
+def _stage_columns(steps: list[Any]) -> tuple[dict[str, Any], dict[str, Any], tuple[str, ...]]:
+    """(first step's params, ``stage<i>_*`` columns, every step's technique) of one stored pipeline."""
+    first: dict[str, Any] = {}
+    columns: dict[str, Any] = {}
+    names: list[str] = []
+    for i, step in enumerate(steps if isinstance(steps, list) else []):
+        if not isinstance(step, dict):
+            continue
+        params = step.get("params") or {}
+        if i == 0:
+            first = params
+        name = str(step.get("technique", ""))
+        names.append(name)
+        columns[f"stage{i + 1}_technique"] = name
+        for key, value in params.items():
+            columns[f"stage{i + 1}_param_{key}"] = value
+    return first, columns, tuple(names)
+
+
+def _parsed(registry: Registry, raw: pd.DataFrame) -> list[tuple[int, dict[str, Any], dict[str, Any],
+                                                                 dict[str, Any], tuple[str, ...]]]:
+    """(revision, metrics, first-step params, stage columns, techniques) per row, parsed once per (run, revision)
+    and kept on the registry object.
 
     A panel re-reads the registry every time it changes; runs rarely change once finished, so after the
     first call only new or edited runs are parsed again.
@@ -146,10 +172,8 @@ def _parsed(registry: Registry, raw: pd.DataFrame) -> tuple[list[dict[str, Any]]
         parsed_metrics = _bulk_json([metric_texts[i] for i in missing], "{}")
         parsed_steps = _bulk_json([pipeline_texts[i] for i in missing], "[]")
         for i, found, steps in zip(missing, parsed_metrics, parsed_steps):
-            first = (steps[0].get("params") or {}) if steps and isinstance(steps[0], dict) else {}
-            cache[ids[i]] = (revisions[i], found, first)
-    entries = [cache[run_id] for run_id in ids]
-    return [e[1] for e in entries], [e[2] for e in entries]
+            cache[ids[i]] = (revisions[i], found, *_stage_columns(steps))
+    return [cache[run_id] for run_id in ids]
 
 
 def empty_frame() -> pd.DataFrame:
@@ -172,14 +196,17 @@ def runs_frame(
     tag: str | None = None,
     since: datetime | timedelta | str | None = None,
     suite: str | None = None,
+    stage_technique: str | Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """One row per run, newest last, with flat columns, so views can plot and export without SQL.
 
     Columns: ``run_id, created_at, finished_at`` (UTC), ``status, model`` (description),
     ``model_fingerprint, pipeline`` (human label), ``pipeline_json, technique`` (first step or "baseline"),
     ``suite`` (name), ``suite_key, tags`` (comma-joined), ``notes, parent_id, error, duration_s``, then
-    ``metric_<name>`` for every metric any selected run has and ``param_<name>`` for the first technique's
-    parameters (as Optuna's ``trials_dataframe`` flattens ``params_x``). An empty result has the base columns.
+    ``metric_<name>`` for every metric any selected run has, ``param_<name>`` for the first technique's
+    parameters (as Optuna's ``trials_dataframe`` flattens ``params_x``), and for every step of every pipeline
+    ``stage<i>_technique`` and ``stage<i>_param_<name>`` (1-based; a single-step run fills ``stage1_*``, so
+    a stacked run's first step lines up with it). An empty result has the base columns.
 
     Args:
         model: a model fingerprint or description.
@@ -188,6 +215,8 @@ def runs_frame(
         tag: runs carrying this tag.
         since: runs created at or after this time (naive values are UTC; a timedelta counts back from now).
         suite: a suite name (``quick``) or key.
+        stage_technique: runs with a step of this technique anywhere in their pipeline (``technique`` looks
+            at the first step only), or of any of several; ``"baseline"`` matches unmodified models.
     """
     statuses = _as_list(status, "status")
     if statuses is not None:
@@ -209,11 +238,22 @@ def runs_frame(
         stmt = stmt.where(or_(RunRow.suite_name == suite, RunRow.suite_key == suite))
     if since is not None:
         stmt = stmt.where(RunRow.created_at >= _since(since))
+    stage_names = _as_list(stage_technique, "stage_technique")
+    if stage_names is not None:
+        if not stage_names:
+            return empty_frame()
+        # Stored pipelines are canonical JSON, so a step of technique t contains '"technique":"t"'. LIKE narrows
+        # the rows in SQL; the exact check on the parsed steps below settles it.
+        likes = [RunRow.pipeline_json == "[]" for name in stage_names if name == "baseline"]
+        for name in stage_names:
+            if name != "baseline":
+                needle = _like_escape('"technique":' + json.dumps(name))
+                likes.append(RunRow.pipeline_json.like(f"%{needle}%", escape="\\"))
+        stmt = stmt.where(or_(*likes))
     if tag is not None:
         # Tags are a JSON list in text; LIKE narrows the rows in SQL, the exact check below settles it.
         needle = json.dumps(str(tag), ensure_ascii=False)
-        escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        stmt = stmt.where(RunRow.tags_json.like(f"%{escaped}%", escape="\\"))
+        stmt = stmt.where(RunRow.tags_json.like(f"%{_like_escape(needle)}%", escape="\\"))
 
     rows = registry._read_rows(stmt)
     if not rows:
@@ -238,11 +278,19 @@ def runs_frame(
     raw["parent_id"] = raw["parent_id"].astype("Int64")
     raw["run_id"] = raw["run_id"].astype("int64")
 
-    metric_dicts, firsts = _parsed(registry, raw)
-    metrics = _columns(metric_dicts, "metric_", raw.index)
-    params = _columns(firsts, "param_", raw.index, scalar=True)
+    parsed = _parsed(registry, raw)
+    if stage_names is not None:
+        wanted = set(stage_names)
+        keep = [bool(wanted & set(p[4])) or ("baseline" in wanted and not p[4]) for p in parsed]
+        raw = raw[keep].reset_index(drop=True)
+        parsed = [p for p, k in zip(parsed, keep) if k]
+        if raw.empty:
+            return empty_frame()
+    metrics = _columns([p[1] for p in parsed], "metric_", raw.index)
+    params = _columns([p[2] for p in parsed], "param_", raw.index, scalar=True)
+    stages = _columns([p[3] for p in parsed], "", raw.index, scalar=True)
     base = raw[list(BASE_COLUMNS)]
-    return pd.concat([base, metrics, params], axis=1)
+    return pd.concat([base, metrics, params, stages], axis=1)
 
 
 __all__ = ["BASE_COLUMNS", "empty_frame", "runs_frame"]

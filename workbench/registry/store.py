@@ -220,8 +220,9 @@ class Registry:
         self.url = url
         self._pid = os.getpid()
         self._host = socket.gethostname()
-        # run id -> (revision, metrics, first-step params): parsed JSON reused by runs_frame (see queries._parsed)
-        self._frame_cache: dict[int, tuple[int, dict[str, Any], dict[str, Any]]] = {}
+        # run id -> (revision, metrics, first-step params, stage columns, techniques): parsed JSON reused by
+        # runs_frame (see queries._parsed)
+        self._frame_cache: dict[int, tuple[int, dict[str, Any], dict[str, Any], dict[str, Any], tuple[str, ...]]] = {}
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -607,6 +608,7 @@ class Registry:
         since: datetime | timedelta | str | None = None,
         suite: str | None = None,
         *,
+        stage_technique: str | Sequence[str] | None = None,
         mark_stale: bool = True,
     ) -> pd.DataFrame:
         """One row per run with flat columns; see :func:`workbench.registry.queries.runs_frame`."""
@@ -618,7 +620,8 @@ class Registry:
             except RegistryError as err:  # a read-only database can still be listed
                 log.warning("Could not mark stale runs: %s", err)
         return runs_frame(
-            self, model=model, status=status, technique=technique, tag=tag, since=since, suite=suite
+            self, model=model, status=status, technique=technique, tag=tag, since=since, suite=suite,
+            stage_technique=stage_technique,
         )
 
     def change_token(self) -> str:
