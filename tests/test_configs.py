@@ -17,7 +17,6 @@ from workbench.techniques import (
     config_to_dict,
     describe_fields,
     describe_pipeline,
-    field_help,
     get_technique,
     make_config,
     pipeline_from_json,
@@ -184,12 +183,11 @@ def test_every_declared_choice_is_accepted_and_its_default_is_one_of_them():
                 make_config(name, **value_params)
 
 
-def test_field_help_maps_names_to_help_and_an_unknown_technique_is_named():
-    helps = field_help("gptq")
-    assert list(helps) == [i.name for i in describe_fields("gptq")]
+def test_describe_fields_names_an_unknown_technique_and_refuses_a_non_config():
+    helps = {i.name: i.help for i in describe_fields("gptq")}
     assert "Hessian" in helps["act_order"]
     with pytest.raises(ConfigError, match="Unknown technique 'gtpq'.*Did you mean 'gptq'"):
-        field_help("gtpq")
+        describe_fields("gtpq")
     with pytest.raises(ConfigError, match="not a technique config"):
         describe_fields(3)
 

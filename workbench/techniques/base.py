@@ -518,11 +518,6 @@ def describe_fields(name_or_config: str | Any) -> list[FieldInfo]:
     return out
 
 
-def field_help(name: str) -> dict[str, str]:
-    """Field name → help text for technique ``name`` (what a tooltip or ``--help`` shows)."""
-    return {info.name: info.help for info in describe_fields(name)}
-
-
 __all__ = [
     "ApplyContext",
     "FieldInfo",
@@ -538,7 +533,6 @@ __all__ = [
     "config_to_dict",
     "describe_fields",
     "describe_pipeline",
-    "field_help",
     "get_technique",
     "is_cacheable",
     "make_config",
