@@ -22,6 +22,7 @@ from workbench.techniques import (
     pipeline_from_json,
     pipeline_to_json,
     register,
+    setting_label,
     technique_names,
 )
 from workbench.techniques._grid import WeightGridConfig
@@ -228,6 +229,12 @@ def test_different_settings_of_a_technique_get_different_labels():
     configs += [make_config("gptq", n_samples=n) for n in (16, 32, 64)]
     labels = [config_label(c) for c in configs]
     assert len(set(labels)) == len(labels), labels
+
+
+def test_the_setting_label_is_the_label_without_the_technique_name():
+    assert setting_label(make_config("rtn", group_size=64, symmetric=True)) == "4b g64 sym"
+    assert setting_label(make_config("bnb", double_quant=True)) == "nf4 dq"
+    assert setting_label(make_config("quanto", weights="int8")) == "int8"
 
 
 def test_describe_pipeline_joins_the_stages_labels():

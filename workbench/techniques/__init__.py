@@ -22,6 +22,7 @@ from workbench.techniques.base import (
     pipeline_key,
     pipeline_to_json,
     register,
+    setting_label,
     technique_names,
 )
 
@@ -65,5 +66,6 @@ __all__ = [
     "pipeline_key",
     "pipeline_to_json",
     "register",
+    "setting_label",
     "technique_names",
 ]

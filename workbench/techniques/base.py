@@ -468,6 +468,12 @@ def config_label(config: Any) -> str:
     return f"{tech.name}(" + ", ".join(changed) + ")"
 
 
+def setting_label(config: Any) -> str:
+    """The label without the technique's name (``4b g64 sym``, ``nf4``), for a table's setting column or a plot
+    legend that shows the technique elsewhere; a label that does not start with the name is returned whole."""
+    return config_label(config).removeprefix(technique_for(config).name + " ")
+
+
 def describe_pipeline(pipeline: Sequence[Any]) -> str:
     """Short human label: the steps' own labels joined by " → " (``rtn 4b g32 → bnb nf4``); the empty
     pipeline is ``baseline``."""
@@ -543,6 +549,7 @@ __all__ = [
     "pipeline_to_json",
     "register",
     "register_stacking",
+    "setting_label",
     "stacking_for",
     "technique_for",
     "technique_names",
