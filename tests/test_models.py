@@ -419,3 +419,31 @@ def test_demo_copy_has_the_gguf_logits_and_the_unfixed_tokenizer_differs():
         assert torch.equal(model(ids).logits, loaded.model(ids).logits)
     assert fingerprint(model) == loaded.fingerprint
     assert models.main(["prepare-demo"]) == 0
+
+
+@pytest.mark.parametrize("params", [{"mode": "nf4"}, {"mode": "nf4", "double_quant": True}, {"mode": "int8"}])
+def test_size_report_of_a_bnb_model_equals_the_tensors_bitsandbytes_saves(params):
+    """One rule for bitsandbytes bytes: the technique's recorded size, size accounting and the checkpoint agree."""
+    pytest.importorskip("bitsandbytes")
+    from workbench.techniques import apply_, make_config
+    from workbench.techniques.bnb import storage_bytes
+
+    q = apply_(tiny_llama(), make_config("bnb", **params))
+    sd = q.state_dict()
+    quantized = [n for n, m in q.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
+    assert len(quantized) == 14
+    saved = 0
+    for name in quantized:
+        module = q.get_submodule(name)
+        # Codes, absmax or row scales as saved; the nested offset (one fp32) travels inside the packed
+        # quant_state entry; the 16/256-entry code tables (quant_map) are constants bitsandbytes rebuilds.
+        parts = ["weight", "weight.absmax", "weight.nested_absmax", "SCB"]
+        own = sum(sd[f"{name}.{p}"].numel() * sd[f"{name}.{p}"].element_size() for p in parts if f"{name}.{p}" in sd)
+        own += 4 * (f"{name}.weight.nested_absmax" in sd)
+        assert module.wb_storage_bytes == own == storage_bytes(module), name
+        del module.wb_storage_bytes  # size accounting must find the same from the tensors alone
+        saved += own
+    rep = size_report(q)
+    assert rep.linear_bytes == saved
+    rest = {t.data_ptr(): t for n, t in sd.items() if not any(n.startswith(f"{q_}.") for q_ in quantized)}
+    assert rep.n_bytes == saved + sum(t.numel() * t.element_size() for t in rest.values())
