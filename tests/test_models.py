@@ -134,7 +134,7 @@ def test_folder_fingerprint_is_remembered_beside_the_weights(tmp_path, monkeypat
     def no_hashing(model):
         raise AssertionError("fingerprint recomputed although the weights did not change")
 
-    monkeypatch.setattr(models, "fingerprint", no_hashing)
+    monkeypatch.setattr(models.fingerprints, "fingerprint", no_hashing)
     assert load_model(str(folder)).fingerprint == first
 
 
@@ -175,7 +175,7 @@ def test_folder_without_model_is_refused(tmp_path):
 
 
 def test_hub_id_without_network_fails_fast_with_one_line(monkeypatch):
-    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(models.loading, "_hub_reachable", lambda timeout=3.0: False)
     source = "nobody-here-xyz/no-such-model-123"
     with pytest.raises(ConfigError, match="cannot be reached") as info:
         load_model(source)
@@ -339,9 +339,9 @@ def test_prepare_demo_replaces_a_half_written_copy_atomically_and_then_reuses_it
         calls.append(path)
         return tiny_llama(), byte_tokenizer()
 
-    monkeypatch.setattr(models, "_find_demo_gguf", lambda home: fake_gguf)
-    monkeypatch.setattr(models, "_gguf_dense_bytes", lambda path, dtype: 1000)
-    monkeypatch.setattr(models, "load_gguf_model", fake_load)
+    monkeypatch.setattr(models.demo, "_find_demo_gguf", lambda home: fake_gguf)
+    monkeypatch.setattr(models.demo, "_gguf_dense_bytes", lambda path, dtype: 1000)
+    monkeypatch.setattr(models.demo, "load_gguf_model", fake_load)
     assert models.prepare_demo() == target
     assert calls == [fake_gguf]
     assert models._demo_ready(target)
