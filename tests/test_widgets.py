@@ -294,23 +294,118 @@ def test_a_measured_point_answers_at_once_while_the_queue_is_busy(app, registry_
     assert len(_done_runs(registry_url)) == n_runs
 
 
-def test_settings_the_loaded_model_cannot_take_are_refused_before_queueing(app, registry_url):
+def test_the_group_dropdown_offers_what_the_loaded_model_takes_and_other_sizes_are_refused_at_once(app, registry_url):
+    panel = app.quantize
+    assert [v for _, v in panel.group_size.options] == [32, 64, 128, -1]  # no model yet: the generic choices
     app.load()
     assert app.jobs.wait(WAIT)
-    panel = app.quantize
-    panel.group_size.value = 128  # tiny-llama's layers are 64 wide
+    assert [v for _, v in panel.group_size.options] == [32, 64, -1]  # tiny-llama's layers are 64 and 128 wide
     gate = _hold_the_queue(app)
     try:
-        assert panel.submit() is None
-        assert "does not divide" in panel.errors.value and "Traceback" not in panel.errors.value
-        assert panel.sweep() == [] and not app.jobs.pending
-        assert "does not divide" in panel.errors.value
-        assert "Queued 0 bit widths" in panel.sweep_message.value and "Refused 8, 7, 6, 5, 4, 3, 2" in \
-            panel.sweep_message.value
+        # A config built in code (or by another front end) is refused by the same library check, at once.
+        with pytest.raises(ConfigError, match="does not divide"):
+            app.workspace.answer_now([tbase.make_config("rtn", group_size=128)])
+        assert not app.jobs.pending
     finally:
         gate.set()
     assert app.jobs.wait(WAIT)
     assert _done_runs(registry_url).empty
+
+
+def test_the_default_point_moves_off_a_grid_the_weights_sit_on_and_the_panel_says_why(app):
+    from workbench.techniques import apply_, make_config
+
+    loaded = copy.copy(app.workspace.load())
+    loaded.model = apply_(copy.deepcopy(loaded.model), make_config("rtn", bits=4, group_size=32))
+    loaded.fingerprint = "on-a-grid"
+    app.workspace._set_loaded(loaded)  # as a load of such a model would (listeners run)
+    panel = app.quantize
+    assert panel.group_size.value == 64 and not panel.symmetric.value
+    assert "Grid detected" in panel.grid_warning.value and "group size 64" in panel.space_note.value.lower()
+    assert panel.config(bits=4) == app.workspace.space("rtn").config(bits=4)
+    panel.method.value = "quanto"
+    assert "takes 2 (int2), 4 (int4), 8 (int8) bits" in panel.space_note.value and panel.group_size.disabled
+
+
+def test_moving_a_control_clears_the_last_runs_progress_and_notes(app, monkeypatch):
+    from widgets.panels import quantize
+
+    monkeypatch.setattr(quantize, "HIDE_AFTER_S", 0.1)
+    panel = app.quantize
+    panel.bits.value = 3
+    assert app.jobs.wait(WAIT)
+    assert "evaluated and recorded" in panel.message.value
+    # The finished bar (and its Stop button) go away a moment after the run.
+    assert _until(lambda: panel.progress.layout.visibility == "hidden")
+    panel.progress.layout.visibility = "visible"  # as if still shown: a control moved now clears it
+    panel.symmetric.value = True
+    assert panel.progress.label.value == "" and panel.progress.layout.visibility == "hidden"
+    panel.sweep_message.value = "<p>an old sweep note</p>"
+    panel.method.value = "bnb"
+    assert panel.message.value == "" and panel.sweep_message.value == ""
+
+
+def test_cancel_queue_stops_a_whole_sweep(app, registry_url):
+    panel = app.quantize
+    app.load()
+    assert app.jobs.wait(WAIT)
+    gate = _hold_the_queue(app)
+    jobs = panel.sweep()
+    assert len(jobs) == 7 and not panel.cancel_button.disabled
+    panel.cancel_button.click()
+    gate.set()
+    assert app.jobs.wait(WAIT)
+    assert all(j.status == "cancelled" for j in jobs) and "Cancelled 8" in panel.sweep_message.value
+    assert panel.cancel_button.disabled and _done_runs(registry_url).empty
+
+
+@pytest.mark.parametrize(("method", "bits"), [("rtn", None), ("bnb", ["8", "4"]), ("quanto", None)])
+def test_the_panel_and_the_cli_enumerate_the_same_space(method, bits, registry_url, monkeypatch):
+    import workbench.experiment
+    from workbench.cli import main
+    from workbench.experiment import RunResult
+    from workbench.techniques import pipeline_to_json
+
+    def recorder(seen):
+        def run(model, pipeline, suite, **_kwargs):
+            seen.append(pipeline_to_json(pipeline))
+            return RunResult(len(seen), "done", {}, label=str(len(seen)))
+
+        return run
+
+    from_panel: list[str] = []
+    bench = Workbench(registry_url, model="tiny-llama", runner=recorder(from_panel), poll_interval=0)
+    try:
+        bench.quantize.method.value = method
+        bench.quantize.sweep()
+        assert bench.jobs.wait(WAIT)
+    finally:
+        bench.close()
+    from_cli: list[str] = []
+    monkeypatch.setattr(workbench.experiment, "run_experiment", recorder(from_cli))
+    argv = ["sweep", "--model", "tiny-llama", "--technique", method, "--registry", registry_url]
+    assert main(argv + (["--bits", *bits] if bits else [])) == 0
+    assert from_panel == from_cli and len(from_cli) == {"rtn": 7, "bnb": 2, "quanto": 3}[method]
+
+
+def test_tabs_come_from_the_panel_files_and_a_real_panel_replaces_its_placeholder(registry_url):
+    import ipywidgets as W
+
+    from widgets import panels
+
+    bench = Workbench(registry_url, model="tiny-llama", poll_interval=0)
+    try:
+        assert bench.tabs.titles == ("Quantize", "Route experts", "Distill", "Compare")
+        assert bench.panels["quantize"] is bench.quantize and bench.compare in bench.tabs.children
+    finally:
+        bench.close()
+    panels.register_tab(panels.Tab("Route experts", attr="route", order=20, build=lambda host: W.HTML("real")))
+    try:
+        bench = Workbench(registry_url, model="tiny-llama", poll_interval=0)
+        assert bench.route.value == "real" and bench.tabs.titles[1] == "Route experts"
+        bench.close()
+    finally:
+        del panels._TABS[("route", False)]
 
 
 def test_the_plot_defaults_to_bits_per_weight_of_the_decoder_linears(app):

@@ -6,17 +6,19 @@
 
 Layout, top to bottom: a settings row (registry URL, evaluation suite, export folder: set here once, used by
 every panel), the model bar (spec, Load, what was loaded), a first-run box while the registry is empty, and tabs:
-Quantize, Route experts, Distill, Compare.
+one per panel file in ``widgets/panels/`` (Quantize, Route experts, Distill, Compare; see
+:func:`widgets.panels.tabs`).
 
-The app holds no numbers and makes no decisions: it builds nothing but widgets, and every value comes from
-library calls. Its back end is injectable for tests and for other front ends: ``runner`` defaults to
-:func:`workbench.experiment.run_experiment` and ``loader`` to :func:`workbench.models.load_model`.
+The app holds no numbers and makes no decisions: it builds widgets over a :class:`~workbench.workspace.Workspace`
+(``app.workspace``: registry, suite, loaded model, run queue, parameter spaces), which decides. Panels reach the
+app only through :class:`widgets.panels.PanelHost`. The back end is injectable for tests and for other front
+ends: ``runner`` defaults to :func:`workbench.experiment.run_experiment` and ``loader`` to
+:func:`workbench.models.load_model`.
 """
 
 from __future__ import annotations
 
 import html
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,18 +35,6 @@ Loader = Callable[..., Any]
 DEFAULT_MODELS = ("demo", "tiny-llama", "tiny-moe")
 
 
-def _default_runner() -> Runner:
-    from workbench.experiment import run_experiment
-
-    return run_experiment
-
-
-def _default_loader() -> Loader:
-    from workbench.models import load_model
-
-    return load_model
-
-
 def _suite_options(suite: Any) -> list[tuple[str, Any]]:
     """The named suites, plus ``suite`` itself when it is a custom :class:`~workbench.evaluate.Suite` object."""
     from workbench.evaluate import SUITES
@@ -53,20 +43,6 @@ def _suite_options(suite: Any) -> list[tuple[str, Any]]:
     if not isinstance(suite, str):
         options.append((f"{suite.name} (custom)", suite))
     return options
-
-
-def _open_registry(registry: Any) -> tuple[Any, bool]:
-    """A Registry from a URL/path/None (owned: we close it) or the given object (the caller's)."""
-    if registry is None or isinstance(registry, (str, Path)):
-        from workbench.registry import Registry
-
-        return Registry.open(None if registry is None else str(registry)), True
-    return registry, False
-
-
-def _registry_url(registry: Any) -> str:
-    url = getattr(registry, "url", None)
-    return str(url) if url is not None else repr(registry)
 
 
 class Workbench(W.VBox):
@@ -96,17 +72,13 @@ class Workbench(W.VBox):
         poll_interval: float = 2.0,
         load: bool = False,
     ) -> None:
-        self.runner = runner or _default_runner()
-        self.loader = loader or _default_loader()
-        self.jobs = Jobs()
-        self.loaded: Any = None  # the LoadedModel in use (set on the worker thread)
-        self.last_result: Any = None
-        self._model_listeners: list[Callable[[Any], None]] = []
-        self._lock = threading.Lock()
+        from workbench.workspace import NO_REGISTRY, Workspace
+
+        self.workspace = Workspace(NO_REGISTRY, model=model, suite=suite, runner=runner, loader=loader,
+                                   queue=Jobs())
 
         # Settings row: the one place for registry, suite and export folder.
         self.settings_errors = ErrorArea()
-        self._registry, self._owns_registry = None, False
         self.registry_url = W.Text(description="Registry", layout=W.Layout(width="420px"),
                                    tooltip="SQLAlchemy URL or file path of the run registry")
         self.open_registry_button = W.Button(description="Open", tooltip="Open this registry",
@@ -149,8 +121,13 @@ class Workbench(W.VBox):
 
         self.status = W.HTML("")
         self.jobs.on_change(self._show_status)
+        self.workspace.on_model_loaded(self._show_model)
+        self.workspace.on_listener_error = lambda err: self.model_errors.show(err)
+        self.model_box.observe(self._on_spec, names="value")
+        self.suite_picker.observe(self._on_suite, names="value")
 
-        self.watcher = RegistryWatcher(lambda: self._registry, interval=poll_interval)
+        self.watcher = RegistryWatcher(
+            lambda: self.workspace.registry if self.workspace.has_registry else None, interval=poll_interval)
         self.watcher.on_error = lambda err: self.settings_errors.show(err)
         self.watcher.subscribe(self._update_first_run)
 
@@ -160,25 +137,16 @@ class Workbench(W.VBox):
             self.settings_errors.show(err)
             self.registry_url.value = "" if registry is None else str(registry)
 
-        from widgets.panels import ComparePanel, PlaceholderPanel, QuantizePanel
+        from widgets.panels import tabs
 
-        self.quantize = QuantizePanel(self)
-        self.route = PlaceholderPanel(
-            "Route experts",
-            "Expert routing is coming: a slider for the number of active experts per token on Mixture-of-Experts "
-            "models (and on dense models split into experts), quality against active parameters, and per-layer "
-            "expert load heatmaps.",
-            kind="route",
-        )
-        self.distill = PlaceholderPanel(
-            "Distill",
-            "Distillation is coming: train a smaller student from the loaded model as teacher, watch the loss "
-            "curve, then stack quantization on the student and compare it with everything else.",
-            kind="distill",
-        )
-        self.compare = ComparePanel(self)
-        self.tabs = W.Tab(children=[self.quantize, self.route, self.distill, self.compare])
-        self.tabs.titles = ("Quantize", "Route experts", "Distill", "Compare")
+        # One tab per panel file; each panel is also kept as app.<attr> (app.quantize, app.compare).
+        self.panels: dict[str, W.Widget] = {}
+        for tab in tabs():
+            panel = tab.build(self)
+            setattr(self, tab.attr, panel)
+            self.panels[tab.attr] = panel
+        self.tabs = W.Tab(children=list(self.panels.values()))
+        self.tabs.titles = tuple(tab.title for tab in tabs())
 
         super().__init__([W.HTML("<h2 style='margin:4px 0'>Efficiency Workbench</h2>"), settings, model_bar,
                           self.first_run, self.status, self.tabs])
@@ -190,22 +158,43 @@ class Workbench(W.VBox):
 
     # ---- registry -------------------------------------------------------------------------------------
 
+    # ---- the workspace, read through (the PanelHost interface) ------------------------------------------
+
+    @property
+    def jobs(self) -> Any:
+        """The run queue (``workspace.queue``): ``jobs.wait()`` in tests and scripts."""
+        return self.workspace.queue
+
+    @property
+    def runner(self) -> Any:
+        return self.workspace.runner
+
+    @property
+    def loader(self) -> Any:
+        return self.workspace.loader
+
+    @property
+    def loaded(self) -> Any:
+        """The LoadedModel in use (set on the worker thread), or None."""
+        return self.workspace.loaded
+
+    @property
+    def last_result(self) -> Any:
+        return self.workspace.last_result
+
+    @last_result.setter
+    def last_result(self, value: Any) -> None:
+        self.workspace.last_result = value
+
     @property
     def registry(self) -> Any:
-        if self._registry is None:
-            from workbench.errors import ConfigError
-
-            raise ConfigError("No registry is open. Enter a URL such as sqlite:///runs.db and press Open.")
-        return self._registry
+        """The open Registry; ConfigError (saying what to do) when none is open."""
+        return self.workspace.registry
 
     def _set_registry(self, registry: Any) -> None:
-        new, owned = _open_registry(registry)
-        old, old_owned = self._registry, self._owns_registry
-        self._registry, self._owns_registry = new, owned
-        self.registry_url.value = _registry_url(new)
+        self.workspace.open_registry(registry)
+        self.registry_url.value = self.workspace.registry_url
         self.watcher.reset()
-        if old is not None and old_owned and old is not new:
-            old.close()
 
     def open_registry(self, url: str) -> bool:
         """Switch every panel to the registry at ``url``; a bad URL is shown and the old one kept."""
@@ -219,77 +208,56 @@ class Workbench(W.VBox):
         return True
 
     def runs_frame(self, **filters: Any) -> pd.DataFrame:
-        """``registry.runs_frame`` for the views. Stale runs are marked when the registry is opened, not on every
-        redraw: marking is a write, and the views show ``done`` runs, which it never changes."""
-        return self.registry.runs_frame(**filters, mark_stale=False)
+        """``workspace.runs_frame`` for the views (done runs; stale ones are marked when the registry opens)."""
+        return self.workspace.runs_frame(**filters)
 
     @property
     def suite(self) -> Any:
         """The suite runs use: a name, or the custom Suite object given to the app."""
-        return self.suite_picker.value
+        return self.workspace.suite
 
     @property
     def suite_filter(self) -> str:
         """What ``runs_frame(suite=...)`` matches: the name of a named suite, the key of a custom one."""
-        suite = self.suite
-        return suite if isinstance(suite, str) else str(suite.key)
+        return self.workspace.suite_filter
 
     @property
     def fingerprint(self) -> str | None:
         """The fingerprint of the model in use, once it is loaded (panels filter their plots by it)."""
-        return None if self.loaded is None else self.loaded.fingerprint
+        return self.workspace.fingerprint
+
+    def _on_spec(self, _change: Any) -> None:
+        self.workspace.model_spec = str(self.model_box.value or "").strip()
+
+    def _on_suite(self, _change: Any) -> None:
+        self.workspace.suite = self.suite_picker.value
 
     # ---- the model ------------------------------------------------------------------------------------
 
     def on_model_loaded(self, listener: Callable[[Any], None]) -> None:
         """Call ``listener(loaded)`` on the worker thread after a (different) model is loaded."""
-        self._model_listeners.append(listener)
+        self.workspace.on_model_loaded(listener)
 
-    def _spec(self) -> str:
-        return str(self.model_box.value or "").strip()
-
-    def _ensure_loaded(self, progress: Any) -> Any:
-        """The LoadedModel for the spec in the model bar (the library caches loads, so this is cheap)."""
-        spec = self._spec()
-        current = self.loaded
-        if current is not None and str(getattr(current.spec, "source", "")) == spec:
-            return current
-        loaded = self.loader(spec, progress=progress)
-        self._set_loaded(loaded)
-        return loaded
-
-    def _set_loaded(self, loaded: Any) -> None:
-        previous = self.loaded
-        self.loaded = loaded
+    def _show_model(self, loaded: Any) -> None:
         size = loaded.size
         self.model_info.value = (
             f"<b>{html.escape(str(loaded.description))}</b><br>"
             f"{size.n_params:,} parameters · {size.size_mb:.1f} MB · {size.bits_per_weight:.2f} bits per weight · "
             f"fingerprint <code>{html.escape(str(loaded.fingerprint))}</code>"
         )
-        if previous is None or previous.fingerprint != loaded.fingerprint:
-            for listener in list(self._model_listeners):
-                try:
-                    listener(loaded)
-                except Exception as err:  # noqa: BLE001 - a panel's extra (grid check) must not fail the load
-                    self.model_errors.show(err)
-            self.watcher.notify()
+        self.watcher.notify()
 
     def load(self) -> Job:
         """Load the model named in the model bar, in the background."""
         self.model_errors.clear()
-        spec = self._spec()
-
-        def work(progress: Any) -> Any:
-            return self._ensure_loaded(progress)
 
         def done(job: Job) -> None:
             self.model_progress.finish(job)
             if job.error is not None and job.status != "cancelled":
                 self.model_errors.show(job.error, None if _user_error(job.error) else job.traceback)
 
-        return self.jobs.submit(work, label=f"load {spec}", key=("load", spec), on_done=done,
-                                on_start=self.model_progress.attach, on_progress=self.model_progress.report)
+        return self.workspace.submit_load(on_done=done, on_start=self.model_progress.attach,
+                                          on_progress=self.model_progress.report)
 
     # ---- runs -----------------------------------------------------------------------------------------
 
@@ -308,19 +276,9 @@ class Workbench(W.VBox):
         The same work already queued or running is not queued again (the same job comes back); a pipeline
         already in the registry is answered by the runner's lookup at once.
         """
-        from workbench.techniques import pipeline_to_json
-
-        spec, suite = self._spec(), self.suite
-        key = ("run", spec, self.suite_filter, pipeline_to_json(list(pipeline)))
-        registry = self.registry
         bar = progress_bar
         if errors is not None:
             errors.clear()
-
-        def work(progress: Any) -> Any:
-            loaded = self._ensure_loaded(progress.span(0.0, 0.05))
-            return self.runner(loaded, list(pipeline), suite, registry=registry, progress=progress.span(0.05, 1.0),
-                               tags=tuple(tags))
 
         def done(job: Job) -> None:
             result = job.result
@@ -329,7 +287,6 @@ class Workbench(W.VBox):
                 ended = {"interrupted": "cancelled", "failed": "failed"}.get(getattr(result, "status", ""))
                 bar.finish(job, ended)
             if result is not None:
-                self.last_result = result
                 if errors is not None and getattr(result, "error", None):
                     # A failed run says why in one line; the stored error has the traceback.
                     errors.show(f"Run {result.run_id} {result.status}: {_first_line(result.error)}")
@@ -339,9 +296,9 @@ class Workbench(W.VBox):
                 on_result(job)
             self.watcher.poke()
 
-        return self.jobs.submit(work, label=label or _label(pipeline), key=key, on_done=done,
-                                on_start=bar.attach if bar is not None else None,
-                                on_progress=bar.report if bar is not None else None)
+        return self.workspace.submit_run(pipeline, label=label, tags=tags, on_done=done,
+                                         on_start=bar.attach if bar is not None else None,
+                                         on_progress=bar.report if bar is not None else None)
 
     def run_baseline(self) -> Job:
         """The first-run button: evaluate the unmodified model and record it."""
@@ -373,19 +330,8 @@ class Workbench(W.VBox):
     def close(self) -> None:
         """Stop the registry watcher and the worker, close the registry if the app opened it."""
         self.watcher.stop()
-        self.jobs.close()
-        if self._owns_registry and self._registry is not None:
-            self._registry.close()
+        self.workspace.close()
         super().close()
-
-
-def _label(pipeline: Sequence[Any]) -> str:
-    try:
-        from workbench.techniques import describe_pipeline
-
-        return describe_pipeline(list(pipeline))
-    except Exception:  # noqa: BLE001 - a label is cosmetic
-        return "run"
 
 
 def _first_line(text: str | None) -> str:

@@ -1,7 +1,9 @@
 """A tab for a technique family that has no panel yet: says plainly that it is coming, and what exists already.
 
 If the library already registers techniques of that kind (``technique_names(kind)``), the tab lists them and
-shows how to run one from code, so nothing the library can do is hidden behind a missing panel.
+shows how to run one from code, so nothing the library can do is hidden behind a missing panel. The tabs here
+are registered as placeholders: a real panel file registering the same ``attr`` (``route``, ``distill``)
+takes the tab over.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import html
 
 import ipywidgets as W
+
+from widgets.panels import Tab, register_tab
 
 
 class PlaceholderPanel(W.VBox):
@@ -28,5 +32,19 @@ class PlaceholderPanel(W.VBox):
         self.text = W.HTML(body)
         super().__init__([self.text], layout=W.Layout(padding="8px"))
 
+
+register_tab(Tab("Route experts", attr="route", order=20, placeholder=True, build=lambda _host: PlaceholderPanel(
+    "Route experts",
+    "Expert routing is coming: a slider for the number of active experts per token on Mixture-of-Experts "
+    "models (and on dense models split into experts), quality against active parameters, and per-layer "
+    "expert load heatmaps.",
+    kind="route",
+)))
+register_tab(Tab("Distill", attr="distill", order=30, placeholder=True, build=lambda _host: PlaceholderPanel(
+    "Distill",
+    "Distillation is coming: train a smaller student from the loaded model as teacher, watch the loss "
+    "curve, then stack quantization on the student and compare it with everything else.",
+    kind="distill",
+)))
 
 __all__ = ["PlaceholderPanel"]

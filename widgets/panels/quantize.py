@@ -1,20 +1,26 @@
 """Quantize panel: pick a method, drag the bit width, watch quality against size fill in.
 
-Each slider position becomes a technique config built by ``make_config`` (bad parameters come back as the
-library's ``ConfigError`` text), goes to the app's background queue, is evaluated with the current suite by
-``run_experiment`` and recorded; the plot then gains a point. A position already queued is not queued twice.
+The panel only builds widgets over the method's parameter space (:mod:`workbench.techniques.space`, through
+the app's :class:`~workbench.workspace.Workspace`): the widths the slider means (bnb's 8 and 4 bits are int8 and
+nf4), the group sizes the loaded model takes, and the default point, which moves off a grid the weights already
+sit on (the demo model's Q4_1 grid) with the reason shown. Each slider position becomes ``space.config(...)``,
+goes to the app's background queue, is evaluated with the current suite and recorded; the plot gains a point.
+A position already queued is not queued twice.
 
-Once the model is loaded, two answers come on the calling thread, before anything is queued, so they are
-immediate even while the queue is busy with a sweep or a GPTQ run: a position already measured is read from the
-registry (the same lookup ``run_experiment`` makes), and settings the model cannot take (a group size that
-does not divide a layer) are refused by the technique's own ``check``. Before the model is loaded both happen in
-the queued run instead.
+Once the model is loaded, two answers come on the calling thread from ``workspace.answer_now``, before anything
+is queued, so they are immediate even while the queue is busy with a sweep or a GPTQ run: a position already
+measured is read from the registry, and settings the model cannot take are refused by the technique's own
+``check``. Before the model is loaded both happen in the queued run instead.
+
+What the panel shows is about the current settings only: moving a control clears the last run's progress text,
+a method change clears its notes, a finished bar and its Stop button go away a moment after the run ends, and
+"Cancel queue" stops the running job and drops the queued ones (Stop stops one run; a sweep carries on).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import html
+import threading
 from typing import TYPE_CHECKING, Any
 
 import ipywidgets as W
@@ -23,85 +29,48 @@ import plotly.graph_objects as go
 
 from widgets.common import ErrorArea, LivePlot, ProgressBar, render_note
 from widgets.jobs import Job
-from workbench.errors import ConfigError, RegistryError
+from widgets.panels import Tab, register_tab
+from workbench.errors import ConfigError
 
 if TYPE_CHECKING:
-    from widgets.app import Workbench
+    from widgets.panels import PanelHost
 
-GROUP_SIZES = (("32", 32), ("64", 64), ("128", 128), ("per-channel", -1))
 QUALITY_METRICS = ("metric_kl_mean", "metric_ppl", "metric_top1_agree")
 # Bits per weight of the decoder linears first: counting every weight, the demo's fp32 embedding dominates and
 # hides the difference between methods.
 SIZE_METRICS = ("metric_bits_per_weight_linear", "metric_bits_per_weight", "metric_size_mb")
+SLIDER_BITS = (2, 8)  # the slider's range for every method; widths a method lacks are refused with its list
+HIDE_AFTER_S = 2.0  # a finished bar stays this long, so its outcome (done, stopped, failed) can be read
 
 
-def _format_choices(method: str) -> tuple[str, list[str]] | None:
-    """Methods whose bit width is a storage format rather than a number: the field and its formats.
-
-    The formats come from the technique modules themselves (bitsandbytes' modes, quanto's weight types), so a
-    format added there shows up here.
-    """
-    if method == "bnb":
-        from workbench.techniques.bnb import MODES
-
-        return "mode", list(MODES)
-    if method == "quanto":
-        from workbench.techniques.quanto import WEIGHTS
-
-        return "weights", list(WEIGHTS)
-    return None
+def _group_options(sizes: tuple[int, ...]) -> list[tuple[str, int]]:
+    return [("per-channel" if g == -1 else str(g), g) for g in sizes]
 
 
 def build_config(method: str, bits: int, group_size: int = 32, symmetric: bool = False) -> Any:
-    """The config for one slider position, through ``make_config``; impossible settings raise ConfigError.
+    """The config for one slider position (no model known), through the method's parameter space."""
+    from workbench.techniques.space import parameter_space
 
-    Methods with a ``bits`` field get bits, group size and symmetry (those they have). Format-based methods
-    (bnb, quanto) get the first of their formats whose ``bits`` equals the slider's value; a value none has is
-    refused with the widths that exist.
-    """
-    from workbench.techniques import get_technique, make_config
-
-    fields = {f.name for f in dataclasses.fields(get_technique(method).config_cls)}
-    if "bits" in fields:
-        params: dict[str, Any] = {"bits": int(bits)}
-        if "group_size" in fields:
-            params["group_size"] = int(group_size)
-        if "symmetric" in fields:
-            params["symmetric"] = bool(symmetric)
-        return make_config(method, **params)
-    choices = _format_choices(method)
-    if choices is None:
-        raise ConfigError(f"{method}: has no bit-width setting; use it from code with make_config({method!r}, ...).")
-    field, formats = choices
-    widths: dict[int, str] = {}
-    for fmt in formats:
-        widths.setdefault(int(make_config(method, **{field: fmt}).bits), fmt)
-    if int(bits) not in widths:
-        listed = ", ".join(f"{b} ({widths[b]})" for b in sorted(widths))
-        raise ConfigError(f"{method} takes {listed} bits, not {bits}; move the slider to one of those.")
-    return make_config(method, **{field: widths[int(bits)]})
-
-
-def method_fields(method: str) -> set[str]:
-    from workbench.techniques import get_technique
-
-    return {f.name for f in dataclasses.fields(get_technique(method).config_cls)}
+    space = parameter_space(method)
+    return space.config(bits=bits, group_size=group_size if space.group_sizes else None,
+                        symmetric=symmetric if space.symmetric else None)
 
 
 class QuantizePanel(W.VBox):
     """Method, bits, group size, symmetry; a run per slider position; a live quality-vs-size plot."""
 
-    def __init__(self, app: Workbench, methods: list[str] | None = None) -> None:
+    def __init__(self, app: PanelHost, methods: list[str] | None = None) -> None:
         from workbench.techniques import technique_names
         from workbench.views import title
 
         self.app = app
+        self.ws = app.workspace
         names = list(methods) if methods is not None else technique_names(kind="quantize")
         self.method = W.Dropdown(options=names, value="rtn" if "rtn" in names else (names[0] if names else None),
                                  description="Method", layout=W.Layout(width="220px"))
-        self.bits = W.IntSlider(value=4, min=2, max=8, step=1, continuous_update=False, description="Bits",
-                                layout=W.Layout(width="320px"))
-        self.group_size = W.Dropdown(options=GROUP_SIZES, value=32, description="Group",
+        self.bits = W.IntSlider(value=4, min=SLIDER_BITS[0], max=SLIDER_BITS[1], step=1, continuous_update=False,
+                                description="Bits", layout=W.Layout(width="320px"))
+        self.group_size = W.Dropdown(options=[("32", 32)], value=32, description="Group",
                                      layout=W.Layout(width="200px"))
         self.symmetric = W.Checkbox(value=False, description="symmetric", indent=False,
                                     layout=W.Layout(width="110px"))
@@ -109,63 +78,153 @@ class QuantizePanel(W.VBox):
                                    tooltip="Evaluate these settings", layout=W.Layout(width="90px"))
         self.sweep_button = W.Button(description="Sweep all bits", icon="forward",
                                      tooltip="Queue every bit width this method takes", layout=W.Layout(width="140px"))
+        self.cancel_button = W.Button(description="Cancel queue", icon="times", disabled=True,
+                                      tooltip="Stop the running job and drop every queued one (Stop stops one run)",
+                                      layout=W.Layout(width="130px"))
         self.quality = W.Dropdown(options=[(title(m), m) for m in QUALITY_METRICS], value="metric_kl_mean",
                                   description="Quality", layout=W.Layout(width="330px"))
         self.size_axis = W.Dropdown(options=[(title(m), m) for m in SIZE_METRICS], value=SIZE_METRICS[0],
                                     description="against", layout=W.Layout(width="330px"))
         self.grid_warning = W.HTML("")
+        self.space_note = W.HTML("")  # what the method takes, and why the default point is what it is
         self.message = W.HTML("")  # the last point: recorded, found again, or stopped
         self.sweep_message = W.HTML("")
         self.progress = ProgressBar()
         self.errors = ErrorArea()
         self.plot = LivePlot(self._figure)
         self.results: list[Any] = []  # every RunResult this panel received, newest last
+        self.space: Any = None  # the ParameterSpace the controls show
+        self._syncing = False  # True while the panel itself sets controls (no clearing, no runs)
+        self._hide_timer: threading.Timer | None = None
 
         self.bits.observe(self._on_bits, names="value")
         self.method.observe(self._on_method, names="value")
+        for control in (self.group_size, self.symmetric):
+            control.observe(self._on_setting, names="value")
         for control in (self.quality, self.size_axis):
             control.observe(lambda _c: self.plot.refresh(), names="value")
         self.run_button.on_click(lambda _b: self.submit())
         self.sweep_button.on_click(lambda _b: self.sweep())
+        self.cancel_button.on_click(lambda _b: self.cancel_queue())
+        self.ws.queue.on_change(self._on_queue_change)
         app.watcher.subscribe(self.plot.refresh)
-        app.on_model_loaded(self._check_grid)
-        self._on_method()
+        app.on_model_loaded(self._on_model_loaded)
+        self._apply_space()
 
         super().__init__([
             W.HBox([self.method, self.bits, self.group_size, self.symmetric]),
-            W.HBox([self.run_button, self.sweep_button, self.progress]),
-            self.errors, self.grid_warning, self.sweep_message, self.message,
+            W.HBox([self.run_button, self.sweep_button, self.cancel_button, self.progress]),
+            self.errors, self.grid_warning, self.space_note, self.sweep_message, self.message,
             W.HBox([self.quality, self.size_axis]),
             self.plot,
         ])
 
-    # ---- controls -------------------------------------------------------------------------------------
+    # ---- controls over the space ---------------------------------------------------------------------
+
+    def _apply_space(self) -> None:
+        """Show the method's space for the loaded model: group sizes it takes, its default point, its note."""
+        if not self.method.value:
+            return
+        try:
+            space = self.ws.space(self.method.value)
+        except ConfigError as err:  # a method without a bit-width setting
+            self.space = None
+            self.group_size.disabled = self.symmetric.disabled = True
+            self.space_note.value = render_note(str(err), "warn")
+            return
+        self.space = space
+        self._syncing = True
+        try:
+            if space.group_sizes:
+                self.group_size.options = _group_options(space.group_sizes)
+                self.group_size.value = space.default["group_size"]
+            self.group_size.disabled = not space.group_sizes
+            if space.symmetric:
+                self.symmetric.value = bool(space.default["symmetric"])
+            self.symmetric.disabled = not space.symmetric
+        finally:
+            self._syncing = False
+        notes = []
+        if space.labels:
+            notes.append(f"{self.method.value} takes {space.widths_text()} bits.")
+        if space.reason:
+            notes.append(space.reason)
+        self.space_note.value = render_note(" ".join(notes), "warn" if space.reason else "info") if notes else ""
 
     def _on_method(self, _change: Any = None) -> None:
-        # Group size and symmetry only where the method's config has them (bnb and quanto fix their own).
-        fields = method_fields(self.method.value) if self.method.value else set()
-        self.group_size.disabled = "group_size" not in fields
-        self.symmetric.disabled = "symmetric" not in fields
+        # A new method: the last method's notes and progress say nothing about it.
+        self.message.value = self.sweep_message.value = ""
+        self.errors.clear()
+        self._clear_progress()
+        self._apply_space()
+
+    def _on_setting(self, _change: Any) -> None:
+        if not self._syncing:
+            self._clear_progress()
 
     def _on_bits(self, _change: Any) -> None:
         self.submit()
 
+    def _on_model_loaded(self, loaded: Any) -> None:
+        self._check_grid(loaded)
+        self._apply_space()
+
     def config(self, bits: int | None = None) -> Any:
-        return build_config(self.method.value, self.bits.value if bits is None else bits, self.group_size.value,
-                            self.symmetric.value)
+        """The config of the controls' settings (or of ``bits``), through the method's space."""
+        if self.space is None:
+            self._apply_space()
+        if self.space is None:
+            raise ConfigError(f"{self.method.value}: has no bit-width setting; use it from code with "
+                              f"make_config({self.method.value!r}, ...).")
+        space = self.space
+        return space.config(bits=self.bits.value if bits is None else bits,
+                            group_size=self.group_size.value if space.group_sizes else None,
+                            symmetric=self.symmetric.value if space.symmetric else None)
+
+    # ---- stale state ---------------------------------------------------------------------------------
+
+    def _running(self) -> bool:
+        return not self.progress.stop.disabled  # the bar's Stop is live exactly while it follows a job
+
+    def _clear_progress(self) -> None:
+        """Forget a finished run's bar and label (a "done" next to other settings would mislead)."""
+        if self._running():
+            return
+        self.progress.label.value = ""
+        self.progress.layout.visibility = "hidden"
+
+    def _hide_later(self) -> None:
+        """Hide the bar a moment after a run ends, unless another run has taken it over by then."""
+        if self._hide_timer is not None:
+            self._hide_timer.cancel()
+        if HIDE_AFTER_S <= 0:
+            self._clear_progress()
+            return
+        self._hide_timer = threading.Timer(HIDE_AFTER_S, self._clear_progress)
+        self._hide_timer.daemon = True
+        self._hide_timer.start()
+
+    def _on_queue_change(self) -> None:
+        self.cancel_button.disabled = not self.ws.queue.busy
 
     # ---- running --------------------------------------------------------------------------------------
 
-    def submit(self, bits: int | None = None) -> Job | None:
+    def submit(self, bits: int | None = None, *, from_sweep: bool = False) -> Job | None:
         """Evaluate the current settings (or ``bits``) in the background; bad settings show why, run nothing.
 
         Returns the queued job, or None when nothing was queued: the settings were refused, or the point was
         already measured and its run was shown at once (it is then the last of ``results``).
         """
         self.errors.clear()
+        if not from_sweep:
+            self.sweep_message.value = ""
+            self.message.value = ""
+            self._clear_progress()
         try:
             config = self.config(bits)
-            if self._answer_now(config):
+            found = self.ws.answer_now([config])
+            if found is not None:
+                self._show_result(found)
                 return None
             return self.app.run([config], progress_bar=self.progress, errors=self.errors,
                                 on_result=self._on_result)
@@ -174,27 +233,30 @@ class QuantizePanel(W.VBox):
             return None
 
     def sweep(self) -> list[Job]:
-        """Queue every bit width of the slider's range that the method takes (the queue runs them in turn).
+        """Queue every width of the method's space (widest first, the other settings as they are).
 
         Widths already measured are shown from the registry instead of queued; widths the loaded model cannot
-        take are refused with the first reason shown, so a group size no layer divides queues nothing.
+        take are refused with the first reason shown, so a group size no layer divides queues nothing. The
+        configs are the ones ``workbench sweep`` runs for the same method and settings.
         """
         self.errors.clear()
+        self.message.value = ""
         try:
-            _ = self.app.registry  # no registry open: say so once, queue nothing
+            _ = self.ws.registry  # no registry open: say so once, queue nothing
+            self.config()  # a method without a space, or bad settings: say so once
         except ConfigError as err:
             self.errors.show(err)
             return []
-        jobs, skipped, found, refused = [], [], [], []
+        space = self.space
+        widths = sorted(space.bits, reverse=True)
+        skipped = [str(b) for b in range(self.bits.max, self.bits.min - 1, -1) if b not in space.bits]
+        jobs, found, refused = [], [], []
         reason: ConfigError | None = None
-        for bits in range(self.bits.max, self.bits.min - 1, -1):
+        for bits in widths:
             try:
                 config = self.config(bits)
-            except ConfigError:
-                skipped.append(str(bits))
-                continue
-            try:
-                if self._answer_now(config):
+                if self.ws.answer_now([config]) is not None:
+                    self._show_result(self.ws.last_result)
                     found.append(str(bits))
                     continue
             except ConfigError as err:  # the loaded model cannot take these settings
@@ -214,47 +276,24 @@ class QuantizePanel(W.VBox):
             note += f" Refused {', '.join(refused)} bits (see the message above)."
         if skipped:
             note += f" Skipped {', '.join(skipped)} bits ({self.method.value} does not take them)."
+        if jobs:
+            note += " Cancel queue stops them all."
         self.sweep_message.value = render_note(note)
         if reason is not None:  # shown last: queueing a run clears the error area
             self.errors.show(reason)
         return jobs
 
-    def _loaded(self) -> Any:
-        """The loaded model when it is the one in the model bar (a run would use it), else None."""
-        loaded = self.app.loaded
-        spec = str(self.app.model_box.value or "").strip()
-        if loaded is None or str(getattr(loaded.spec, "source", "")) != spec:
-            return None
-        return loaded
-
-    def _answer_now(self, config: Any) -> bool:
-        """On the calling thread, without the queue: show a run of ``config`` the registry already has (True),
-        or raise ConfigError for settings the loaded model cannot take. False: the run must be queued.
-
-        The same lookup and check, in the same order, as ``run_experiment`` makes before any heavy work; before
-        the model is loaded (its fingerprint unknown) there is nothing to look up and the queued run does both.
-        """
-        loaded = self._loaded()
-        if loaded is None:
-            return False
-        from workbench.experiment import find_recorded
-        from workbench.techniques import check
-
-        registry = self.app.registry  # ConfigError when none is open
-        try:
-            result = find_recorded(loaded, [config], self.app.suite, registry)
-        except RegistryError:
-            result = None  # the queued run looks again and reports what is wrong with the registry
-        if result is None:
-            check(loaded.model, config)
-            return False
-        self.app.last_result = result
-        self._show_result(result)
-        return True
+    def cancel_queue(self) -> int:
+        """Stop the running job and drop the queued ones (the library's ``Workspace.cancel_queue``)."""
+        cancelled = self.ws.cancel_queue()
+        self.sweep_message.value = render_note(f"Cancelled {len(cancelled)} queued or running job(s).", "warn") \
+            if cancelled else ""
+        return len(cancelled)
 
     def _on_result(self, job: Job) -> None:
         if job.result is not None:
             self._show_result(job.result)
+        self._hide_later()
 
     def _show_result(self, result: Any) -> None:
         self.results.append(result)
@@ -269,12 +308,12 @@ class QuantizePanel(W.VBox):
 
     def _check_grid(self, loaded: Any) -> None:
         """Warn when the weights already sit on a low-bit grid (then that grid's RTN is lossless by accident)."""
-        try:
+        if loaded is self.ws.loaded_model():
+            report = self.ws.grid()  # detected once per model, shared with the parameter spaces
+        else:
             from workbench.quant_analysis import detect_grid
-        except ImportError:
-            self.grid_warning.value = ""
-            return
-        report = detect_grid(loaded.model)
+
+            report = detect_grid(loaded.model)
         self.grid_warning.value = "" if report is None else (
             '<div style="background:#fff8e1;border-left:4px solid #f9a825;padding:4px 8px">'
             f"<b>Grid detected.</b> {html.escape(report.message)}</div>")
@@ -283,7 +322,7 @@ class QuantizePanel(W.VBox):
 
     def frame(self) -> pd.DataFrame:
         """The runs this panel plots: the loaded model (once known), the current suite, quantizers + baseline."""
-        frame = self.app.runs_frame(model=self.app.fingerprint, suite=self.app.suite_filter)
+        frame = self.ws.runs_frame(model=self.ws.fingerprint, suite=self.ws.suite_filter)
         if frame.empty:
             return frame
         keep = set(self.method.options) | {"baseline"}
@@ -296,4 +335,6 @@ class QuantizePanel(W.VBox):
         return fig.update_layout(legend_title_text="method")
 
 
-__all__ = ["GROUP_SIZES", "QuantizePanel", "build_config"]
+register_tab(Tab("Quantize", attr="quantize", build=QuantizePanel, order=10))
+
+__all__ = ["QuantizePanel", "build_config"]

@@ -99,14 +99,19 @@ def space_names() -> list[str]:
 
 
 def _declaration(name: str) -> SpaceDeclaration:
-    get_technique(name)  # an unknown name gets the technique table's message, with the known ones
-    if name not in _SPACES:
-        raise ConfigError(
-            f"{name}: declares no parameter space (no bit-width setting); use it from code with "
-            f"make_config({name!r}, ...) or `workbench run --technique {name} --param NAME=VALUE`. "
-            f"Techniques with one: {', '.join(sorted(_SPACES))}."
-        )
-    return _SPACES[name]
+    """The declared space of ``name``; a technique that declares none but whose config has an integer ``bits``
+    field gets bits 2 to 8 and nothing else (a new technique works with the slider before it declares more)."""
+    tech = get_technique(name)  # an unknown name gets the technique table's message, with the known ones
+    if name in _SPACES:
+        return _SPACES[name]
+    bits = {f.name: f for f in dataclasses.fields(tech.config_cls)}.get("bits")
+    if bits is not None and isinstance(bits.default, int) and not isinstance(bits.default, bool):
+        return SpaceDeclaration(name, tuple(range(2, 9)), None, (), False, False)
+    raise ConfigError(
+        f"{name}: declares no parameter space (no bit-width setting); use it from code with "
+        f"make_config({name!r}, ...) or `workbench run --technique {name} --param NAME=VALUE`. "
+        f"Techniques with one: {', '.join(sorted(_SPACES))}."
+    )
 
 
 # ---- field help ---------------------------------------------------------------------------------------------
