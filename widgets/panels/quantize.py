@@ -243,7 +243,10 @@ class QuantizePanel(W.VBox):
         self.message.value = ""
         try:
             _ = self.ws.registry  # no registry open: say so once, queue nothing
-            self.config()  # a method without a space, or bad settings: say so once
+            if self.space is None:
+                self._apply_space()
+            if self.space is None:
+                self.config()  # raises: the method has no bit-width setting
         except ConfigError as err:
             self.errors.show(err)
             return []
