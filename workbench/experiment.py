@@ -18,7 +18,7 @@ import time
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workbench.errors import ConfigError, RunInterrupted, WorkbenchError
 from workbench.prefix_cache import PrefixCache, PrefixKey, default_prefix_cache
@@ -34,6 +34,9 @@ from workbench.techniques.base import (
     pipeline_to_json,
     technique_for,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 # How often a running run tells the registry it is alive; a run whose heartbeat is older than a few periods
 # (on another host, where its pid cannot be checked) is considered dead and marked interrupted.
@@ -74,9 +77,17 @@ def find_recorded(loaded: Any, pipeline: Any, suite: Any, registry: Any) -> RunR
     if hit is None:
         return None
     extras = dict(hit.extras or {})
-    return RunResult(run_id=hit.id, status="done", metrics=dict(hit.metrics), reused=True,
-                     generations=list(extras.get("generations", [])), label=describe_pipeline(steps),
-                     model_fingerprint=loaded.fingerprint, extras=extras, parent_id=hit.parent_id)
+    return RunResult(
+        run_id=hit.id,
+        status="done",
+        metrics=dict(hit.metrics),
+        reused=True,
+        generations=list(extras.get("generations", [])),
+        label=describe_pipeline(steps),
+        model_fingerprint=loaded.fingerprint,
+        extras=extras,
+        parent_id=hit.parent_id,
+    )
 
 
 def _recorded_prefix(loaded: Any, steps: Sequence[Any], suite: Any, registry: Any) -> int | None:
@@ -139,7 +150,7 @@ class _Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{run_id}", daemon=True)
 
-    def __enter__(self) -> _Heartbeat:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -228,8 +239,19 @@ def run_experiment(
             reg.close()
 
 
-def _run(model: Any, steps: list[Any], suite: Any, reg: Any, progress: Progress, tags: Sequence[str], notes: str,
-         parent_id: int | None, reuse: bool, seed: int, cache: PrefixCache | None) -> RunResult:
+def _run(
+    model: Any,
+    steps: list[Any],
+    suite: Any,
+    reg: Any,
+    progress: Progress,
+    tags: Sequence[str],
+    notes: str,
+    parent_id: int | None,
+    reuse: bool,
+    seed: int,
+    cache: PrefixCache | None,
+) -> RunResult:
     from workbench.corpus import get_corpus
     from workbench.evaluate import evaluate
     from workbench.models import LoadedModel, load_model
@@ -302,7 +324,9 @@ def _run(model: Any, steps: list[Any], suite: Any, reg: Any, progress: Progress,
 
                 work = apply_pipeline_(work, steps, ctx, start=start, after_step=keep_prefix)
             else:
-                work = loaded.model  # the baseline evaluates the loaded model itself; evaluation does not modify it
+                work = (
+                    loaded.model
+                )  # the baseline evaluates the loaded model itself; evaluation does not modify it
             apply_s = time.perf_counter() - t0
             result = evaluate(
                 work,
@@ -323,23 +347,45 @@ def _run(model: Any, steps: list[Any], suite: Any, reg: Any, progress: Progress,
             extras["generations"] = list(result.generations)
             reg.finish_run(run_id, metrics, extras=extras)
             del work
-        return RunResult(run_id, "done", metrics, None, False, list(result.generations), label,
-                         loaded.fingerprint, extras, parent_id)
+        return RunResult(
+            run_id,
+            "done",
+            metrics,
+            None,
+            False,
+            list(result.generations),
+            label,
+            loaded.fingerprint,
+            extras,
+            parent_id,
+        )
     except RunInterrupted as err:
         reg.fail_run(run_id, str(err), status="interrupted")
-        return RunResult(run_id, "interrupted", error=str(err), label=label, model_fingerprint=loaded.fingerprint,
-                         parent_id=parent_id)
+        return RunResult(
+            run_id,
+            "interrupted",
+            error=str(err),
+            label=label,
+            model_fingerprint=loaded.fingerprint,
+            parent_id=parent_id,
+        )
     except KeyboardInterrupt:
         reg.fail_run(run_id, "Interrupted (KeyboardInterrupt).", status="interrupted")
         raise
-    except Exception as err:  # recorded, never lost: the message for the user, the traceback for debugging
+    except Exception as err:  # noqa: BLE001 (recorded, never lost: the message for the user, the traceback for debugging)
         message = str(err) if isinstance(err, WorkbenchError) else f"{type(err).__name__}: {err}"
         failing = len(stages)  # the step that raised: stages holds one record per step finished
         if n > 1 and failing < n and not message.startswith("Step "):
             message = f"Step {failing + 1} of {n} ({technique_for(steps[failing]).name}): {message}"
         reg.fail_run(run_id, message + "\n\n" + traceback.format_exc(limit=8), status="failed")
-        return RunResult(run_id, "failed", error=message, label=label, model_fingerprint=loaded.fingerprint,
-                         parent_id=parent_id)
+        return RunResult(
+            run_id,
+            "failed",
+            error=message,
+            label=label,
+            model_fingerprint=loaded.fingerprint,
+            parent_id=parent_id,
+        )
 
 
 def _model_device(model: Any) -> Any:
@@ -351,4 +397,3 @@ def _model_device(model: Any) -> Any:
 
 
 __all__ = ["RunResult", "environment", "find_recorded", "run_experiment"]
-

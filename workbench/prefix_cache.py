@@ -129,10 +129,14 @@ class PrefixCache:
         model, records, _ = entry
         # Copied outside the lock: the cached model is never modified, so concurrent copies are safe.
         out = copy.deepcopy(model)
-        return out, [StageRecord(r.index, r.technique, dict(r.metrics), dict(r.extras), r.seconds, True)
-                     for r in records]
+        return out, [
+            StageRecord(r.index, r.technique, dict(r.metrics), dict(r.extras), r.seconds, True)
+            for r in records
+        ]
 
-    def put(self, key: PrefixKey, model: Any, records: Sequence[StageRecord], pipeline: Sequence[Any]) -> bool:
+    def put(
+        self, key: PrefixKey, model: Any, records: Sequence[StageRecord], pipeline: Sequence[Any]
+    ) -> bool:
         """Keep a deep copy of ``model`` (the result of ``pipeline``) if it fits; returns whether it was kept."""
         if self.max_bytes == 0 or not is_cacheable(pipeline):
             return False

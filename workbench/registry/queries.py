@@ -154,8 +154,9 @@ def _stage_columns(steps: list[Any]) -> tuple[dict[str, Any], dict[str, Any], tu
     return first, columns, tuple(names)
 
 
-def _parsed(registry: Registry, raw: pd.DataFrame) -> list[tuple[int, dict[str, Any], dict[str, Any],
-                                                                 dict[str, Any], tuple[str, ...]]]:
+def _parsed(
+    registry: Registry, raw: pd.DataFrame
+) -> list[tuple[int, dict[str, Any], dict[str, Any], dict[str, Any], tuple[str, ...]]]:
     """(revision, metrics, first-step params, stage columns, techniques) per row, parsed once per (run, revision)
     and kept on the registry object.
 

@@ -222,7 +222,9 @@ class Registry:
         self._host = socket.gethostname()
         # run id -> (revision, metrics, first-step params, stage columns, techniques): parsed JSON reused by
         # runs_frame (see queries._parsed)
-        self._frame_cache: dict[int, tuple[int, dict[str, Any], dict[str, Any], dict[str, Any], tuple[str, ...]]] = {}
+        self._frame_cache: dict[
+            int, tuple[int, dict[str, Any], dict[str, Any], dict[str, Any], tuple[str, ...]]
+        ] = {}
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -620,7 +622,13 @@ class Registry:
             except RegistryError as err:  # a read-only database can still be listed
                 log.warning("Could not mark stale runs: %s", err)
         return runs_frame(
-            self, model=model, status=status, technique=technique, tag=tag, since=since, suite=suite,
+            self,
+            model=model,
+            status=status,
+            technique=technique,
+            tag=tag,
+            since=since,
+            suite=suite,
             stage_technique=stage_technique,
         )
 

@@ -51,8 +51,13 @@ class StageRecord:
 
     def summary(self) -> dict[str, Any]:
         """The JSON kept in a run's ``extras["stages"]`` (extras themselves are merged at the top level)."""
-        return {"stage": self.index + 1, "technique": self.technique, "metrics": dict(self.metrics),
-                "seconds": self.seconds, "reused": self.reused}
+        return {
+            "stage": self.index + 1,
+            "technique": self.technique,
+            "metrics": dict(self.metrics),
+            "seconds": self.seconds,
+            "reused": self.reused,
+        }
 
 
 @dataclass
@@ -227,7 +232,10 @@ _STACKING: dict[type, Stacking] = {}
 
 
 def register_stacking(
-    config_cls: type, *, preview: PreviewFn | None = None, same_shapes: bool | None = None,
+    config_cls: type,
+    *,
+    preview: PreviewFn | None = None,
+    same_shapes: bool | None = None,
     cacheable: bool = True,
 ) -> None:
     """Declare how the technique of ``config_cls`` stacks (see :class:`Stacking`); the defaults need no call."""
@@ -393,8 +401,11 @@ def apply_pipeline_(
             t0 = time.perf_counter()
             out = tech.apply(model, config, ctx)  # checked above, in check_pipeline or just now
             model = model if out is None else out
-            ctx.stages.append(StageRecord(i, tech.name, _numbers(config, ctx.metrics), dict(ctx.extras),
-                                          time.perf_counter() - t0))
+            ctx.stages.append(
+                StageRecord(
+                    i, tech.name, _numbers(config, ctx.metrics), dict(ctx.extras), time.perf_counter() - t0
+                )
+            )
             if after_step is not None:
                 after_step(i, model)
     finally:
