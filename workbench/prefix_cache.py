@@ -13,6 +13,7 @@ cached model. Steps whose technique opts out (``register_stacking(cls, cacheable
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from workbench.techniques.base import StageRecord, is_cacheable, pipeline_to_json
+
+log = logging.getLogger(__name__)
 
 # Leave at least this share of the machine's memory free after storing an entry: the run that stores it still
 # has its last step and an evaluation to do, and evicting is cheaper than swapping.
@@ -158,7 +161,16 @@ class PrefixCache:
                 free += evicted
             if free - size < self.min_free_fraction * total:
                 return False
-        kept = copy.deepcopy(model)
+        try:
+            kept = copy.deepcopy(model)
+        except Exception as err:  # noqa: BLE001 - a model that cannot be copied is simply not kept
+            log.info(
+                "Not keeping the prefix model %s: it cannot be copied (%s: %s).",
+                key.pipeline_json[:80],
+                type(err).__name__,
+                err,
+            )
+            return False
         with self._lock:
             self._entries[key] = (kept, tuple(records), size)
             self.stores += 1
