@@ -286,3 +286,17 @@ def test_provisional_metrics_arrive_per_batch_and_do_not_change_the_result(tiny_
     assert first["bits_per_weight"] == quiet.metrics["bits_per_weight"]
     assert first["kl_mean"] > 0 and first["ppl"] > 1 and 0 <= first["top1_agree"] <= 1
     assert abs(partials[-1]["ppl"] - quiet.metrics["ppl"]) / quiet.metrics["ppl"] < 0.5
+
+
+def test_iterated_steps_report_the_time_left(monkeypatch):
+    from workbench import progress as pr
+
+    clock = iter([0.0, 10.0, 20.0, 600.0])
+    monkeypatch.setattr(pr.time, "monotonic", lambda: next(clock))
+    seen: list[str] = []
+    list(Progress(lambda _f, m: seen.append(m)).iter(range(4), desc="gptq layer"))
+    assert seen[0] == "gptq layer 1/4"  # no pace yet
+    assert seen[1] == "gptq layer 2/4 · about 30 s left"  # 10 s for one layer, three to go
+    assert seen[2] == "gptq layer 3/4 · about 20 s left"
+    assert seen[3] == "gptq layer 4/4 · about 3 min left"  # a slow third layer: 600 s / 3 per layer, one to go
+    assert seen[-1] == "gptq layer"

@@ -270,8 +270,11 @@ class Workbench(W.VBox):
         errors: ErrorArea | None = None,
         on_result: Callable[[Any], None] | None = None,
         tags: Sequence[str] = (),
+        on_partial: Callable[[dict[str, Any]], None] | None = None,
     ) -> Job:
         """Evaluate ``pipeline`` on the model in the model bar with the chosen suite, in the background.
+
+        ``on_partial(metrics)`` receives provisional metrics while the run evaluates (see ``Progress``).
 
         The same work already queued or running is not queued again (the same job comes back); a pipeline
         already in the registry is answered by the runner's lookup at once.
@@ -298,7 +301,8 @@ class Workbench(W.VBox):
 
         return self.workspace.submit_run(pipeline, label=label, tags=tags, on_done=done,
                                          on_start=bar.attach if bar is not None else None,
-                                         on_progress=bar.report if bar is not None else None)
+                                         on_progress=bar.report if bar is not None else None,
+                                         on_partial=on_partial)
 
     def run_baseline(self) -> Job:
         """The first-run button: evaluate the unmodified model and record it."""

@@ -39,6 +39,8 @@ class Job:
     on_done: Callable[[Job], None] | None = None
     on_progress: ProgressFn | None = None
     on_start: Callable[[Job], None] | None = None
+    # Provisional results while the job runs (e.g. metrics over the chunks evaluated so far); see Progress.
+    on_partial: Callable[[dict[str, Any]], None] | None = None
     status: str = "queued"
     result: Any = None
     error: BaseException | None = None
@@ -48,8 +50,15 @@ class Job:
 
     def __post_init__(self) -> None:
         # The callback goes through the job so a bar can be re-bound to whichever job is running.
-        self.progress = Progress(self._report)
+        # Partial results are computed only when someone listens (on_partial given).
+        self.progress = Progress(self._report, on_partial=self._partial if self.on_partial else None)
         self.fraction, self.message = 0.0, ""
+        self.partial: dict[str, Any] | None = None  # the latest provisional result
+
+    def _partial(self, metrics: dict[str, Any]) -> None:
+        self.partial = metrics
+        if self.on_partial is not None:
+            self.on_partial(metrics)
 
     def _report(self, fraction: float, message: str) -> None:
         self.fraction, self.message = fraction, message
@@ -101,6 +110,7 @@ class JobQueue:
         on_done: Callable[[Job], None] | None = None,
         on_progress: ProgressFn | None = None,
         on_start: Callable[[Job], None] | None = None,
+        on_partial: Callable[[dict[str, Any]], None] | None = None,
     ) -> Job:
         with self._lock:
             if self._closed:
@@ -109,7 +119,8 @@ class JobQueue:
                 for job in ([self._current] if self._current else []) + list(self._queue):
                     if job.key == key and not job.cancelled:
                         return job
-            job = Job(fn, label=label, key=key, on_done=on_done, on_progress=on_progress, on_start=on_start)
+            job = Job(fn, label=label, key=key, on_done=on_done, on_progress=on_progress, on_start=on_start,
+                      on_partial=on_partial)
             self._queue.append(job)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)

@@ -8,6 +8,7 @@ progress widget. Cancellation is cooperative: long loops call :meth:`Progress.ch
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -74,8 +75,13 @@ class Progress:
                 total = len(items)  # type: ignore[arg-type]
             except TypeError:
                 total = None
+        started = time.monotonic()
         for i, item in enumerate(items):
-            self.update(i / total if total else 0.0, f"{desc} {i + 1}/{total}" if total else desc)
+            message = f"{desc} {i + 1}/{total}" if total else desc
+            if total and i:
+                # After the first item, the time left at the pace so far (a GPTQ run takes minutes).
+                message += f" · {_eta(time.monotonic() - started, i, total)}"
+            self.update(i / total if total else 0.0, message)
             yield item
         self.update(1.0, desc)
 
@@ -111,6 +117,16 @@ class Progress:
         """Raise :class:`RunInterrupted` if the run was cancelled."""
         if self.cancel_event.is_set():
             raise RunInterrupted("Run stopped by the user.")
+
+
+def _eta(elapsed: float, done: int, total: int) -> str:
+    """'about 40 s left' / 'about 3 min left' at the mean pace of the ``done`` items so far."""
+    left = elapsed / done * (total - done)
+    if left < 1:
+        return "under 1 s left"
+    if left < 90:
+        return f"about {left:.0f} s left"
+    return f"about {left / 60:.0f} min left"
 
 
 def as_progress(progress: Progress | ProgressCallback | None) -> Progress:

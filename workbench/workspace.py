@@ -270,9 +270,11 @@ class Workspace:
         on_done: Callable[[Job], None] | None = None,
         on_start: Callable[[Job], None] | None = None,
         on_progress: Callable[[float, str], None] | None = None,
+        on_partial: Callable[[dict[str, Any]], None] | None = None,
     ) -> Job:
         """Queue one run of ``pipeline`` on ``model_spec`` with the suite; the same request already queued or
         running returns that job. The registry and suite are taken now (ConfigError when no registry is open).
+        ``on_partial(metrics)`` hears provisional metrics while the run evaluates (a first estimate for a plot).
         """
         steps, suite, registry = list(pipeline), self.suite, self.registry
 
@@ -284,7 +286,7 @@ class Workspace:
             return result
 
         return self.queue.submit(work, label=label or _label(steps), key=self.run_key(steps), on_done=on_done,
-                                 on_start=on_start, on_progress=on_progress)
+                                 on_start=on_start, on_progress=on_progress, on_partial=on_partial)
 
     def submit_load(self, *, on_done: Callable[[Job], None] | None = None, on_start: Callable[[Job], None] | None
                     = None, on_progress: Callable[[float, str], None] | None = None) -> Job:

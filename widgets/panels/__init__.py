@@ -15,8 +15,8 @@ them in that order and keeps each panel as ``app.<attr>``.
 
 - ``workspace``: the :class:`~workbench.workspace.Workspace` (registry, suite, loaded model, run queue,
   parameter spaces, ``answer_now`` / ``check``): every decision goes through it.
-- ``run(pipeline, *, label, progress_bar, errors, on_result, tags) -> Job``: queue a run with a bar and an
-  error area wired to it (the one UI hook for running).
+- ``run(pipeline, *, label, progress_bar, errors, on_result, tags, on_partial) -> Job``: queue a run with a
+  bar and an error area wired to it (the one UI hook for running); ``on_partial`` hears provisional metrics.
 - ``watcher``: the registry watcher; ``watcher.subscribe(redraw)`` redraws when any process records a run.
 - ``on_model_loaded(listener)``: hear of a newly loaded model (on the worker thread).
 - ``export_dir``: the settings row's export-folder field (a ``Text``; Compare writes there).
@@ -43,7 +43,8 @@ class PanelHost(Protocol):
     export_dir: Any
 
     def run(self, pipeline: Sequence[Any], *, label: str = "", progress_bar: Any = None, errors: Any = None,
-            on_result: Callable[[Any], None] | None = None, tags: Sequence[str] = ()) -> Any: ...
+            on_result: Callable[[Any], None] | None = None, tags: Sequence[str] = (),
+            on_partial: Callable[[dict[str, Any]], None] | None = None) -> Any: ...
 
     def on_model_loaded(self, listener: Callable[[Any], None]) -> None: ...
 

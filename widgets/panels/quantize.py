@@ -85,6 +85,9 @@ class QuantizePanel(W.VBox):
                                   description="Quality", layout=W.Layout(width="330px"))
         self.size_axis = W.Dropdown(options=[(title(m), m) for m in SIZE_METRICS], value=SIZE_METRICS[0],
                                     description="against", layout=W.Layout(width="330px"))
+        self.log_y = W.Checkbox(value=False, description="log scale", indent=False,
+                                tooltip="Logarithmic quality axis (one 2-bit point no longer flattens the rest)",
+                                layout=W.Layout(width="110px"))
         self.grid_warning = W.HTML("")
         self.space_note = W.HTML("")  # what the method takes, and why the default point is what it is
         self.message = W.HTML("")  # the last point: recorded, found again, or stopped
@@ -96,12 +99,13 @@ class QuantizePanel(W.VBox):
         self.space: Any = None  # the ParameterSpace the controls show
         self._syncing = False  # True while the panel itself sets controls (no clearing, no runs)
         self._hide_timer: threading.Timer | None = None
+        self.provisional: dict[str, Any] | None = None  # the running run's first estimate, until it is recorded
 
         self.bits.observe(self._on_bits, names="value")
         self.method.observe(self._on_method, names="value")
         for control in (self.group_size, self.symmetric):
             control.observe(self._on_setting, names="value")
-        for control in (self.quality, self.size_axis):
+        for control in (self.quality, self.size_axis, self.log_y):
             control.observe(lambda _c: self.plot.refresh(), names="value")
         self.run_button.on_click(lambda _b: self.submit())
         self.sweep_button.on_click(lambda _b: self.sweep())
@@ -115,7 +119,7 @@ class QuantizePanel(W.VBox):
             W.HBox([self.method, self.bits, self.group_size, self.symmetric]),
             W.HBox([self.run_button, self.sweep_button, self.cancel_button, self.progress]),
             self.errors, self.grid_warning, self.space_note, self.sweep_message, self.message,
-            W.HBox([self.quality, self.size_axis]),
+            W.HBox([self.quality, self.size_axis, self.log_y]),
             self.plot,
         ])
 
@@ -227,7 +231,7 @@ class QuantizePanel(W.VBox):
                 self._show_result(found)
                 return None
             return self.app.run([config], progress_bar=self.progress, errors=self.errors,
-                                on_result=self._on_result)
+                                on_result=self._on_result, on_partial=self._partial_listener(config))
         except ConfigError as err:  # bad settings, settings the model cannot take, or no registry open
             self.errors.show(err)
             return None
@@ -268,7 +272,7 @@ class QuantizePanel(W.VBox):
                 continue
             try:
                 jobs.append(self.app.run([config], progress_bar=self.progress, errors=self.errors,
-                                         on_result=self._on_result))
+                                         on_result=self._on_result, on_partial=self._partial_listener(config)))
             except ConfigError as err:  # no registry open
                 self.errors.show(err)
                 return jobs
@@ -294,9 +298,42 @@ class QuantizePanel(W.VBox):
         return len(cancelled)
 
     def _on_result(self, job: Job) -> None:
+        if self.plot.overlay:
+            self.provisional = None
+            self.plot.set_overlay([])  # the recorded point (or nothing, if stopped) replaces the estimate
         if job.result is not None:
             self._show_result(job.result)
         self._hide_later()
+
+    def _partial_listener(self, config: Any) -> Any:
+        """What hears a run's provisional metrics: a hollow point on the plot, refined as chunks finish."""
+        from workbench.techniques import describe_pipeline
+        from workbench.techniques.base import technique_for
+
+        label = describe_pipeline([config])
+
+        def listen(metrics: dict[str, Any]) -> None:
+            self.provisional = {"label": label, "technique": technique_for(config).name, **metrics}
+            self.plot.set_overlay(self._provisional_traces())
+
+        return listen
+
+    def _provisional_traces(self) -> list[Any]:
+        point = self.provisional
+        if point is None:
+            return []
+        from workbench.views import technique_colour, title
+
+        x_key, y_key = self.size_axis.value.removeprefix("metric_"), self.quality.value.removeprefix("metric_")
+        if point.get(x_key) is None or point.get(y_key) is None:
+            return []
+        share = 100.0 * float(point.get("provisional", 0.0))
+        text = f"{point['label']} (provisional, {share:.0f}% of the text)"
+        colour = technique_colour(point["technique"])
+        return [go.Scatter(x=[point[x_key]], y=[point[y_key]], mode="markers", name="provisional",
+                           marker={"size": 14, "symbol": "circle-open", "color": colour, "line": {"width": 2}},
+                           hovertext=[f"{text}<br>{title(self.quality.value)}: {point[y_key]:.4g}"],
+                           hoverinfo="text")]
 
     def _show_result(self, result: Any) -> None:
         self.results.append(result)
@@ -334,7 +371,7 @@ class QuantizePanel(W.VBox):
     def _figure(self) -> go.Figure:
         from workbench.views import bits_figure
 
-        fig = bits_figure(self.frame(), y=self.quality.value, x=self.size_axis.value)
+        fig = bits_figure(self.frame(), y=self.quality.value, x=self.size_axis.value, log_y=self.log_y.value)
         return fig.update_layout(legend_title_text="method")
 
 
