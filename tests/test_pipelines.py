@@ -365,3 +365,25 @@ def test_prefix_cache_is_bounded_by_bytes_and_evicts_the_least_recently_used(tin
 @dataclasses.dataclass(frozen=True)
 class _Fp:
     fingerprint: str
+
+
+def test_real_quantizers_stack_and_a_packed_model_is_refused_at_the_step_that_sees_it(loaded, registry_url):
+    pytest.importorskip("bitsandbytes")
+    from workbench.techniques.bnb import BnbConfig
+
+    stacked = run_experiment(
+        loaded, [MIXED, BnbConfig(mode="nf4")], registry=registry_url, prefix_cache=PrefixCache()
+    )
+    assert stacked.ok, stacked.error
+    assert stacked.extras["mixed"]["high_modules"] == 2 and stacked.metrics["kl_mean"] > 0
+    # The up-front check sees the float model (a quantizer keeps shapes); only the real output of step 1 shows
+    # that it is already packed, so step 2's check refuses it just before it runs, and no run is done.
+    twice = run_experiment(
+        loaded,
+        [BnbConfig(mode="nf4"), BnbConfig(mode="int8")],
+        registry=registry_url,
+        prefix_cache=PrefixCache(),
+    )
+    assert twice.status == "failed" and twice.error.startswith("Step 2 of 2 (bnb): bnb:"), twice.error
+    assert "already" in twice.error
+    assert list(_frame(registry_url)["run_id"]) == [stacked.run_id]

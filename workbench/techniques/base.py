@@ -376,14 +376,16 @@ def apply_pipeline_(
 
     Each step gets empty ``ctx.metrics`` and ``ctx.extras`` of its own and leaves a :class:`StageRecord` in
     ``ctx.stages``; at the end ``ctx.metrics`` and ``ctx.extras`` hold all stages' values merged (see
-    :func:`merge_stages`). A step whose check had to wait for the earlier steps' real output (see
-    :func:`check_pipeline`) is checked just before it runs; its :class:`ConfigError` names the step.
+    :func:`merge_stages`). Every later step is checked again just before it runs, on the model the earlier
+    steps really produced: the up-front check saw a preview (or nothing, for a step whose check had to wait,
+    see :func:`check_pipeline`), and a preview may miss what only the real result shows (a model already
+    packed by a backend); such a :class:`ConfigError` names the step.
     """
     import time
 
     ctx = ctx if ctx is not None else ApplyContext()
     n = len(pipeline)
-    deferred = set(check_pipeline(model, pipeline, start=start))
+    check_pipeline(model, pipeline, start=start)
     outer, outer_extras, outer_metrics = ctx.progress, ctx.extras, ctx.metrics
     todo = n - start
     try:
@@ -391,7 +393,7 @@ def apply_pipeline_(
             config = pipeline[i]
             tech = technique_for(config)
             outer.check()  # a cancel between two steps stops before the next one starts
-            if i in deferred:
+            if i > start:  # step `start` was just checked on this very model
                 try:
                     check(model, config)
                 except ConfigError as err:
