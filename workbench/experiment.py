@@ -271,7 +271,8 @@ def _run(
 
     def key(prefix: Sequence[Any]) -> PrefixKey:
         # Everything a prefix's result depends on: calibrated steps read the suite's corpus, seeded ones the seed.
-        return PrefixCache.key(loaded, prefix, device=device, corpus_key=corpus.key, seed=seed)
+        corpus_key = corpus.key if corpus is not None else ""
+        return PrefixCache.key(loaded, prefix, device=device, corpus_key=corpus_key, seed=seed)
 
     start = cache.longest(steps, key) if cache is not None and n > 1 else 0
     check_model = cache.peek(key(steps[:start])) if cache is not None and start else None
