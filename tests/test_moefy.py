@@ -1,0 +1,199 @@
+"""Dense models made into Mixture-of-Experts blocks (technique ``moefy``): carving and upcycling a tiny Llama."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from workbench import moefy
+from workbench.anatomy import anatomy
+from workbench.corpus import get_corpus
+from workbench.errors import ConfigError
+from workbench.techniques import ApplyContext, apply_, apply_pipeline_, make_config
+from workbench.techniques.base import check_pipeline
+
+IDS = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
+
+
+def _ctx(byte_tokenizer):
+    return ApplyContext(tokenizer=byte_tokenizer, corpus=get_corpus("python-docs"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def carved(byte_tokenizer):
+    """The tiny Llama (intermediate 128) carved into 4 experts of 28 neurons plus 16 shared, at k = E."""
+    from workbench.tiny import tiny_llama
+
+    dense = tiny_llama()
+    model = copy.deepcopy(dense)
+    ctx = _ctx(byte_tokenizer)
+    config = make_config("moefy", n_experts=4, top_k=4, calibration_tokens=1024)
+    model = apply_(model, config, ctx)
+    return dense, model, ctx
+
+
+def _logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _flops(model, ids=IDS):
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(ids)
+    return counter.get_total_flops()
+
+
+def test_carved_at_k_equal_e_reproduces_the_dense_model(carved):
+    dense, model, _ = carved
+    diff = (_logits(model) - _logits(dense)).abs().max().item()
+    assert diff < 1e-5, f"logits differ by {diff} at k = E"
+    assert torch.equal(_logits(model).argmax(-1), _logits(dense).argmax(-1))
+
+
+def test_carved_block_layout(carved):
+    _, model, _ = carved
+    block = model.model.layers[0].mlp
+    assert isinstance(block, moefy.MoEfiedMLP)
+    assert tuple(block.experts.gate_up_proj.shape) == (4, 56, 64)  # (E, 2m, H), m = (128 - 16) / 4
+    assert tuple(block.experts.down_proj.shape) == (4, 64, 28)
+    assert block.shared_expert.gate_proj.out_features == 16
+    # Every neuron of the dense MLP sits in exactly one place: its gate row is in the shared part or one expert.
+    dense_rows = carved[0].model.layers[0].mlp.gate_proj.weight
+    rows = torch.cat([block.shared_expert.gate_proj.weight, block.experts.gate_up_proj[:, :28].reshape(-1, 64)])
+    assert rows.shape == dense_rows.shape
+    assert torch.equal(torch.sort(rows.sum(1)).values, torch.sort(dense_rows.sum(1)).values)
+
+
+def test_lower_k_changes_outputs_and_runs_fewer_flops(carved):
+    dense, model, _ = carved
+    model = copy.deepcopy(model)
+    full = _flops(model)
+    moefy.set_top_k_(model, 2)
+    half = _flops(model)
+    moefy.set_top_k_(model, 1)
+    one = _flops(model)
+    assert one < half < full, (one, half, full)
+    moefy.set_top_k_(model, 2)
+    diff = (_logits(model) - _logits(dense)).abs().max().item()
+    assert diff > 1e-4, "k = E/2 should compute something different from the dense model"
+    # Per block: (16 shared + 2 x 28) of 128 neurons.
+    counts = moefy.active_counts(model)
+    assert counts["active_ffn_fraction"] == pytest.approx((16 + 2 * 28) / 128)
+    assert counts["active_params"] == counts["total_params"] - 2 * 2 * 3 * 28 * 64  # 2 layers, 2 idle experts
+    moefy.set_top_k_(model, 4)
+    assert (_logits(model) - _logits(dense)).abs().max().item() < 1e-5
+
+
+def test_decoding_path_matches_the_batched_path(carved):
+    """One token at a time (the k-expert loop without gathers) gives what a whole sequence gives."""
+    _, model, _ = carved
+    model = copy.deepcopy(model)
+    moefy.set_top_k_(model, 2)
+    block = model.model.layers[1].mlp
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        batched = block(x[None])[0]
+        single = torch.stack([block(x[i : i + 1])[0] for i in range(5)])
+    assert torch.allclose(batched, single, atol=1e-6)
+
+
+def test_anatomy_sees_a_moe_block_whose_k_is_settable(carved):
+    _, model, _ = carved
+    model = copy.deepcopy(model)
+    an = anatomy(model)
+    assert an.is_moe and len(an.experts) == 2
+    block = an.experts[0]
+    assert (block.n_experts, block.top_k, block.layout, block.top_k_settable) == (4, 4, "fused", True)
+    assert block.router.name == "model.layers.0.mlp.gate"
+    assert block.shared == ("model.layers.0.mlp.shared_expert",)
+    assert {t.role for t in block.tensors} == {"gate_up", "down"}
+    weights = block.expert_weights(model, 1)
+    assert tuple(weights["gate_up"].shape) == (56, 64) and tuple(weights["down"].shape) == (64, 28)
+    before = _logits(model)
+    # What a generic k setter does: every int copy of k the anatomy lists.
+    for name, attr in block.top_k_attrs:
+        setattr(model.get_submodule(name), attr, 1)
+    assert model.model.layers[0].mlp.gate.top_k == 1
+    assert anatomy(model).experts[0].top_k == 1
+    assert not torch.allclose(_logits(model), before)
+
+
+def test_technique_metrics_and_extras(carved):
+    _, _, ctx = carved
+    assert ctx.metrics["active_ffn_fraction"] == pytest.approx(1.0)
+    assert ctx.metrics["active_params"] == ctx.metrics["moe_total_params"]
+    assert ctx.metrics["conversion_seconds"] > 0
+    plan = ctx.extras["moefy"]["plan"]
+    assert plan["n_shared"] == [16, 16] and plan["width"] == [28, 28]
+
+
+def test_representative_router_and_seeded_determinism(byte_tokenizer, tiny_llama):
+    config = make_config("moefy", n_experts=4, top_k=2, router="representative", calibration_tokens=512)
+    a = apply_(copy.deepcopy(tiny_llama), config, _ctx(byte_tokenizer))
+    b = apply_(copy.deepcopy(tiny_llama), config, _ctx(byte_tokenizer))
+    assert torch.equal(_logits(a), _logits(b))
+    assert hasattr(a.model.layers[0].mlp.gate, "up_weight")
+    moefy.set_top_k_(a, 4)
+    assert (_logits(a) - _logits(tiny_llama)).abs().max().item() < 1e-5
+
+
+def test_upcycled_uniform_router_reproduces_the_dense_model(tiny_llama):
+    for k in (1, 3, 4):
+        model = apply_(copy.deepcopy(tiny_llama), make_config("moefy", mode="upcycle", n_experts=4, top_k=k))
+        diff = (_logits(model) - _logits(tiny_llama)).abs().max().item()
+        assert diff < 1e-5, f"upcycled k={k}: logits differ by {diff}"
+    block = model.model.layers[0].mlp
+    assert tuple(block.experts.gate_up_proj.shape) == (4, 256, 64)  # E whole copies of the 128-neuron MLP
+    assert block.shared_expert is None
+    assert moefy.active_counts(model)["active_ffn_fraction"] == pytest.approx(4.0)  # k copies of the dense MLP
+
+
+def test_upcycled_random_router_mixes_identical_copies(tiny_llama):
+    """A random router changes which copies run, and their weights still sum to 1: still the dense output."""
+    model = apply_(copy.deepcopy(tiny_llama), make_config("moefy", mode="upcycle", n_experts=4, top_k=2,
+                                                          router_std=0.5))
+    assert model.model.layers[0].mlp.gate.weight.abs().sum() > 0
+    assert (_logits(model) - _logits(tiny_llama)).abs().max().item() < 1e-4
+
+
+def test_bad_inputs_are_refused_before_work(tiny_llama, tiny_moe, byte_tokenizer):
+    with pytest.raises(ConfigError, match="top_k=9 is out of range for n_experts=8"):
+        make_config("moefy", n_experts=8, top_k=9)
+    with pytest.raises(ConfigError, match="n_experts=1"):
+        make_config("moefy", n_experts=1, top_k=1)
+    model = copy.deepcopy(tiny_llama)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    # 128 - 10 shared = 118 neurons do not split into 4 experts; the message says which n_shared would.
+    with pytest.raises(ConfigError, match=r"do not split into n_experts=4.*n_shared=12"):
+        apply_(model, make_config("moefy", n_experts=4, top_k=2, n_shared=10), _ctx(byte_tokenizer))
+    with pytest.raises(ConfigError, match="only 8 of the 128"):
+        apply_(model, make_config("moefy", n_experts=16, top_k=2, n_shared=120), _ctx(byte_tokenizer))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # untouched
+    with pytest.raises(ConfigError, match="not a Llama-style MLP"):
+        apply_(copy.deepcopy(tiny_moe), make_config("moefy", n_experts=4, top_k=2), _ctx(byte_tokenizer))
+    once = apply_(copy.deepcopy(tiny_llama), make_config("moefy", mode="upcycle", n_experts=2, top_k=1))
+    with pytest.raises(ConfigError, match="already a Mixture-of-Experts block"):
+        apply_(once, make_config("moefy", mode="upcycle", n_experts=2, top_k=1))
+    with pytest.raises(ConfigError, match="out of range"):
+        moefy.set_top_k_(once, 3)
+
+
+def test_stacks_with_quantization(tiny_llama, byte_tokenizer):
+    """moefy -> rtn: the preview gives rtn the converted shapes before work; rtn quantizes the fused experts."""
+    # 64 shared + 2 experts of 32 neurons: every width takes groups of 32.
+    moe = make_config("moefy", n_experts=2, top_k=1, n_shared=64, calibration_tokens=512)
+    pipeline = [moe, make_config("rtn", bits=4, group_size=32)]
+    assert check_pipeline(tiny_llama, pipeline) == []  # nothing deferred: the preview answered
+    model = apply_pipeline_(copy.deepcopy(tiny_llama), pipeline, _ctx(byte_tokenizer))
+    experts = model.model.layers[0].mlp.experts
+    assert torch.isfinite(_logits(model)).all()
+    # A 4-bit grid per group of 32 along the input: at most 16 distinct values per group.
+    group = experts.gate_up_proj[0, 0, :32]
+    assert torch.unique(group).numel() <= 16
+    # A group size the experts' 32-wide inputs do not take is refused at the start, naming the second step.
+    bad = [pipeline[0], make_config("rtn", bits=4, group_size=64)]
+    with pytest.raises(ConfigError, match="Step 2 of 2"):
+        check_pipeline(tiny_llama, bad)
