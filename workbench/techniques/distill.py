@@ -1,0 +1,200 @@
+"""``distill``: train the current model (the student) against the loaded base model (the teacher).
+
+The student is whatever the pipeline holds at this step (the teacher itself, or the output of a ``prune``
+step: the Minitron recipe prune → distill → quantize), or any model that shares the teacher's tokenizer
+(``student="<model spec>"``). Training reads only the corpus's training part; the evaluation points
+(perplexity and KL against the teacher every ``eval_every`` tokens) read held-out windows of its calibration
+part, so the run's own evaluation text stays unseen. See :mod:`workbench.distill.train` for the loop, stop and
+resume, and :mod:`workbench.distill.logit_store` for the cached teacher targets (``teacher="topk"`` or
+``"sampled"``).
+
+A stopped run keeps the student trained so far in a checkpoint folder under ``demo_home()`` (the run is
+recorded ``interrupted`` with that path); running the same pipeline again resumes from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workbench.distill.logit_store import build_store, ids_digest, weights_digest
+from workbench.distill.losses import LOSSES, SPARSE_LOSSES
+from workbench.distill.students import check_same_tokenizer, n_parameters
+from workbench.distill.train import TrainSettings, train_student
+from workbench.errors import ConfigError
+from workbench.techniques.base import ApplyContext, register, register_stacking
+
+TEACHERS = ("live", "topk", "sampled")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation of the current model from the teacher (the loaded base model)."""
+
+    loss: str = field(default="forward_kl", metadata={
+        "help": "forward_kl (mass-covering), reverse_kl (MiniLLM), skew_kl (DistiLLM), jsd (generalised JSD), "
+                "or hard (labels only: the baseline with the same data and budget).", "choices": LOSSES})
+    temperature: float = field(default=2.0, metadata={"help": "Softens both distributions; the soft term is "
+                                                              "scaled by T² so its weight does not shrink."})
+    alpha: float = field(default=0.5, metadata={"help": "Weight of the soft term: alpha·T²·KD + (1-alpha)·CE."})
+    skew: float = field(default=0.1, metadata={"help": "Skew KL's λ / JSD's β (DistiLLM uses 0.1)."})
+    teacher: str = field(default="live", metadata={
+        "help": "live (run the teacher every step), topk (cached top-k logits: biased) or sampled (cached draws "
+                "from the teacher distribution: unbiased); the stores are computed once and reused.",
+        "choices": TEACHERS})
+    top_k: int = field(default=64, metadata={"help": "Logits kept per token by the topk store, draws per token by "
+                                                     "the sampled store."})
+    steps: int = field(default=50, metadata={"help": "Budget: optimizer steps (0: no step limit)."})
+    tokens: int = field(default=0, metadata={"help": "Budget: training tokens (0: no token limit)."})
+    seconds: float = field(default=0.0, metadata={"help": "Budget: wall seconds of training (0: no time limit)."})
+    batch_size: int = field(default=4, metadata={"help": "Windows per micro-batch."})
+    seq_len: int = field(default=256, metadata={"help": "Tokens per training window."})
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    lr: float = field(default=3e-4, metadata={"help": "Peak AdamW learning rate (after warm-up, cosine decay)."})
+    warmup_steps: int = field(default=5, metadata={"help": "Linear warm-up steps."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on matrices."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast for student and teacher (1.3-1.5x "
+                                                        "faster training on the reference CPU)."})
+    eval_every: int = field(default=0, metadata={"help": "Training tokens between evaluation points "
+                                                         "(perplexity, KL vs teacher); 0: before and after only."})
+    eval_windows: int = field(default=2, metadata={"help": "Held-out windows scored at each evaluation point."})
+    student: str = field(default="", metadata={"help": "A model spec to use as the student instead of the current "
+                                                       "model (must share the teacher's tokenizer)."})
+    resume: bool = field(default=True, metadata={"help": "Continue from the checkpoint a stopped run with the same "
+                                                         "settings left, if any."})
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ConfigError(f"distill: loss={self.loss!r}; choose one of {', '.join(LOSSES)}.")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"distill: temperature={self.temperature} must be > 0 (1 leaves the teacher as it is, "
+                              "2-4 is usual).")
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError(f"distill: alpha={self.alpha} must be in [0, 1] (0: hard labels only, 1: soft only).")
+        if not 0 < self.skew < 1:
+            raise ConfigError(f"distill: skew={self.skew} must be in (0, 1); DistiLLM uses 0.1, JSD 0.5.")
+        if self.teacher not in TEACHERS:
+            raise ConfigError(f"distill: teacher={self.teacher!r}; choose one of {', '.join(TEACHERS)}.")
+        if self.teacher != "live" and self.loss not in SPARSE_LOSSES:
+            raise ConfigError(f"distill: loss={self.loss!r} needs the full teacher distribution; use teacher='live', "
+                              f"or loss='forward_kl' with a {self.teacher} store.")
+        if self.top_k < 1:
+            raise ConfigError(f"distill: top_k={self.top_k} must be at least 1.")
+        if min(self.steps, self.tokens, self.seconds) < 0 or not (self.steps or self.tokens or self.seconds):
+            raise ConfigError(f"distill: the budget (steps={self.steps}, tokens={self.tokens}, seconds={self.seconds}) "
+                              "is zero; set at least one of steps, tokens or seconds above 0.")
+        for name in ("batch_size", "grad_accum", "eval_windows"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"distill: {name}={getattr(self, name)} must be at least 1.")
+        if self.seq_len < 2:
+            raise ConfigError(f"distill: seq_len={self.seq_len} must be at least 2 tokens.")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.eval_every < 0:
+            raise ConfigError("distill: lr must be > 0 and warmup_steps, weight_decay, eval_every >= 0 "
+                              f"(got {self.lr}, {self.warmup_steps}, {self.weight_decay}, {self.eval_every}).")
+
+    def label(self) -> str:
+        budget = (f"{self.steps} steps" if self.steps else f"{self.tokens} tok" if self.tokens
+                  else f"{self.seconds:g} s")
+        if self.loss == "hard":
+            return f"distill hard {budget}"
+        store = "" if self.teacher == "live" else f" {self.teacher}{self.top_k}"
+        return f"distill {self.loss} T{self.temperature:g} a{self.alpha:g}{store} {budget}"
+
+    def settings(self, seed: int) -> TrainSettings:
+        keys = set(TrainSettings.__dataclass_fields__) - {"seed"}
+        return TrainSettings(seed=seed, **{k: v for k, v in asdict(self).items() if k in keys})
+
+
+def _student_model(config: DistillConfig) -> Any:
+    from workbench.models import load_model
+
+    return load_model(config.student)
+
+
+def check_distill(model: Any, config: DistillConfig) -> None:
+    """A named student must not be larger than the current model and must share its vocabulary size."""
+    if not config.student:
+        return
+    loaded = _student_model(config)
+    teacher_n, student_n = n_parameters(model), n_parameters(loaded.model)
+    if student_n > teacher_n:
+        raise ConfigError(f"distill: the student {config.student!r} has {student_n:,} parameters, more than the "
+                          f"teacher's {teacher_n:,}; pick a smaller student (or prune one from the teacher).")
+    t_vocab, s_vocab = model.get_output_embeddings().weight.shape[0], loaded.model.get_output_embeddings().weight.shape[0]
+    if t_vocab != s_vocab:
+        raise ConfigError(f"distill: the student {config.student!r} has {s_vocab} output logits, the teacher "
+                          f"{t_vocab}; their tokenizers differ, so pick a student sharing the teacher's tokenizer.")
+
+
+register_stacking(DistillConfig, same_shapes=True)
+
+
+def _windows(tokenizer: Any, text: str, seq_len: int) -> torch.Tensor:
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    n = ids.numel() // seq_len
+    return ids[: n * seq_len].reshape(n, seq_len)
+
+
+def checkpoint_root() -> Path:
+    from workbench.models import demo_home
+
+    return Path(demo_home()) / "distill_checkpoints"
+
+
+@register("distill", DistillConfig, kind="distill", check=check_distill)
+def _apply_distill(model: Any, config: DistillConfig, ctx: ApplyContext) -> Any:
+    teacher = ctx.base
+    if teacher is None or ctx.tokenizer is None or ctx.corpus is None:
+        raise ConfigError("distill needs the teacher, its tokenizer and a corpus: run it through run_experiment, "
+                          "or pass base=, tokenizer= and corpus= in the ApplyContext.")
+    if config.student:
+        loaded = _student_model(config)
+        check_same_tokenizer(ctx.tokenizer, loaded.tokenizer)
+        import copy
+
+        model = copy.deepcopy(loaded.model)
+    if n_parameters(model) > n_parameters(teacher):
+        raise ConfigError(f"distill: the student has {n_parameters(model):,} parameters, more than the teacher's "
+                          f"{n_parameters(teacher):,}; distil into a smaller model.")
+    windows = _windows(ctx.tokenizer, ctx.corpus.text("training"), config.seq_len)
+    if windows.shape[0] < config.batch_size:
+        raise ConfigError(f"distill: the corpus's training part holds {windows.shape[0]} windows of {config.seq_len} "
+                          f"tokens, fewer than batch_size={config.batch_size}; lower seq_len or batch_size.")
+    held_out = _windows(ctx.tokenizer, ctx.corpus.text("calibration"), config.seq_len)[: config.eval_windows]
+    teacher_digest = weights_digest(teacher)
+    settings = {k: v for k, v in asdict(config).items() if k != "resume"}
+    key = hashlib.sha256(json.dumps({"config": settings, "seed": ctx.seed, "ids": ids_digest(windows),
+                                     "student": weights_digest(model), "teacher": teacher_digest},
+                                    sort_keys=True).encode()).hexdigest()[:20]
+    checkpoint = checkpoint_root() / key
+    if not config.resume:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    store = None
+    train_progress = ctx.progress
+    if config.teacher != "live" and config.loss != "hard" and config.alpha > 0:
+        store = build_store(teacher, windows, kind=config.teacher, k=config.top_k, temperature=config.temperature,
+                            seed=ctx.seed, progress=ctx.progress.span(0.0, 0.2), teacher_digest=teacher_digest)
+        train_progress = ctx.progress.span(0.2, 1.0)
+        ctx.metrics["store_bytes_per_token"] = store.bytes_per_token
+    result = train_student(model, teacher, windows, config.settings(ctx.seed), store=store,
+                           eval_ids=held_out if held_out.shape[0] else None, progress=train_progress,
+                           checkpoint=checkpoint, tokenizer=ctx.tokenizer)
+    ctx.metrics["training_tokens"] = result.tokens
+    ctx.metrics["training_steps"] = result.steps
+    ctx.metrics["training_seconds"] = result.seconds
+    ctx.metrics["final_loss"] = result.final_loss
+    if result.resumed_from:
+        ctx.metrics["resumed_from_step"] = result.resumed_from
+    ctx.extras["loss_curve"] = result.loss_curve
+    ctx.extras["eval_curve"] = result.eval_curve
+    return model
+
+
+__all__ = ["TEACHERS", "DistillConfig", "check_distill", "checkpoint_root"]
