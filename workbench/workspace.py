@@ -215,14 +215,14 @@ class Workspace:
         return self._spaces[key]
 
     def check(self, pipeline: Sequence[Any]) -> None:
-        """Refuse (ConfigError) what the loaded model cannot take: the first step's own ``check``, as
-        ``run_experiment`` makes it; nothing to check before a model is loaded."""
-        from workbench.techniques import check
+        """Refuse (ConfigError) what the loaded model cannot take: every step checked on the shapes the earlier
+        steps will produce, as ``run_experiment`` checks them; nothing to check before a model is loaded."""
+        from workbench.techniques.base import check_pipeline
 
         loaded = self.loaded_model()
         steps = list(pipeline)
         if loaded is not None and steps:
-            check(loaded.model, steps[0])
+            check_pipeline(loaded.model, steps)
 
     def find_recorded(self, pipeline: Sequence[Any]) -> Any:
         """The done run of the loaded model, ``pipeline`` and the suite in the registry, or None (also None
