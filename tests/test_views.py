@@ -253,3 +253,20 @@ def test_hover_text_is_built_for_every_run_in_a_large_registry():
     # The front of random points is a staircase: sorted by x, KL strictly falls.
     front = info.front
     assert (np.diff(front["metric_bits_per_weight"]) >= 0).all() and (np.diff(front["metric_kl_mean"]) < 0).all()
+
+
+def test_many_baseline_runs_draw_one_reference_line_per_model():
+    import time
+
+    n = 2000
+    runs = pd.DataFrame({"run_id": range(n), "technique": ["baseline"] * (n - 1) + ["rtn"],
+                         "model": [f"m{i % 2} (1M params)" for i in range(n)],
+                         "model_fingerprint": [f"fp{i % 2}" for i in range(n)],
+                         "metric_bits_per_weight": [32.0] * (n - 1) + [4.5],
+                         "metric_kl_mean": [0.0] * (n - 1) + [0.1]})
+    start = time.perf_counter()
+    fig = tradeoff_figure(runs)
+    assert time.perf_counter() - start < 2.0
+    labels = sorted(a.text for a in fig.layout.annotations)
+    assert len(fig.layout.shapes) == 2 and labels[0].startswith("baseline · m0") and labels[1].startswith(
+        "baseline · m1")

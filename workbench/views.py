@@ -313,17 +313,30 @@ def _empty_figure(message: str) -> go.Figure:
     return fig.update_layout(height=420, template=TEMPLATE, autosize=True)
 
 
+BASELINES_DRAWN = 6  # reference lines at most: one per model (its latest baseline); more would be a thicket
+
+
 def _draw_baseline(fig: go.Figure, baseline: pd.DataFrame | None, points: pd.DataFrame, x: str, y: str,
                    log_y: bool) -> None:
-    """Each baseline as a dashed horizontal line at its quality, labelled "baseline"; and a vertical line at its
-    size too when that lies near the other points (a 32-bit baseline beside 3-5 bit points is named in the label
-    instead, so the axis keeps to the variants)."""
+    """Each model's baseline as a dashed horizontal line at its quality, labelled "baseline"; and a vertical
+    line at its size too when that lies near the other points (a 32-bit baseline beside 3-5 bit points is named
+    in the label instead, so the axis keeps to the variants).
+
+    Shapes and labels are built as plain dicts and set in one layout update: plotly's ``add_hline`` copies the
+    layout on every call, which made a registry with many baseline runs take minutes to draw.
+    """
     if baseline is None or baseline.empty:
         return
+    if "model_fingerprint" in baseline.columns:
+        baseline = baseline.drop_duplicates("model_fingerprint", keep="last")
+    baseline = baseline.tail(BASELINES_DRAWN)
     models = baseline["model"].nunique() if "model" in baseline.columns else 1
     xs = points[x].astype(float) if not points.empty else pd.Series(dtype=float)
-    for _, row in baseline.iterrows():
-        label = "baseline" + (f" · {short_model_name(row['model'])}" if models > 1 else "")
+    shapes: list[dict[str, Any]] = []
+    notes: list[dict[str, Any]] = []
+    font = {"size": 11, "color": "#555"}
+    for row in baseline.to_dict("records"):
+        label = "baseline" + (f" · {short_model_name(row.get('model'))}" if models > 1 else "")
         bx, by = float(row[x]), float(row[y])
         vertical = xs.empty
         if not xs.empty:
@@ -335,17 +348,21 @@ def _draw_baseline(fig: go.Figure, baseline: pd.DataFrame | None, points: pd.Dat
         horizontal = not (log_y and by <= 0)  # KL 0 has no place on a log axis
         where = f"{title(x)} {bx:.4g}"
         if horizontal:
-            fig.add_hline(y=by, line=_REFERENCE_LINE, exclude_empty_subplots=False,
-                          annotation_text=html.escape(label if vertical else f"{label} ({where})"),
-                          annotation_position="top left", annotation_font={"size": 11, "color": "#555"})
+            shapes.append({"type": "line", "xref": "x domain", "x0": 0, "x1": 1, "yref": "y", "y0": by, "y1": by,
+                           "line": _REFERENCE_LINE})
+            notes.append({"text": html.escape(label if vertical else f"{label} ({where})"), "showarrow": False,
+                          "xref": "x domain", "x": 0, "yref": "y", "y": by, "xanchor": "left",
+                          "yanchor": "bottom", "font": font})
         if vertical:
-            fig.add_vline(x=bx, line=_REFERENCE_LINE, exclude_empty_subplots=False,
-                          annotation_text=None if horizontal else html.escape(label),
-                          annotation_font={"size": 11, "color": "#555"})
+            shapes.append({"type": "line", "xref": "x", "x0": bx, "x1": bx, "yref": "y domain", "y0": 0, "y1": 1,
+                           "line": _REFERENCE_LINE})
+            if not horizontal:
+                notes.append({"text": html.escape(label), "showarrow": False, "xref": "x", "x": bx,
+                              "yref": "y domain", "y": 1, "xanchor": "left", "yanchor": "top", "font": font})
         if not horizontal and not vertical:
-            fig.add_annotation(text=html.escape(f"{label}: {title(y)} {by:.4g}, {where}"), showarrow=False,
-                               x=0, y=1.06, xref="paper", yref="paper", xanchor="left",
-                               font={"size": 11, "color": "#555"})
+            notes.append({"text": html.escape(f"{label}: {title(y)} {by:.4g}, {where}"), "showarrow": False,
+                          "x": 0, "y": 1.06, "xref": "paper", "yref": "paper", "xanchor": "left", "font": font})
+    fig.update_layout(shapes=[*fig.layout.shapes, *shapes], annotations=[*fig.layout.annotations, *notes])
 
 
 def _technique_order(techniques: Sequence[str]) -> list[str]:
