@@ -24,7 +24,7 @@ from workbench.tables import (
 )
 
 LONG_MODEL = "/home/someone/models/SmolLM2-135M-Instruct (134.5M params, 538 MB f32)"
-GENERATIONS = [{"prompt": "def add(a, b):", "base": " return a + b", "model": " return a - b"},
+GENERATIONS = [{"prompt": "def add(a, b):", "base": "\n    return a + b", "model": "\n    return a - b  # <wrong>"},
                {"prompt": "The sky is", "base": " blue", "model": " blue today"}]
 
 
@@ -91,7 +91,8 @@ def test_people_formats_show_each_metric_at_fixed_digits_and_exports_keep_values
     assert "12.35" in md and "99.9" in md and "96.4" in md
     shown = export_table(table, "html", headers=True)
     assert "<th>KL mean</th>" in shown and "<th>top-1 same %</th>" in shown and "<th>decode ms/token</th>" in shown
-    csv = pd.read_csv(tmp_path / "t.csv") if export_table(table, "csv", tmp_path / "t.csv") else None
+    export_table(table, "csv", tmp_path / "t.csv")
+    csv = pd.read_csv(tmp_path / "t.csv")
     assert csv["kl_mean"].tolist() == pytest.approx(table["kl_mean"].tolist())  # CSV keeps full values
     assert csv.loc[2, "kl_mean"] == pytest.approx(7.718e-06)
 
@@ -125,8 +126,8 @@ def test_generations_side_by_side(registry_url):
     table = generations_table(runs)
     assert list(table.columns) == ["prompt", "base", f"run {ids[1]}: rtn(bits=4, group_size=64, symmetric=True)",
                                    f"run {ids[3]}: bnb(mode=nf4, double_quant=True)"]
-    assert table.loc[0, "prompt"] == "def add(a, b):" and table.loc[0, "base"] == " return a + b"
-    assert table.iloc[0, 2] == " return a - b"
+    assert table.loc[0, "prompt"] == "def add(a, b):" and table.loc[0, "base"] == "\n    return a + b"
+    assert table.iloc[0, 2] == "\n    return a - b  # <wrong>"
     assert generations_table([baseline]).empty
 
 
@@ -205,7 +206,8 @@ def test_compare_shows_continuations_of_one_run_and_two_side_by_side(compare):
     ids = sorted(compare.frame["run_id"])
     compare.select_run(ids[1])
     shown = compare.outputs_html.value
-    assert "def add(a, b):" in shown and "return a + b" in shown and "return a - b" in shown
+    assert "def add(a, b):" in shown and "\n    return a + b" in shown  # line breaks kept (shown pre-wrap)
+    assert "return a - b  # &lt;wrong&gt;" in shown and "<wrong>" not in shown  # model text is never markup
     compare.beside.value = ids[3]
     assert f"run {ids[3]}: bnb" in compare.outputs_html.value and f"run {ids[1]}: rtn" in compare.outputs_html.value
     compare.beside.value = None

@@ -26,7 +26,6 @@ import plotly.graph_objects as go
 
 from widgets.common import ErrorArea, LivePlot, render_note
 from workbench.errors import ConfigError
-from workbench.export import export_frame
 from workbench.tables import (
     COLUMNS_BY_KEY,
     DEFAULT_COLUMNS,
@@ -431,13 +430,22 @@ class ComparePanel(W.VBox):
                 "Runs of the quick and standard suites store a few.")
             return table
         self.outputs_html.value = (_OUTPUTS_STYLE + '<div class="wb-outputs" style="max-height:420px;overflow:auto;'
-                                   'font-size:12px">' + export_frame(table, "html") + "</div>")
+                                   'font-size:12px">' + _text_table(table) + "</div>")
         return table
 
 
 def _suite_label(suite: Any) -> str:
     """The app's suite in the Suite filter: its name, marked as the one runs use now."""
     return f"{suite} (app's suite)" if isinstance(suite, str) else f"{suite.name} (custom, app's suite)"
+
+
+def _text_table(table: pd.DataFrame) -> str:
+    """An HTML table of free text with its line breaks kept (``export_frame`` puts a cell on one line, right for
+    reports, wrong for a code continuation); every cell escaped."""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>"
+                   for row in table.itertuples(index=False, name=None))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
 def _set_options(dropdown: W.Dropdown, options: list[tuple[str, Any]], quiet: bool = False) -> None:
