@@ -264,6 +264,11 @@ class BlockCounts:
     n_experts: int
     counts: torch.Tensor  # (E,) float64
     tokens: int = 0
+    mass: torch.Tensor | None = None  # (E,) float64: summed routing weight per expert (router mass)
+
+    def __post_init__(self) -> None:
+        if self.mass is None:
+            self.mass = torch.zeros_like(self.counts)
 
 
 class RoutingRecorder:
@@ -301,15 +306,12 @@ def _make_counter(form: str | None, owner: nn.Module, rec: BlockCounts) -> Any:
             kind = form or output_form(out, rec.n_experts)
             if kind == "standard":
                 _, w, idx = out
-                picked = idx[w != 0]
-                tokens = idx.shape[0]
             elif kind == "block":  # DBRX: the router gives logits; the block's own function picks (exact)
                 w, idx = owner.route_tokens_to_experts(out if torch.is_tensor(out) else out[0])
-                picked = idx[w != 0]
-                tokens = idx.shape[0]
             elif kind == "scores":  # Llama4: sigmoid of -inf = 0 where not picked
-                scores = out[0]
+                scores = out[0].reshape(-1, rec.n_experts)
                 rec.counts += (scores > 0).sum(0).to(torch.float64).cpu()
+                rec.mass += scores.sum(0).to(torch.float64).cpu()
                 rec.tokens += int(scores.shape[0])
                 return
             elif kind == "grouped":  # JetMoE: expert_size list, logits last
@@ -318,8 +320,13 @@ def _make_counter(form: str | None, owner: nn.Module, rec: BlockCounts) -> Any:
                 return
             else:
                 raise ConfigError(f"{rec.name}: cannot read this router's selections (unknown output form).")
-            rec.counts += torch.bincount(picked.flatten().long().cpu(), minlength=rec.n_experts).to(torch.float64)
-            rec.tokens += int(tokens)
+            w, idx = w.reshape(-1, w.shape[-1]), idx.reshape(-1, idx.shape[-1])  # (N, k)
+            on = w != 0  # dynamic routing pads with weight-0 picks: not routed
+            picked = idx[on].long().cpu()
+            rec.counts += torch.bincount(picked, minlength=rec.n_experts).to(torch.float64)
+            rec.mass += torch.zeros(rec.n_experts, dtype=torch.float64).index_add_(
+                0, picked, w[on].detach().to(torch.float64).cpu())
+            rec.tokens += int(idx.shape[0])
 
     return hook
 
