@@ -313,7 +313,7 @@ def _empty_figure(message: str) -> go.Figure:
     return fig.update_layout(height=420, template=TEMPLATE, autosize=True)
 
 
-BASELINES_DRAWN = 6  # reference lines at most: one per model (its latest baseline); more would be a thicket
+BASELINES_DRAWN = 6  # reference lines at most: one per model and suite (the latest); more would be a thicket
 
 
 def _draw_baseline(fig: go.Figure, baseline: pd.DataFrame | None, points: pd.DataFrame, x: str, y: str,
@@ -327,16 +327,21 @@ def _draw_baseline(fig: go.Figure, baseline: pd.DataFrame | None, points: pd.Dat
     """
     if baseline is None or baseline.empty:
         return
-    if "model_fingerprint" in baseline.columns:
-        baseline = baseline.drop_duplicates("model_fingerprint", keep="last")
+    # Baselines of one model and suite repeat the same numbers: keep the latest. Another suite (other text) has
+    # another quality, so it keeps its own line.
+    same = [c for c in ("model_fingerprint", "suite_key") if c in baseline.columns]
+    if same:
+        baseline = baseline.drop_duplicates(same, keep="last")
     baseline = baseline.tail(BASELINES_DRAWN)
     models = baseline["model"].nunique() if "model" in baseline.columns else 1
+    suites = baseline["suite"].nunique() if "suite" in baseline.columns else 1
     xs = points[x].astype(float) if not points.empty else pd.Series(dtype=float)
     shapes: list[dict[str, Any]] = []
     notes: list[dict[str, Any]] = []
     font = {"size": 11, "color": "#555"}
     for row in baseline.to_dict("records"):
-        label = "baseline" + (f" · {short_model_name(row.get('model'))}" if models > 1 else "")
+        label = ("baseline" + (f" · {short_model_name(row.get('model'))}" if models > 1 else "")
+                 + (f" · {row.get('suite')}" if suites > 1 else ""))
         bx, by = float(row[x]), float(row[y])
         vertical = xs.empty
         if not xs.empty:
@@ -509,13 +514,20 @@ def sensitivity_figure(frame: pd.DataFrame, *, name: str = "name", value: str = 
                              template=TEMPLATE, height=380)
 
 
-def expert_load_figure(matrix: Sequence[Sequence[float]] | np.ndarray, *, title_text: str = "Expert load") -> go.Figure:
-    """Layers × experts heatmap of routed-token fractions: hot and cold experts at a glance."""
-    arr = np.asarray(matrix, dtype=float)
-    if arr.size == 0:
+def expert_load_figure(matrix: Sequence[Sequence[float]] | np.ndarray, *, title_text: str = "Expert load",
+                       layers: Sequence[int] | None = None) -> go.Figure:
+    """Layers × experts heatmap of routed-token fractions: hot and cold experts at a glance.
+
+    ``layers``: the decoder layer of each row (a model whose first layers are dense starts at layer 1, not 0);
+    rows of a pruned model may have fewer experts than ``matrix``'s widest row and are padded with gaps."""
+    rows = [list(map(float, row)) for row in matrix] if not isinstance(matrix, np.ndarray) else matrix.tolist()
+    if not rows or not any(len(r) for r in rows):
         return _empty_figure("No expert loads recorded.")
+    width = max(len(r) for r in rows)
+    arr = np.array([r + [np.nan] * (width - len(r)) for r in rows], dtype=float)
+    names = list(layers) if layers is not None and len(layers) == len(rows) else list(range(len(rows)))
     fig = go.Figure(go.Heatmap(z=arr, colorscale="Viridis", colorbar={"title": {"text": "share of tokens"}},
-                               x=[f"e{i}" for i in range(arr.shape[1])], y=[f"layer {i}" for i in range(arr.shape[0])]))
+                               x=[f"e{i}" for i in range(width)], y=[f"layer {i}" for i in names]))
     return fig.update_layout(title=title_text, xaxis_title="Expert", yaxis_title="Layer", template=TEMPLATE)
 
 
