@@ -265,3 +265,14 @@ def test_apply_records_routing_metrics_and_the_load_matrix():
     assert ctx.metrics["routing_tokens"] == 128
     load = ctx.extras["routing"]["load"]
     assert len(load) == 2 and all(abs(sum(row) - 1) < 1e-9 for row in load)
+
+
+def test_load_heatmap_names_the_decoder_layers_and_takes_pruned_rows():
+    import math
+
+    from workbench.views import expert_load_figure
+
+    fig = expert_load_figure([[0.5, 0.5, 0.0], [0.6, 0.4]], layers=[1, 3])
+    heat = fig.data[0]
+    assert list(heat.y) == ["layer 1", "layer 3"] and list(heat.x) == ["e0", "e1", "e2"]
+    assert math.isnan(heat.z[1][2])

@@ -401,6 +401,7 @@ def test_tabs_come_from_the_panel_files_and_a_real_panel_replaces_its_placeholde
         assert bench.panels["quantize"] is bench.quantize and bench.compare in bench.tabs.children
     finally:
         bench.close()
+    real = panels._TABS.get(("route", False))  # the Route experts panel, put back afterwards
     panels.register_tab(panels.Tab("Route experts", attr="route", order=20, build=lambda host: W.HTML("real")))
     try:
         bench = Workbench(registry_url, model="tiny-llama", poll_interval=0)
@@ -408,6 +409,8 @@ def test_tabs_come_from_the_panel_files_and_a_real_panel_replaces_its_placeholde
         bench.close()
     finally:
         del panels._TABS[("route", False)]
+        if real is not None:
+            panels.register_tab(real)
 
 
 def test_the_plot_defaults_to_bits_per_weight_of_the_decoder_linears(app):

@@ -1,0 +1,103 @@
+"""The Route experts tab on the app's tiny MoE: controls from the model's routing space, runs, load heatmap."""
+
+from __future__ import annotations
+
+import pytest
+
+from widgets import Workbench
+from widgets.panels.route import RoutePanel, parse_per_layer
+from workbench.errors import ConfigError
+from workbench.evaluate import Suite
+
+WAIT = 120
+SUITE = Suite("ui-test", n_tokens=256, context_length=64, n_generations=0, speed_prompt=16, speed_tokens=2,
+              speed_repeats=1)
+
+
+def _app(registry_url, model):
+    bench = Workbench(registry_url, model=model, suite=SUITE, poll_interval=0)
+    bench.workspace.load()  # listeners (the panel's refresh) run now, on this thread
+    return bench
+
+
+@pytest.fixture()
+def moe_app(registry_url, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bench = _app(registry_url, "tiny-moe")
+    yield bench
+    bench.close()
+
+
+def test_route_tab_replaces_the_placeholder_and_fits_the_model(moe_app):
+    panel = moe_app.route
+    assert isinstance(panel, RoutePanel)
+    assert (panel.k.min, panel.k.max, panel.k.value) == (1, 8, 2)
+    assert panel.controls.layout.display == ""
+    assert "8 experts per MoE layer" in panel.status.value
+    assert [v for _, v in panel.mode.options] == ["k", "top_p", "skip"]
+    assert {v for _, v in panel.renormalize.options} == {"model", True, False}
+    assert panel.prune_keep.min == 2 and panel.prune_keep.max == 7
+
+
+def test_moving_k_runs_route_and_draws_the_load(moe_app):
+    panel = moe_app.route
+    panel.k.value = 1
+    assert moe_app.jobs.wait(WAIT)
+    result = panel.results[-1]
+    assert result.status == "done", result.error
+    assert result.metrics["active_experts"] == pytest.approx(1.0)
+    assert result.metrics["active_params"] < result.metrics["n_params"]
+    assert len(panel.load_matrix) == 2 and all(abs(sum(r) - 1) < 1e-9 for r in panel.load_matrix)
+    assert panel.heatmap.data and panel.heatmap.data[0].type == "heatmap"
+    frame = panel.frame()
+    assert "route" in set(frame["technique"]) and "metric_active_params" in frame.columns
+    # the same k again is answered from the registry
+    panel.submit(1)
+    assert panel.results[-1].reused
+
+
+def test_top_p_mode_and_per_layer_k_build_their_configs(moe_app):
+    panel = moe_app.route
+    panel.mode.value = "top_p"
+    panel.top_p.value = 0.5
+    assert moe_app.jobs.wait(WAIT)
+    assert panel.results[-1].status == "done"
+    assert 1.0 <= panel.results[-1].metrics["active_experts"] <= 8.0
+    panel.mode.value = "k"
+    panel.per_layer.value = "1:3"
+    assert panel.config(k=1).k_per_layer == ((1, 3),)
+    panel.per_layer.value = "1-3"
+    panel.submit()
+    assert "not layer:k" in panel.errors.value
+    with pytest.raises(ConfigError):
+        parse_per_layer("x:1")
+
+
+def test_bad_k_is_refused_before_work(moe_app):
+    panel = moe_app.route
+    panel.per_layer.value = "5:1"
+    assert panel.submit() is None
+    assert "without experts" in panel.errors.value
+
+
+def test_prune_runs_and_the_heatmap_shows_fewer_experts(moe_app):
+    panel = moe_app.route
+    panel.prune_keep.value = 5
+    panel.prune_method.value = "frequency"
+    panel.prune()
+    assert moe_app.jobs.wait(WAIT)
+    result = panel.results[-1]
+    assert result.status == "done", result.error
+    assert [len(r) for r in panel.load_matrix] == [5, 5]
+    assert result.metrics["experts_kept"] == 5
+
+
+def test_dense_model_says_it_has_no_experts(registry_url, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bench = _app(registry_url, "tiny-llama")
+    try:
+        panel = bench.route
+        assert "has no experts" in panel.status.value
+        assert panel.controls.layout.display == "none"
+    finally:
+        bench.close()
