@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -40,6 +42,7 @@ def _state(model) -> dict[str, torch.Tensor]:
 def test_distilling_a_pruned_student_lowers_its_loss_and_reports_its_work(home):
     teacher = tiny_llama(layers=3)
     student = apply_(copy.deepcopy(teacher), PruneConfig(drop=1, samples=2, seq_len=32), _ctx(teacher))
+    student_init = copy.deepcopy(student)
     ctx = _ctx(teacher)
     # alpha=1: soft targets only, so the KL to the (random) teacher is what training lowers
     config = DistillConfig(steps=12, eval_every=64, alpha=1.0, temperature=1.0, **TINY)
@@ -53,7 +56,15 @@ def test_distilling_a_pruned_student_lowers_its_loss_and_reports_its_work(home):
     assert evals["tokens"][0] == 0 and evals["tokens"][-1] == 12 * 62 and len(evals["tokens"]) >= 3
     assert evals["kl"][-1] < evals["kl"][0], evals
     assert out.config.num_hidden_layers == 2
-    assert not list(checkpoint_root().glob("*"))  # a finished run leaves no checkpoint behind
+    # The finished student stays as a model folder, and the same distillation again loads it instead of training.
+    assert ctx.extras["student_folder"].startswith(str(checkpoint_root())) and ctx.metrics["training_reused"] == 0
+    again = apply_(apply_(copy.deepcopy(teacher), PruneConfig(drop=1, samples=2, seq_len=32), _ctx(teacher)),
+                   config, ctx2 := _ctx(teacher))
+    assert ctx2.metrics["training_reused"] == 1 and ctx2.extras["loss_curve"] == curve
+    for k, v in out.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+    fresh = apply_(copy.deepcopy(student_init), replace(config, resume=False), ctx3 := _ctx(teacher))
+    assert ctx3.metrics["training_reused"] == 0 and fresh.config.num_hidden_layers == 2
 
 
 def test_the_same_seed_repeats_the_run_and_the_hard_baseline_sees_the_same_batches(home):
@@ -78,6 +89,7 @@ def test_stop_then_resume_gives_the_weights_of_an_uninterrupted_run(home):
     config = DistillConfig(steps=6, **TINY)
     straight = copy.deepcopy(teacher)
     apply_(straight, config, _ctx(teacher))
+    shutil.rmtree(checkpoint_root())  # the finished student would be reused; this run must train
 
     stopped = copy.deepcopy(teacher)
     progress = Progress()

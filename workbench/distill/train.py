@@ -10,6 +10,11 @@ folder plus ``trainer_state.pt``: optimizer, schedule, step, curves) and raises 
 it; the student object holds the weights trained so far. Called again with the same checkpoint folder, the loop
 continues from it, and the result equals an uninterrupted run with the same seed (the checkpoint carries all
 state; the batches follow from the seed and the step).
+
+**Finished students are kept.** When training ends, the checkpoint folder becomes the finished student (a
+Hugging Face folder, plus its curves and counts, without the optimizer state), and a later call with the same
+folder loads it instead of training again (``TrainResult.reused``): a pipeline that stacks another step on the
+same distillation (prune → distill → quantize at a new bit width) does not pay for training twice.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ class TrainResult:
     loss_curve: dict[str, list[float]] = field(default_factory=lambda: {"step": [], "tokens": [], "loss": []})
     eval_curve: dict[str, list[float]] = field(default_factory=lambda: {"tokens": [], "perplexity": [], "kl": []})
     resumed_from: int = 0
+    reused: bool = False  # loaded from a finished student of the same settings, not trained again
 
 
 def batch_rows(step: int, micro: int, n_windows: int, settings: TrainSettings) -> torch.Tensor:
@@ -129,6 +135,38 @@ def _save_checkpoint(folder: Path, student: nn.Module, tokenizer: Any, opt: torc
     tmp.rename(folder)
 
 
+def _save_finished(folder: Path, student: nn.Module, tokenizer: Any, result: TrainResult) -> None:
+    """The finished student as a model folder plus its curves (no optimizer: nothing will continue it)."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    from workbench.distill.export import save_student
+
+    save_student(student, tokenizer, tmp)
+    torch.save({"done": True, "steps": result.steps, "tokens": result.tokens, "seconds": result.seconds,
+                "final_loss": result.final_loss, "loss_curve": result.loss_curve, "eval_curve": result.eval_curve,
+                "student": {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}},
+               tmp / STATE_FILE)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def _load_finished(folder: Path, student: nn.Module) -> TrainResult | None:
+    path = folder / STATE_FILE
+    if not path.is_file():
+        return None
+    state = torch.load(path, weights_only=True)
+    if not state.get("done"):
+        return None
+    student.load_state_dict(state["student"])
+    student.eval()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    return TrainResult(steps=state["steps"], tokens=state["tokens"], seconds=state["seconds"],
+                       final_loss=state["final_loss"], loss_curve=state["loss_curve"],
+                       eval_curve=state["eval_curve"], reused=True)
+
+
 def train_student(
     student: nn.Module,
     teacher: nn.Module | None,
@@ -144,11 +182,17 @@ def train_student(
     """Train ``student`` in place on ``windows`` ``(N, S)`` against ``teacher`` (live) or ``store``.
 
     ``eval_ids`` ``(M, S)``: held-out windows for the evaluation points (perplexity and KL against the teacher).
-    ``checkpoint``: the folder a stop saves to and a later call resumes from (removed once training finishes).
+    ``checkpoint``: the folder a stop saves to and a later call resumes from; once training finishes it holds the
+    finished student, which a later call with the same folder loads instead of training.
     Progress partials carry ``distill_step``, ``distill_tokens``, ``train_loss`` and, at evaluation points,
     ``eval_perplexity`` and ``eval_kl``, so a panel can draw live curves.
     """
     progress = progress if progress is not None else Progress.null()
+    if checkpoint is not None:
+        finished = _load_finished(checkpoint, student)
+        if finished is not None:
+            progress.update(1.0, "distilled student found (same settings): not trained again")
+            return finished
     device = next(student.parameters()).device
     n_windows, seq_len = windows.shape
     tokens_per_step = settings.batch_size * settings.grad_accum * (seq_len - 1)
@@ -262,10 +306,10 @@ def train_student(
         p.requires_grad_(False)
     if not result.eval_curve["tokens"] or result.eval_curve["tokens"][-1] != result.tokens:
         eval_point()
-    if checkpoint is not None:
-        shutil.rmtree(checkpoint, ignore_errors=True)
     if result.steps and math.isnan(result.final_loss):
         result.final_loss = result.loss_curve["loss"][-1]
+    if checkpoint is not None:
+        _save_finished(checkpoint, student, tokenizer, result)
     return result
 
 

@@ -9,7 +9,10 @@ resume, and :mod:`workbench.distill.logit_store` for the cached teacher targets 
 ``"sampled"``).
 
 A stopped run keeps the student trained so far in a checkpoint folder under ``demo_home()`` (the run is
-recorded ``interrupted`` with that path); running the same pipeline again resumes from it.
+recorded ``interrupted`` with that path); running the same pipeline again resumes from it. A finished run
+leaves the trained student there (``extras["student_folder"]``, a model folder ``load_model`` reads), and a
+later pipeline with the same distillation (same settings, seed, data, student and teacher) loads it instead of
+training again (``training_reused`` = 1), so stacking a new quantization on a student costs no training.
 """
 
 from __future__ import annotations
@@ -68,7 +71,8 @@ class DistillConfig:
     student: str = field(default="", metadata={"help": "A model spec to use as the student instead of the current "
                                                        "model (must share the teacher's tokenizer)."})
     resume: bool = field(default=True, metadata={"help": "Continue from the checkpoint a stopped run with the same "
-                                                         "settings left, if any."})
+                                                         "settings left, and reuse a finished student of the same "
+                                                         "settings; False trains afresh."})
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -192,6 +196,8 @@ def _apply_distill(model: Any, config: DistillConfig, ctx: ApplyContext) -> Any:
     ctx.metrics["final_loss"] = result.final_loss
     if result.resumed_from:
         ctx.metrics["resumed_from_step"] = result.resumed_from
+    ctx.metrics["training_reused"] = int(result.reused)
+    ctx.extras["student_folder"] = str(checkpoint)
     ctx.extras["loss_curve"] = result.loss_curve
     ctx.extras["eval_curve"] = result.eval_curve
     return model
