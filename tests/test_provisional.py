@@ -23,31 +23,31 @@ def app(registry_url, tmp_path, monkeypatch):
 
 def test_a_new_point_is_drawn_provisionally_then_replaced_by_the_recorded_one(app):
     panel = app.quantize
-    seen: list[list] = []
-    set_overlay = panel.plot.set_overlay
+    seen: list[list] = []  # after every redraw: the provisional traces drawn (name, x, y, hover)
+    refresh = panel.plot.refresh
 
-    def spy(traces):
-        seen.append([(t.name, list(t.x), list(t.y), t.hovertext[0]) for t in traces])
-        set_overlay(traces)
+    def spy():
+        refresh()
+        seen.append([(t.name, list(t.x), list(t.y), t.hovertext[0]) for t in panel.plot.figure.data
+                     if t.name == "provisional"])
 
-    panel.plot.set_overlay = spy
+    panel.plot.refresh = spy
     app.run_baseline()
     assert app.jobs.wait(WAIT)
-    assert seen == []  # the baseline is no quantize point: nothing provisional drawn for it
+    assert not any(seen)  # the baseline is no quantize point: nothing provisional drawn for it
     panel.bits.value = 3
     assert app.jobs.wait(WAIT)
     drawn = [traces for traces in seen if traces]
     assert len(drawn) == 3, seen
-    names = {name for traces in drawn for name, *_ in traces}
-    assert names == {"provisional"}
-    # Each estimate sits at the variant's real size; the last one is followed by the recorded point.
+    # Each estimate sits at the variant's real size, one point each; the recorded point then replaces it.
     result = panel.results[-1]
     assert result.status == "done"
-    xs = {x[0] for traces in drawn for _n, x, _y, _h in traces}
+    assert all(len(traces) == 1 and len(traces[0][1]) == 1 for traces in drawn)
+    xs = {traces[0][1][0] for traces in drawn}
     assert len(xs) == 1 and xs.pop() == pytest.approx(result.metrics["bits_per_weight_linear"])
     assert "25% of the text" in drawn[0][0][3] and "75% of the text" in drawn[-1][0][3]
-    assert seen[-1] == [] and panel.plot.overlay == [] and panel.provisional is None
-    assert panel.plot.trace_points("provisional") == 0
+    assert seen[-1] == [] and panel.provisional is None
+    assert panel.plot.trace_points("provisional") == 0 and panel.plot.trace_points() == 1
 
 
 def test_log_scale_checkbox_sets_the_quality_axis(app):

@@ -142,9 +142,12 @@ def replace_figure(widget: go.FigureWidget, figure: go.Figure) -> None:
     """
     stale = widget.layout
     with widget.batch_update():
-        if stale.annotations and not figure.layout.annotations:
+        # Lists of annotations and shapes are merged element by element: a shorter or reordered list would leave
+        # stale entries (plotly draws an entry that lost its text as "new text"). Empty them first whenever
+        # they change, so the browser starts the new ones from nothing.
+        if stale.annotations and stale.annotations != figure.layout.annotations:
             widget.layout.annotations = ()
-        if stale.shapes and not figure.layout.shapes:
+        if stale.shapes and stale.shapes != figure.layout.shapes:
             widget.layout.shapes = ()
         for axis in ("xaxis", "yaxis"):
             if stale[axis].visible is False and figure.layout[axis].visible is not False:
@@ -276,25 +279,12 @@ class LivePlot(W.VBox):
         self.refreshes = 0
         self._lock = threading.Lock()
         self._on_click = on_click
-        # Traces drawn over the registry's figure until cleared (a provisional point while a run evaluates).
-        self._overlay: list[Any] = []
         super().__init__([self.figure, self.errors])
-
-    def set_overlay(self, traces: list[Any]) -> None:
-        """Draw ``traces`` over the figure from now on (``[]`` removes them), and redraw."""
-        self._overlay = list(traces)
-        self.refresh()
-
-    @property
-    def overlay(self) -> list[Any]:
-        return list(self._overlay)
 
     def refresh(self) -> None:
         with self._lock:  # the watcher thread and a worker may both refresh; draw one at a time
             try:
                 figure = self._figure_fn()
-                for trace in self._overlay:
-                    figure.add_trace(trace)
             except Exception as err:  # noqa: BLE001 - shown under the plot
                 self.errors.show(err)
                 return

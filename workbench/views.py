@@ -10,7 +10,7 @@ import html
 import json
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -466,13 +466,16 @@ def _bits_lines(data: pd.DataFrame, x: str) -> list[tuple[str, pd.DataFrame]]:
 
 
 def bits_figure(runs: pd.DataFrame, y: str = "metric_kl_mean", x: str = "metric_bits_per_weight", *,
-                log_y: bool = False, labels: bool = True) -> go.Figure:
+                log_y: bool = False, labels: bool = True, provisional: Mapping[str, Any] | None = None) -> go.Figure:
     """Quality against bits per weight, one line per technique and grid (group size, symmetry); latency and the
     plotted size in the hover.
 
     A technique keeps its fixed colour (``TECHNIQUE_COLOURS``) on every line; its grids differ by dash. The
     baseline is a reference line (its 32 bits would stretch the axis away from the 2-8 bit points). ``log_y``
     and ``labels`` as in :func:`tradeoff_figure`.
+
+    ``provisional``: a run still evaluating, drawn as a hollow point: metric columns (``x``, ``y``) plus
+    ``technique``, ``label`` and ``provisional`` (the share of the text scored so far).
     """
     if runs.empty or y not in runs.columns or x not in runs.columns:
         return _empty_figure("No quantized runs yet: move the bit-width slider.")
@@ -496,13 +499,24 @@ def bits_figure(runs: pd.DataFrame, y: str = "metric_kl_mean", x: str = "metric_
                                  line={"color": technique_colour(technique), "dash": _DASHES[k % len(_DASHES)]},
                                  marker={"size": 9, "symbol": technique_symbol(technique),
                                          "color": technique_colour(technique)}))
-    _draw_baseline(fig, baseline, data, x, y, log_y)
-    if data.empty:
+    near = data
+    if provisional is not None and provisional.get(x) is not None and provisional.get(y) is not None:
+        px, py = float(provisional[x]), float(provisional[y])
+        colour = technique_colour(str(provisional.get("technique", "")))
+        share = 100.0 * float(provisional.get("provisional", 0.0))
+        text = f"{provisional.get('label', 'running')} (provisional, {share:.0f}% of the text)"
+        fig.add_trace(go.Scatter(x=[px], y=[py], mode="markers", name="provisional", hoverinfo="text",
+                                 hovertext=[f"{html.escape(text)}<br>{title(y)}: {py:.4g}"],
+                                 marker={"size": 14, "symbol": "circle-open", "color": colour,
+                                         "line": {"width": 2}}))
+        near = pd.concat([data[[x, y]], pd.DataFrame({x: [px], y: [py]})], ignore_index=True)
+    _draw_baseline(fig, baseline, near, x, y, log_y)
+    if near.empty:
         fig.add_annotation(text="Only the baseline so far: move the bit-width slider to add quantized points.",
                            showarrow=False, x=0.5, y=0.9, xref="paper", yref="paper", font={"size": 13})
     fig.update_yaxes(type="log" if log_y else "linear")
     return fig.update_layout(xaxis_title=title(x), yaxis_title=title(y), template=TEMPLATE, height=420,
-                             autosize=True, margin={"l": 60, "r": 20, "t": 30, "b": 50})
+                             autosize=True, margin={"l": 60, "r": 20, "t": 30, "b": 50}, showlegend=True)
 
 
 def sensitivity_figure(frame: pd.DataFrame, *, name: str = "name", value: str = "kl_mean") -> go.Figure:

@@ -298,9 +298,9 @@ class QuantizePanel(W.VBox):
         return len(cancelled)
 
     def _on_result(self, job: Job) -> None:
-        if self.plot.overlay:
+        if self.provisional is not None:
             self.provisional = None
-            self.plot.set_overlay([])  # the recorded point (or nothing, if stopped) replaces the estimate
+            self.plot.refresh()  # the recorded point (or nothing, if stopped) replaces the estimate
         if job.result is not None:
             self._show_result(job.result)
         self._hide_later()
@@ -310,30 +310,15 @@ class QuantizePanel(W.VBox):
         from workbench.techniques import describe_pipeline
         from workbench.techniques.base import technique_for
 
-        label = describe_pipeline([config])
+        label, technique = describe_pipeline([config]), technique_for(config).name
 
         def listen(metrics: dict[str, Any]) -> None:
-            self.provisional = {"label": label, "technique": technique_for(config).name, **metrics}
-            self.plot.set_overlay(self._provisional_traces())
+            point = {f"metric_{k}": v for k, v in metrics.items() if k != "provisional"}
+            self.provisional = {**point, "label": label, "technique": technique,
+                                "provisional": metrics.get("provisional", 0.0)}
+            self.plot.refresh()
 
         return listen
-
-    def _provisional_traces(self) -> list[Any]:
-        point = self.provisional
-        if point is None:
-            return []
-        from workbench.views import technique_colour, title
-
-        x_key, y_key = self.size_axis.value.removeprefix("metric_"), self.quality.value.removeprefix("metric_")
-        if point.get(x_key) is None or point.get(y_key) is None:
-            return []
-        share = 100.0 * float(point.get("provisional", 0.0))
-        text = f"{point['label']} (provisional, {share:.0f}% of the text)"
-        colour = technique_colour(point["technique"])
-        return [go.Scatter(x=[point[x_key]], y=[point[y_key]], mode="markers", name="provisional",
-                           marker={"size": 14, "symbol": "circle-open", "color": colour, "line": {"width": 2}},
-                           hovertext=[f"{text}<br>{title(self.quality.value)}: {point[y_key]:.4g}"],
-                           hoverinfo="text")]
 
     def _show_result(self, result: Any) -> None:
         self.results.append(result)
@@ -371,7 +356,8 @@ class QuantizePanel(W.VBox):
     def _figure(self) -> go.Figure:
         from workbench.views import bits_figure
 
-        fig = bits_figure(self.frame(), y=self.quality.value, x=self.size_axis.value, log_y=self.log_y.value)
+        fig = bits_figure(self.frame(), y=self.quality.value, x=self.size_axis.value, log_y=self.log_y.value,
+                          provisional=self.provisional)
         return fig.update_layout(legend_title_text="method")
 
 
