@@ -276,3 +276,59 @@ def test_load_heatmap_names_the_decoder_layers_and_takes_pruned_rows():
     heat = fig.data[0]
     assert list(heat.y) == ["layer 1", "layer 3"] and list(heat.x) == ["e0", "e1", "e2"]
     assert math.isnan(heat.z[1][2])
+
+
+# ---- post-hoc load balancing -------------------------------------------------------------------------------
+
+
+def _hot_expert_0(model, strength: float = 4.0):
+    """Tilt every router toward expert 0: its row gains the mean hidden state's direction (most tokens)."""
+    inputs = {}
+
+    def keep(name):
+        def hook(module, args, out):
+            inputs.setdefault(name, args[0].reshape(-1, args[0].shape[-1]).mean(0))
+
+        return hook
+
+    hooks = [model.get_submodule(b.router.name).register_forward_hook(keep(b.name)) for b in anatomy(model).experts]
+    with torch.no_grad():
+        model(IDS)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        for b in anatomy(model).experts:
+            mean = inputs[b.name]
+            model.get_parameter(b.router.weight)[0] += strength * mean / mean.norm() ** 2
+
+
+def test_a_zero_selection_bias_changes_nothing():
+    from workbench.techniques.balance_experts import add_selection_bias_
+
+    model = tiny_moe(experts=8, top_k=2)
+    before = _logits(model)
+    for b in anatomy(model).experts:
+        assert float(add_selection_bias_(model, b).abs().sum()) == 0.0
+    assert _close(_logits(model), before)
+    mixtral = _build(*MOE["mixtral"][:2])  # a renormalising rule: the re-mixed weights sum as the router's do
+    before = _logits(mixtral)
+    for b in anatomy(mixtral).experts:
+        add_selection_bias_(mixtral, b)
+    assert _close(_logits(mixtral), before)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "deepseek_v3"])
+def test_balancing_lowers_imbalance_on_a_deliberately_imbalanced_router(family):
+    from workbench.techniques.balance_experts import BalanceExpertsConfig, native_bias
+
+    model = tiny_moe(experts=8, top_k=2) if family == "qwen2_moe" else _build(*MOE[family][:2])
+    _hot_expert_0(model)
+    ctx = ApplyContext(tokenizer=byte_tokenizer(), corpus=get_corpus("python-docs"))
+    apply_(model, BalanceExpertsConfig(iterations=25, step=0.05, calibration_tokens=256), ctx)
+    m = ctx.metrics
+    assert m["load_cv_after"] < m["load_cv_before"], m
+    assert m["load_max_over_mean_after"] < m["load_max_over_mean_before"], m
+    assert _logits(model).isfinite().all()
+    if family == "deepseek_v3":  # fitted into the router's own e_score_correction_bias: saved with the model
+        name = native_bias(model, anatomy(model).experts[0])
+        assert name.endswith("e_score_correction_bias") and float(model.get_buffer(name).abs().sum()) > 0
