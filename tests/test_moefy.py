@@ -197,3 +197,35 @@ def test_stacks_with_quantization(tiny_llama, byte_tokenizer):
     bad = [pipeline[0], make_config("rtn", bits=4, group_size=64)]
     with pytest.raises(ConfigError, match="Step 2 of 2"):
         check_pipeline(tiny_llama, bad)
+
+
+@pytest.mark.slow
+def test_demo_moe_builds_caches_and_matches_the_dense_demo_at_k_equal_e():
+    from workbench.evaluate import Suite, evaluate
+    from workbench.models import clear_cache, load_model
+    from workbench.models.demo_moe import DEMO_MOE_SETTINGS, demo_moe_folder, demo_moe_info
+
+    messages = []
+    loaded = load_model("demo-moe", progress=lambda f, msg: messages.append(msg))
+    info = demo_moe_info()
+    assert info is not None and info["settings"] == DEMO_MOE_SETTINGS
+    assert (demo_moe_folder() / "experts.safetensors").is_file()
+    assert "made into MoE" in loaded.description and "8 experts" in loaded.description
+    an = anatomy(loaded.model)
+    assert an.is_moe and len(an.experts) == 30 and {b.top_k for b in an.experts} == {8}
+    dense = load_model("demo")
+    suite = Suite("moe-test", n_tokens=1024, context_length=512, scoring="second_half", speed=False,
+                  n_generations=0)
+    full = evaluate(loaded.model, loaded.tokenizer, suite, base_model=dense.model,
+                    base_fingerprint=dense.fingerprint).metrics
+    ref = evaluate(dense.model, dense.tokenizer, suite).metrics
+    assert full["ppl"] == pytest.approx(ref["ppl"], rel=1e-4), (full["ppl"], ref["ppl"])
+    assert full["kl_mean"] < 1e-6
+    model = copy.deepcopy(loaded.model)
+    moefy.set_top_k_(model, 4)
+    half = evaluate(model, loaded.tokenizer, suite, base_model=dense.model, base_fingerprint=dense.fingerprint).metrics
+    assert torch.isfinite(torch.tensor(half["ppl"])) and half["ppl"] > ref["ppl"] and half["kl_mean"] > 1e-3
+    # A second load reads the cache (no rebuild) and gives the same weights.
+    clear_cache()
+    again = load_model("demo-moe")
+    assert again.fingerprint == loaded.fingerprint

@@ -16,6 +16,7 @@ import torch
 
 from workbench.errors import ConfigError
 from workbench.models.demo import DEMO_NAME, fix_smollm2_tokenizer, load_gguf_model, prepare_demo
+from workbench.models.demo_moe import DEMO_MOE, load_demo_moe
 from workbench.models.fingerprints import _cached_fingerprint
 from workbench.models.memory import (
     _estimate_params,
@@ -205,6 +206,8 @@ def _load_uncached(spec: ModelSpec, progress: Progress) -> LoadedModel:
     stamp: list[Path] = []
     if spec.source in TINY:
         model, tokenizer, name = _load_tiny(spec)
+    elif spec.source == DEMO_MOE:  # the demo with its FFNs made into experts (workbench/models/demo_moe.py)
+        model, tokenizer, name, stamp = load_demo_moe(spec, progress)
     elif spec.source == "demo":
         folder = prepare_demo(progress.span(0.0, 0.7))
         local = ModelSpec(str(folder), spec.dtype, spec.device)
