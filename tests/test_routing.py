@@ -8,6 +8,7 @@ k back must give the original logits bit for bit.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -332,3 +333,32 @@ def test_balancing_lowers_imbalance_on_a_deliberately_imbalanced_router(family):
     if family == "deepseek_v3":  # fitted into the router's own e_score_correction_bias: saved with the model
         name = native_bias(model, anatomy(model).experts[0])
         assert name.endswith("e_score_correction_bias") and float(model.get_buffer(name).abs().sum()) > 0
+
+
+# ---- per-layer k under a budget ------------------------------------------------------------------------------
+
+
+def test_budget_lowers_k_in_the_least_sensitive_layer_first():
+    from workbench.routing import expert_params
+    from workbench.techniques.route import layer_k_sensitivity, route_for_budget
+
+    model = tiny_moe(experts=8, top_k=4)
+    anat = anatomy(model)
+    with torch.no_grad():  # layer 1's experts write 30x larger outputs: losing one there costs far more
+        model.get_parameter(next(t.name for t in anat.experts[1].tensors if t.role == "down")).mul_(30)
+    ids = torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(5))
+    before = _logits(model, ids)
+    sens = layer_k_sensitivity(model, ids)
+    assert torch.equal(_logits(model, ids), before)  # left as it was
+    assert sorted(set(sens["layer"])) == [0, 1] and sorted(set(sens["k"])) == [1, 2, 3]
+    at1 = sens.set_index(["layer", "k"])["kl_mean"]
+    assert at1[(1, 1)] > at1[(0, 1)] and at1[(0, 1)] > at1[(0, 3)]
+    per = expert_params(model, anat.experts[0])
+    full = measure_routing(model, ids).active_params
+    cfg = route_for_budget(model, sens, active_params=full - 3 * per)
+    assert cfg.k_per_layer == ((0, 1),)  # three experts fewer, all from the insensitive layer
+    routed = apply_(copy.deepcopy(model), dataclasses.replace(cfg, measure_tokens=0))
+    assert measure_routing(routed, ids).active_params <= full - 3 * per
+    with pytest.raises(ConfigError, match="below what k=1 in every layer reaches"):
+        route_for_budget(model, sens, active_params=1000)
+    assert route_for_budget(model, sens, fraction=1.0).k_per_layer == ()

@@ -251,6 +251,101 @@ def route_space(model: Any) -> RouteSpace:
     )
 
 
+# ---- per-layer k under an active-parameter budget ---------------------------------------------------------
+
+
+def _mean_kl(base_logits: Any, logits: Any) -> float:
+    import torch
+
+    p = torch.log_softmax(base_logits.float(), -1)
+    q = torch.log_softmax(logits.float(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def layer_k_sensitivity(model: Any, ids: Any) -> Any:
+    """Mean KL divergence against the model as it is when one MoE layer alone runs at a lower k.
+
+    One row per (layer, k) with k from 1 to the layer's current k - 1: ``layer, k, kl_mean, params_saved``
+    (``params_saved``: the active parameters per token that layer gives up at that k). The model is left as it
+    was. This is the routing counterpart of :func:`workbench.quant_analysis.layer_sensitivity`.
+    """
+    import pandas as pd
+    import torch
+
+    from workbench.routing import expert_params, restore_routing_, routed_blocks, set_top_k_
+
+    anat = anatomy(model)
+    if not anat.is_moe:
+        raise ConfigError(_no_experts_message(model))
+    with torch.no_grad():
+        base = model(ids).logits
+    rows = []
+    by_layer: dict[int, list[MoEBlock]] = {}
+    for b in routed_blocks(anat):
+        by_layer.setdefault(b.layer, []).append(b)
+    for layer, blocks in sorted(by_layer.items()):
+        k0 = min(int(b.top_k or 1) for b in blocks)
+        if not all(b.top_k_settable for b in blocks):
+            continue
+        per_k = sum(expert_params(model, b) for b in blocks)
+        for k in range(1, k0):
+            try:
+                for b in blocks:
+                    set_top_k_(model, b, k)
+                with torch.no_grad():
+                    kl = _mean_kl(base, model(ids).logits)
+            finally:
+                restore_routing_(model)
+            rows.append({"layer": layer, "k": k, "kl_mean": kl, "params_saved": float((k0 - k) * per_k)})
+    return pd.DataFrame(rows, columns=["layer", "k", "kl_mean", "params_saved"])
+
+
+def route_for_budget(model: Any, sensitivity: Any, *, active_params: float | None = None,
+                     fraction: float | None = None, measure_tokens: int = DEFAULT_MEASURE_TOKENS) -> RouteConfig:
+    """Per-layer k whose active parameters per token fit a budget, lowering the least sensitive layers first.
+
+    The budget is ``active_params`` (per token) or ``fraction`` of what the model now activates. Greedy, as
+    mixed precision spends bits: from every layer at its current k, repeatedly take the next lower k of the
+    layer whose step costs the least KL per active parameter saved (KL of single layers taken as additive),
+    until the budget is met. Raises :class:`ConfigError` when even k = 1 everywhere does not fit.
+    """
+    from workbench.routing import expert_params, routed_blocks
+
+    if (active_params is None) == (fraction is None):
+        raise ConfigError("route_for_budget: give active_params=... or fraction=..., one of them.")
+    from workbench.models import size_report
+
+    anat = anatomy(model)
+    blocks = routed_blocks(anat)
+    total = size_report(model).n_params
+    current = {}
+    per_k = {}
+    for b in blocks:
+        current[b.layer] = min(current.get(b.layer, 1 << 30), int(b.top_k or 1))
+        per_k[b.layer] = per_k.get(b.layer, 0) + expert_params(model, b)
+    now = total - sum((b.n_experts - int(b.top_k or 1)) * expert_params(model, b) for b in blocks)
+    budget = float(active_params) if active_params is not None else float(fraction) * now
+    kl = {(int(r.layer), int(r.k)): float(r.kl_mean) for r in sensitivity.itertuples()}
+    k = dict(current)
+    active = now
+    while active > budget:
+        options = []
+        for layer, kk in k.items():
+            if kk > 1 and (layer, kk - 1) in kl:
+                cost = kl[(layer, kk - 1)] - kl.get((layer, kk), 0.0)
+                options.append((max(cost, 0.0) / per_k[layer], layer))
+        if not options:
+            floor = now - sum((current[layer] - 1) * per_k[layer] for layer in current)
+            raise ConfigError(f"route_for_budget: {budget:,.0f} active parameters per token is below what k=1 in "
+                              f"every layer reaches ({floor:,.0f}); raise the budget.")
+        _, layer = min(options)
+        k[layer] -= 1
+        active -= per_k[layer]
+    changed = {layer: kk for layer, kk in k.items() if kk != current[layer]}
+    return RouteConfig(k_per_layer=changed, measure_tokens=measure_tokens)
+
+
 register_stacking(RouteConfig, same_shapes=True)
 
-__all__ = ["RouteConfig", "RouteSpace", "check_route", "record_routing", "route_space"]
+__all__ = ["RouteConfig", "RouteSpace", "check_route", "layer_k_sensitivity", "record_routing", "route_for_budget",
+           "route_space"]
