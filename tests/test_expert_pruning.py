@@ -100,3 +100,15 @@ def test_bad_pruning_is_refused_before_work():
         apply_(tiny_llama(), PruneExpertsConfig(keep=1), _ctx())
     assert anatomy(model).experts[0].n_experts == 4
     assert K == 2
+
+
+def test_a_later_step_is_checked_on_the_pruned_shapes_before_any_scoring():
+    from workbench.techniques import make_config
+    from workbench.techniques.base import check_pipeline
+
+    model = tiny_moe(experts=8, top_k=2)
+    pipeline = [PruneExpertsConfig(keep=6), make_config("route", k=7)]
+    with pytest.raises(ConfigError, match=r"Step 2 of 2 \(route\): route: k=7 is more than the 6 experts"):
+        check_pipeline(model, pipeline)
+    assert check_pipeline(model, [PruneExpertsConfig(keep=6), make_config("route", k=6)]) == []
+    assert anatomy(model).experts[0].n_experts == 8  # the preview touched nothing

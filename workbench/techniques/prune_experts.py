@@ -27,7 +27,7 @@ from torch import nn
 
 from workbench.anatomy import MoEBlock, anatomy
 from workbench.errors import ConfigError
-from workbench.techniques.base import ApplyContext, register
+from workbench.techniques.base import ApplyContext, register, register_stacking
 
 METHODS = ("frequency", "router_mass", "reap")
 _CONFIG_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -249,5 +249,26 @@ def _apply_prune_experts(model: Any, config: PruneExpertsConfig, ctx: ApplyConte
                                    "scores": {n: [float(v) for v in s] for n, s in scores.items()}}
     return model
 
+
+def _preview(model: Any, config: PruneExpertsConfig) -> Any:
+    """The pruned shapes on the meta device (no memory), so later steps are checked before any scoring; None
+    (checked just before they run) when the config's expert count is not a top-level field (DBRX)."""
+    from workbench.techniques.base import meta_model
+
+    blocks = _blocks(model)
+    cfg = getattr(model, "config", None)
+    if not blocks or cfg is None:
+        return None
+    n = blocks[0].n_experts
+    changes = {a: config.kept(n) for a in _CONFIG_COUNTS if getattr(cfg, a, None) == n}
+    if not changes:
+        return None
+    try:
+        return meta_model(model, **changes)
+    except Exception:  # noqa: BLE001 - a model class that cannot be rebuilt from its config: check later
+        return None
+
+
+register_stacking(PruneExpertsConfig, preview=_preview)
 
 __all__ = ["METHODS", "PruneExpertsConfig", "check_prune_experts", "expert_scores", "prune_experts_"]
