@@ -235,7 +235,7 @@ def test_workbench_in_jupyterlab(chromium, workspace) -> None:
             expect(_button(app, "Cancel queue")).to_be_enabled()
             expect(status).to_have_count(0, timeout=RUN_TIMEOUT_MS)
             expect(points).to_have_count(7, timeout=UI_TIMEOUT_MS)  # rtn at 2..8 bits
-            app.locator(".widget-dropdown").filter(has_text="Method").locator("select").select_option("quanto")
+            app.get_by_label("Method", exact=True).select_option("quanto")
             handle.focus()
             handle.press("End")  # 8 bits: quanto int8
             expect(slider.locator(".widget-readout")).to_have_text(re.compile(r"^\s*8\s*$"))

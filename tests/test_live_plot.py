@@ -30,3 +30,10 @@ def test_a_view_created_after_a_refresh_draws_the_current_figure_not_the_placeho
     plot.refresh()
     assert [len(t["x"]) for t in plot.figure.get_state()["_widget_data"]] == [5]
     assert plot.trace_points() == 5
+
+
+def test_plots_are_responsive_to_the_width_of_their_panel():
+    plot = LivePlot(lambda: _figure(2))
+    plot.refresh()
+    assert plot.figure._config["responsive"] is True
+    assert plot.figure.layout.width is None  # no fixed width: the browser sizes it to the panel

@@ -275,6 +275,9 @@ class LivePlot(W.VBox):
         # Until the first refresh draws the real figure, a blank white frame (an empty FigureWidget would show
         # plotly's grey default axes, which look like a broken plot).
         self.figure = go.FigureWidget(_placeholder_figure())
+        # Responsive: with no fixed width the plot fills its panel and follows the window (plotly's widget
+        # otherwise draws at the 700 px it falls back to when first rendered in a hidden tab).
+        self.figure._config = {**self.figure._config, "responsive": True, "displaylogo": False}
         self.errors = ErrorArea()
         self.refreshes = 0
         self._lock = threading.Lock()

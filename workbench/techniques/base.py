@@ -23,7 +23,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import inspect
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -514,14 +516,42 @@ class FieldInfo:
     choices: tuple[Any, ...] | None = None
 
 
+_DOC_LINE = re.compile(r"^(?P<names>[A-Za-z_][\w]*(?:\s*,\s*[A-Za-z_][\w]*)*)\s*:\s*(?P<text>.*)$")
+
+
+def _docstring_help(doc: str) -> dict[str, str]:
+    """``name: text`` entries of a config docstring (continuation lines indented deeper); ``a, b: text`` gives
+    both names the text. The first line is the summary ("GPTQ: second-order ...") and is skipped."""
+    out: dict[str, str] = {}
+    current: list[str] = []
+    for raw in inspect.cleandoc(doc).splitlines()[1:]:
+        stripped = raw.strip()
+        match = _DOC_LINE.match(raw)  # entries start at the margin; cleandoc removed the common indent
+        if match:
+            current = [n.strip() for n in match.group("names").split(",")]
+            for name in current:
+                out[name] = match.group("text").strip()
+        elif stripped and current and raw[:1].isspace():
+            for name in current:
+                out[name] = f"{out[name]} {stripped}"
+        else:
+            current = []
+    return out
+
+
 def describe_fields(name_or_config: str | Any) -> list[FieldInfo]:
-    """The parameters of technique ``name`` (or of a config, or a config class), in declaration order."""
+    """The parameters of technique ``name`` (or of a config, or a config class), in declaration order.
+
+    Help comes from ``field(metadata={"help": ...})``, else from the config docstring's ``name: text`` lines; a
+    field documented in neither gets "" rather than an error.
+    """
     if isinstance(name_or_config, str):
         cls = get_technique(name_or_config).config_cls
     else:
         cls = name_or_config if isinstance(name_or_config, type) else type(name_or_config)
         if not dataclasses.is_dataclass(cls):
             raise ConfigError(f"{cls.__name__} is not a technique config; pass a technique name such as 'rtn'.")
+    from_doc = _docstring_help(cls.__doc__ or "")
     out = []
     for f in dataclasses.fields(cls):
         if f.default is not dataclasses.MISSING:
@@ -532,7 +562,7 @@ def describe_fields(name_or_config: str | Any) -> list[FieldInfo]:
             default = None
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         choices = f.metadata.get("choices")
-        out.append(FieldInfo(f.name, str(kind), default, str(f.metadata.get("help", "")),
+        out.append(FieldInfo(f.name, str(kind), default, str(f.metadata.get("help") or from_doc.get(f.name, "")),
                              tuple(choices) if choices is not None else None))
     return out
 

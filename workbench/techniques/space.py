@@ -26,15 +26,13 @@ it, else the ``name: text`` lines of the config's docstring (the form every conf
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from workbench.errors import ConfigError
-from workbench.techniques.base import _load_builtin, get_technique, make_config
+from workbench.techniques.base import FieldInfo, _load_builtin, describe_fields, get_technique, make_config
 
 # What a slider and a sweep offer when no model is loaded yet (per-channel is -1).
 DEFAULT_GROUP_SIZES = (32, 64, 128, -1)
@@ -117,58 +115,10 @@ def _declaration(name: str) -> SpaceDeclaration:
 # ---- field help ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class FieldHelp:
-    """One config field as a front end shows it."""
-
-    name: str
-    type: str
-    default: Any
-    help: str
-
-
-_DOC_LINE = re.compile(r"^(?P<names>[A-Za-z_][\w]*(?:\s*,\s*[A-Za-z_][\w]*)*)\s*:\s*(?P<text>.*)$")
-
-
-def _docstring_help(doc: str) -> dict[str, str]:
-    """``name: text`` entries of a config docstring (continuation lines indented deeper); ``a, b: text`` gives
-    both names the text. The first line is the summary ("GPTQ: second-order ...") and is skipped."""
-    out: dict[str, str] = {}
-    current: list[str] = []
-    for raw in inspect.cleandoc(doc).splitlines()[1:]:
-        stripped = raw.strip()
-        match = _DOC_LINE.match(raw)  # entries start at the margin; cleandoc removed the common indent
-        if match:
-            current = [n.strip() for n in match.group("names").split(",")]
-            for name in current:
-                out[name] = match.group("text").strip()
-        elif stripped and current and raw[:1].isspace():
-            for name in current:
-                out[name] = f"{out[name]} {stripped}"
-        else:
-            current = []
-    return out
-
-
-def field_help(name_or_cls: str | type) -> list[FieldHelp]:
-    """The fields of a technique's config with their defaults and help text.
-
-    Help comes from ``field(metadata={"help": ...})`` where present, else from the config's docstring; a field
-    documented in neither gets an empty string rather than an error (help is added over time).
-    """
-    cls = get_technique(name_or_cls).config_cls if isinstance(name_or_cls, str) else name_or_cls
-    from_doc = _docstring_help(cls.__doc__ or "")
-    out = []
-    for f in dataclasses.fields(cls):
-        meta = f.metadata.get("help") if f.metadata else None
-        default: Any = f.default
-        if default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        elif default is dataclasses.MISSING:
-            default = None
-        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        out.append(FieldHelp(f.name, str(kind), default, str(meta or from_doc.get(f.name, ""))))
-    return out
+# One implementation of a config's field help, in base.py (metadata first, then the docstring); kept under these
+# names for the front ends that read them from here.
+FieldHelp = FieldInfo
+field_help = describe_fields
 
 
 # ---- the space ----------------------------------------------------------------------------------------------
