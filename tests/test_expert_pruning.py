@@ -112,3 +112,34 @@ def test_a_later_step_is_checked_on_the_pruned_shapes_before_any_scoring():
         check_pipeline(model, pipeline)
     assert check_pipeline(model, [PruneExpertsConfig(keep=6), make_config("route", k=6)]) == []
     assert anatomy(model).experts[0].n_experts == 8  # the preview touched nothing
+
+
+def test_naee_finds_the_subset_that_leaves_the_layer_unchanged():
+    # An expert no token selects can be dropped at zero error, so NAEE's best 3-of-4 subset leaves it out.
+    model = _build(*MOE["deepseek_v3"][:2])
+    block = anatomy(model).experts[0]
+    bias = model.get_submodule(block.router.name).e_score_correction_bias
+    with torch.no_grad():
+        bias.zero_()
+        bias[1] = -100.0
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    ref = _logits(model)
+    from workbench.techniques.prune_experts import naee_search
+
+    kept, errors = naee_search(model, IDS, 3)
+    assert kept[block.name] == [0, 2, 3] and errors[block.name][0] == pytest.approx(0.0, abs=1e-8)
+    assert len(errors[block.name]) == 4 and errors[block.name][1] > 0
+    # every trial was put back: same tensors, counts and config
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+    assert anatomy(model).experts[0].n_experts == 4 and model.config.n_routed_experts == 4
+    assert torch.equal(_logits(model), ref)
+    ctx = _ctx()
+    apply_(model, PruneExpertsConfig(keep=3, method="naee", calibration_tokens=64), ctx)
+    assert ctx.extras["prune_experts"]["kept"][block.name] == [0, 2, 3]
+    assert torch.allclose(_logits(model), ref, atol=1e-6)
+
+
+def test_naee_is_refused_for_many_experts():
+    model = tiny_moe(experts=32, top_k=2)
+    with pytest.raises(ConfigError, match="meant for small expert counts"):
+        apply_(model, PruneExpertsConfig(keep=16, method="naee"), _ctx())

@@ -7,6 +7,9 @@ Each expert is scored on calibration text (``corpus.text("calibration")``), per 
     reap         REAP (2025): mean over the tokens routed to it of weight x ||expert output||, the expected size of
                  its contribution; the expert's output comes from the experts module's own forward, so every
                  layout (fused, transposed, interleaved, biases) is computed the family's way
+    naee         NAEE (ACL 2024): every subset of ``keep`` experts is tried per layer, pruned for real (and put
+                 back), and the one whose block output on the calibration text is closest (squared error) to the
+                 unpruned block's wins; C(E, keep) block runs per layer, so for small E only
 
 and the ``keep`` best experts of each layer stay. Every expert tensor (dim 0; DBRX's flattened ``[E*F, H]`` as
 ``(E, F, H)``), the router's scoring rows and every per-expert tensor of the anatomy (router bias, DeepSeek's
@@ -29,7 +32,9 @@ from workbench.anatomy import MoEBlock, anatomy
 from workbench.errors import ConfigError
 from workbench.techniques.base import ApplyContext, register, register_stacking
 
-METHODS = ("frequency", "router_mass", "reap")
+METHODS = ("frequency", "router_mass", "reap", "naee")
+# NAEE tries every subset of kept experts per layer; beyond this many subsets per layer it is refused.
+NAEE_MAX_SUBSETS = 5000
 _CONFIG_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
@@ -43,7 +48,8 @@ class PruneExpertsConfig:
         "help": "Share of each layer's experts kept when `keep` is 0, rounded to the nearest count (0 < f < 1)."})
     method: str = field(default="reap", metadata={
         "help": "How experts are scored: 'frequency' (tokens routed), 'router_mass' (routing weight received) or "
-                "'reap' (weight x expert output norm).", "choices": METHODS})
+                "'reap' (weight x expert output norm) or 'naee' (the subset that best reproduces each layer's output; "
+                "E <= 16).", "choices": METHODS})
     calibration_tokens: int = field(default=512, metadata={
         "help": "Tokens of the calibration text the experts are scored on."})
 
@@ -86,6 +92,13 @@ def check_prune_experts(model: Any, config: PruneExpertsConfig) -> None:
     keep = config.kept(n)
     if keep >= n:
         raise ConfigError(f"prune_experts: keeping {keep} of {n} experts prunes nothing; keep at most {n - 1}.")
+    if config.method == "naee":
+        from math import comb
+
+        if comb(n, keep) > NAEE_MAX_SUBSETS:
+            raise ConfigError(f"prune_experts: method 'naee' would try {comb(n, keep):,} subsets per layer "
+                              f"(C({n}, {keep})); it is meant for small expert counts (at most "
+                              f"{NAEE_MAX_SUBSETS:,} subsets). Use 'reap' instead.")
     for b in blocks:
         k = int(b.top_k or 1)
         if keep < k:
@@ -166,6 +179,96 @@ def _reap_hook(last: dict[str, Any], block: MoEBlock, total: torch.Tensor) -> An
     return hook
 
 
+def naee_search(model: nn.Module, ids: torch.Tensor, keep: int) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
+    """NAEE's search: per block, the ``keep``-subset whose pruned block output is closest to the original's.
+
+    The block's inputs on ``ids`` are recorded once; each subset is then pruned for real with
+    :func:`prune_experts_` on the model (so the block computes exactly what the pruned model would), run on
+    those inputs, and put back. Returns (kept experts per block, squared errors of every subset tried, best
+    first).
+    """
+    from itertools import combinations
+
+    blocks = _blocks(model)
+    inputs: dict[str, tuple[Any, Any, torch.Tensor]] = {}
+
+    def recorder(name: str) -> Any:
+        def hook(module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+            inputs[name] = (args, kwargs, _first_tensor(out).detach().clone())
+
+        return hook
+
+    handles = [model.get_submodule(b.name).register_forward_hook(recorder(b.name), with_kwargs=True) for b in blocks]
+    try:
+        with torch.no_grad():
+            model(ids.to(next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    kept: dict[str, list[int]] = {}
+    errors: dict[str, list[float]] = {}
+    for b in blocks:
+        args, kwargs, target = inputs[b.name]
+        tried = []
+        for subset in combinations(range(b.n_experts), keep):
+            with _PrunedForNow(model, b, list(subset)), torch.no_grad():
+                out = _first_tensor(model.get_submodule(b.name)(*args, **kwargs))
+            tried.append((float((out.float() - target.float()).pow(2).sum()), subset))
+        tried.sort()
+        kept[b.name] = list(tried[0][1])
+        errors[b.name] = [err for err, _ in tried]
+    return kept, errors
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    return out if torch.is_tensor(out) else next(t for t in out if torch.is_tensor(t))
+
+
+class _PrunedForNow:
+    """Prune ``block`` to ``subset`` in place, and put every tensor, count and config value back on exit."""
+
+    def __init__(self, model: nn.Module, block: MoEBlock, subset: list[int]) -> None:
+        self.model, self.block, self.subset = model, block, subset
+
+    def __enter__(self) -> None:
+        m, b = self.model, self.block
+        names = [t.name for t in b.tensors if b.layout != "modules"] + [b.router.weight]
+        names += [n for n, _ in b.router.per_expert]
+        self.saved = {n: _owner_entry(m, n) for n in names}
+        lin = m.get_submodule(b.router.weight.rpartition(".")[0])
+        self.out_features = (lin, getattr(lin, "out_features", None))
+        self.counts = [(mod, attr, getattr(m.get_submodule(mod), attr)) for mod, attr in b.count_attrs]
+        cfg = getattr(m, "config", None)
+        self.config = [(target, a, getattr(target, a)) for target in (cfg, getattr(cfg, "ffn_config", None))
+                       if target is not None for a in _CONFIG_COUNTS if hasattr(target, a)]
+        if b.layout == "modules":
+            owner = b.tensors[0].name.split(".{e}.")[0]
+            parent, _, leaf = owner.rpartition(".")
+            self.modules = (m.get_submodule(parent), leaf, m.get_submodule(owner))
+        prune_experts_(m, {b.name: self.subset})
+
+    def __exit__(self, *exc: object) -> None:
+        for owner, kind, attr, value in self.saved.values():
+            getattr(owner, kind)[attr] = value
+        lin, out_features = self.out_features
+        if out_features is not None:
+            lin.out_features = out_features
+        for mod, attr, value in self.counts:
+            setattr(self.model.get_submodule(mod), attr, value)
+        for target, attr, value in self.config:
+            setattr(target, attr, value)
+        if self.block.layout == "modules":
+            parent, leaf, original = self.modules
+            setattr(parent, leaf, original)
+
+
+def _owner_entry(model: nn.Module, full_name: str) -> tuple[nn.Module, str, str, torch.Tensor]:
+    owner_name, _, attr = full_name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    kind = "_parameters" if attr in owner._parameters else "_buffers"
+    return owner, kind, attr, getattr(owner, kind)[attr]
+
+
 def _replace(model: nn.Module, full_name: str, tensor: torch.Tensor) -> None:
     owner_name, _, attr = full_name.rpartition(".")
     owner = model.get_submodule(owner_name)
@@ -235,18 +338,22 @@ def _apply_prune_experts(model: Any, config: PruneExpertsConfig, ctx: ApplyConte
     ids = text_ids(ctx.tokenizer, ctx.corpus.text("calibration"), config.calibration_tokens,
                    max_length=min(config.calibration_tokens, limit))
     before = size_report(model).n_params
-    scores = expert_scores(model, ids, config.method)
-    keep = {}
-    for name, s in scores.items():
-        n_keep = config.kept(s.numel())
-        # stable: ties keep the lower index, so equal scores give the same choice every time
-        order = sorted(range(s.numel()), key=lambda e: (-float(s[e]), e))
-        keep[name] = sorted(order[:n_keep])
+    record: dict[str, Any] = {"method": config.method}
+    if config.method == "naee":
+        keep, errors = naee_search(model, ids, config.kept(_blocks(model)[0].n_experts))
+        record["subset_errors"] = errors  # per block, every subset's squared error, best first
+    else:
+        scores = expert_scores(model, ids, config.method)
+        keep = {}
+        for name, s in scores.items():
+            # stable: ties keep the lower index, so equal scores give the same choice every time
+            order = sorted(range(s.numel()), key=lambda e: (-float(s[e]), e))
+            keep[name] = sorted(order[: config.kept(s.numel())])
+        record["scores"] = {n: [float(v) for v in s] for n, s in scores.items()}
     prune_experts_(model, keep)
     after = size_report(model).n_params
     ctx.metrics.update({"experts_kept": float(len(next(iter(keep.values())))), "params_removed": float(before - after)})
-    ctx.extras["prune_experts"] = {"method": config.method, "kept": keep,
-                                   "scores": {n: [float(v) for v in s] for n, s in scores.items()}}
+    ctx.extras["prune_experts"] = {**record, "kept": keep}
     return model
 
 
@@ -271,4 +378,4 @@ def _preview(model: Any, config: PruneExpertsConfig) -> Any:
 
 register_stacking(PruneExpertsConfig, preview=_preview)
 
-__all__ = ["METHODS", "PruneExpertsConfig", "check_prune_experts", "expert_scores", "prune_experts_"]
+__all__ = ["METHODS", "PruneExpertsConfig", "check_prune_experts", "expert_scores", "naee_search", "prune_experts_"]
