@@ -85,7 +85,7 @@ class RoutePanel(W.VBox):
         self.sweep_button = W.Button(description="Sweep k", icon="forward", tooltip="Queue every k from E down to 1",
                                      layout=W.Layout(width="110px"))
         self.prune_method = W.Dropdown(options=[("REAP", "reap"), ("frequency", "frequency"),
-                                                ("router mass", "router_mass")], value="reap", description="prune by",
+                                                ("router mass", "router_mass"), ("NAEE search", "naee")], value="reap", description="prune by",
                                        layout=W.Layout(width="230px"))
         self.prune_keep = W.IntSlider(value=1, min=1, max=1, description="keep", continuous_update=False,
                                       layout=W.Layout(width="300px"))
