@@ -34,7 +34,7 @@ def test_route_tab_replaces_the_placeholder_and_fits_the_model(moe_app):
     assert (panel.k.min, panel.k.max, panel.k.value) == (1, 8, 2)
     assert panel.controls.layout.display == ""
     assert "8 experts per MoE layer" in panel.status.value
-    assert [v for _, v in panel.mode.options] == ["k", "top_p", "skip"]
+    assert [v for _, v in panel.mode.options] == ["k", "top_p", "skip", "budget"]
     assert {v for _, v in panel.renormalize.options} == {"model", True, False}
     assert panel.prune_keep.min == 2 and panel.prune_keep.max == 7
 
@@ -101,3 +101,16 @@ def test_dense_model_says_it_has_no_experts(registry_url, tmp_path, monkeypatch)
         assert panel.controls.layout.display == "none"
     finally:
         bench.close()
+
+
+def test_budget_mode_chooses_per_layer_k(moe_app):
+    panel = moe_app.route
+    panel.mode.value = "budget"
+    assert panel.per_layer.disabled and panel.budget.layout.display == ""
+    panel.budget.value = 0.5  # below k=1 everywhere (79% of now on tiny-moe): refused before work
+    assert "choose budget &gt;= 0.79" in panel.errors.value  # the error area escapes HTML
+    panel.budget.value = 0.9
+    assert moe_app.jobs.wait(WAIT)
+    result = panel.results[-1]
+    assert result.status == "done", result.error
+    assert result.label == "route budget 90%" and result.metrics["active_experts"] < 2

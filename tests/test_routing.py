@@ -362,3 +362,22 @@ def test_budget_lowers_k_in_the_least_sensitive_layer_first():
     with pytest.raises(ConfigError, match="below what k=1 in every layer reaches"):
         route_for_budget(model, sens, active_params=1000)
     assert route_for_budget(model, sens, fraction=1.0).k_per_layer == ()
+
+
+def test_route_budget_chooses_per_layer_k_on_calibration_text():
+    model = tiny_moe(experts=8, top_k=4)
+    ctx = ApplyContext(tokenizer=byte_tokenizer(), corpus=get_corpus("python-docs"))
+    ids = torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(5))
+    full = measure_routing(model, ids).active_params
+    apply_(model, RouteConfig(budget=0.8, measure_tokens=64), ctx)
+    assert measure_routing(model, ids).active_params <= 0.8 * full
+    chosen = ctx.extras["route_budget"]["k_per_layer"]
+    assert chosen and all(1 <= k < 4 for k in chosen.values())
+    assert [b.top_k for b in anatomy(model).experts] == [chosen.get(str(i), 4) for i in (0, 1)]
+    assert RouteConfig(budget=0.8).label() == "route budget 80%"
+    with pytest.raises(ConfigError, match="budget chooses each layer's k itself"):
+        RouteConfig(budget=0.5, k=2)
+    with pytest.raises(ConfigError, match="budget=1.5"):
+        RouteConfig(budget=1.5)
+    with pytest.raises(ConfigError, match=r"below what k=1 in every layer reaches .*; choose budget >="):
+        apply_(tiny_moe(experts=8, top_k=4), RouteConfig(budget=0.1), ctx)

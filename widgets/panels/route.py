@@ -2,7 +2,8 @@
 
 The controls come from the loaded model's routing space (:func:`workbench.techniques.route.route_space`): a k
 slider from 1 to E, the renormalisation choices the family takes, and whether dynamic routing (top-p, NAEE
-skipping) is available. Each setting becomes one ``route`` config run through the app's queue; the run records
+skipping) is available; the budget mode keeps a share of the active parameters per token and lets each layer's
+k follow from its measured sensitivity. Each setting becomes one ``route`` config run through the app's queue; the run records
 the measured mean active experts, active parameters and FLOPs per token next to the quality metrics, and the
 expert-load matrix, drawn here as a heatmap. Pruning controls run ``prune_experts`` (then the load heatmap shows
 the experts that are left). On a dense model the panel says it has no experts and, where the library has the
@@ -25,7 +26,7 @@ from workbench.errors import ConfigError
 if TYPE_CHECKING:
     from widgets.panels import PanelHost
 
-MODES = (("fixed k", "k"), ("top-p", "top_p"), ("skip (NAEE)", "skip"))
+MODES = (("fixed k", "k"), ("top-p", "top_p"), ("skip (NAEE)", "skip"), ("budget", "budget"))
 TECHNIQUES = ("route", "prune_experts", "baseline")
 X_METRICS = ("metric_active_params", "metric_flops_per_token", "metric_active_experts")
 Y_METRICS = ("metric_kl_mean", "metric_ppl", "metric_top1_agree")
@@ -80,6 +81,11 @@ class RoutePanel(W.VBox):
                                    description="top-p", layout=W.Layout(width="320px"))
         self.skip_beta = W.FloatSlider(value=0.3, min=0.05, max=1.0, step=0.05, continuous_update=False,
                                        description="skip β", layout=W.Layout(width="320px"))
+        self.budget = W.FloatSlider(value=0.7, min=0.1, max=1.0, step=0.05, continuous_update=False,
+                                    description="budget", readout_format=".0%",
+                                    tooltip="Share of the active parameters per token to keep; each layer's k is "
+                                            "chosen from its measured sensitivity",
+                                    layout=W.Layout(width="320px"))
         self.run_button = W.Button(description="Run", icon="play", button_style="primary",
                                    layout=W.Layout(width="90px"))
         self.sweep_button = W.Button(description="Sweep k", icon="forward", tooltip="Queue every k from E down to 1",
@@ -105,6 +111,7 @@ class RoutePanel(W.VBox):
         self.k.observe(lambda _c: self._auto_submit(), names="value")
         self.top_p.observe(lambda _c: self._auto_submit(), names="value")
         self.skip_beta.observe(lambda _c: self._auto_submit(), names="value")
+        self.budget.observe(lambda _c: self._auto_submit(), names="value")
         self.mode.observe(lambda _c: self._show_mode(), names="value")
         for control in (self.x_axis, self.y_axis):
             control.observe(lambda _c: self.plot.refresh(), names="value")
@@ -117,7 +124,7 @@ class RoutePanel(W.VBox):
 
         self.controls = W.VBox([
             self.mode,
-            W.HBox([self.k, self.top_p, self.skip_beta, self.renormalize]),
+            W.HBox([self.k, self.top_p, self.skip_beta, self.budget, self.renormalize]),
             W.HBox([self.per_layer, self.run_button, self.sweep_button, self.progress]),
             W.HBox([self.prune_method, self.prune_keep, self.prune_button]),
         ])
@@ -165,7 +172,8 @@ class RoutePanel(W.VBox):
             self.renormalize.value = "model"
             low, high = max(1, space.default_k), max(1, space.default_k, space.n_experts - 1)
             _set_range(self.prune_keep, low, high, min(high, max(low, (3 * space.n_experts) // 4)))
-            dynamic = [m for m in MODES if m[1] == "k" or space.dynamic]
+            dynamic = [m for m in MODES if m[1] == "k" or (m[1] == "budget" and space.settable)
+                       or (m[1] in ("top_p", "skip") and space.dynamic)]
             self.mode.options = dynamic
             self.mode.value = "k"
         finally:
@@ -185,6 +193,8 @@ class RoutePanel(W.VBox):
         self.k.layout.display = "" if mode == "k" else "none"
         self.top_p.layout.display = "" if mode == "top_p" else "none"
         self.skip_beta.layout.display = "" if mode == "skip" else "none"
+        self.budget.layout.display = "" if mode == "budget" else "none"
+        self.per_layer.disabled = mode == "budget"  # the budget chooses every layer's k
 
     # ---- configs and runs -----------------------------------------------------------------------------
 
@@ -193,6 +203,8 @@ class RoutePanel(W.VBox):
         from workbench.techniques import make_config
 
         params: dict[str, Any] = {"renormalize": self.renormalize.value}
+        if self.mode.value == "budget":
+            return make_config("route", budget=float(self.budget.value), **params)
         per_layer = parse_per_layer(self.per_layer.value)
         if per_layer:
             params["k_per_layer"] = per_layer

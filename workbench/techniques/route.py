@@ -70,6 +70,10 @@ class RouteConfig:
                 "(0 < beta <= 1)."})
     measure_tokens: int = field(default=DEFAULT_MEASURE_TOKENS, metadata={
         "help": "Tokens of the evaluation text the routing is recorded on (expert load, active experts); 0: none."})
+    budget: float | None = field(default=None, metadata={
+        "help": "Share of the active parameters per token to keep (0 < b <= 1); each layer's k is chosen from its "
+                "measured sensitivity on calibration text (route_for_budget). Not with k, k_per_layer or dynamic "
+                "routing."})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "k_per_layer", _per_layer(self.k_per_layer))
@@ -92,6 +96,14 @@ class RouteConfig:
         if isinstance(self.measure_tokens, bool) or not isinstance(self.measure_tokens, int) or self.measure_tokens < 0:
             raise ConfigError(f"route: measure_tokens={self.measure_tokens!r} must be a whole number >= 0.")
 
+        if self.budget is not None:
+            if not (isinstance(self.budget, (int, float)) and not isinstance(self.budget, bool)
+                    and 0 < self.budget <= 1):
+                raise ConfigError(f"route: budget={self.budget!r} must lie in (0, 1], e.g. 0.7.")
+            if self.k is not None or self.k_per_layer or self.dynamic:
+                raise ConfigError("route: budget chooses each layer's k itself; leave k, k_per_layer, top_p and "
+                                  "skip_beta unset with it.")
+
     @property
     def dynamic(self) -> bool:
         return self.top_p is not None or self.skip_beta is not None
@@ -111,6 +123,8 @@ class RouteConfig:
             parts.append(f"top-p {self.top_p:g}")
         if self.skip_beta is not None:
             parts.append(f"skip {self.skip_beta:g}")
+        if self.budget is not None:
+            parts.append(f"budget {self.budget:.0%}")
         if isinstance(self.renormalize, bool):
             parts.append("renorm" if self.renormalize else "no-renorm")
         return " ".join(parts) if len(parts) > 1 else "route (as built)"
@@ -138,6 +152,8 @@ def check_route(model: Any, config: RouteConfig) -> None:
     if missing:
         raise ConfigError(
             f"route: k_per_layer names layer(s) {missing} without experts; the MoE layers are {moe_layers}.")
+    if config.budget is not None:
+        _check_budget(model, config, blocks)
     for block in blocks:
         k = config.k_for(block)
         if not block.top_k_attrs:
@@ -172,12 +188,28 @@ def check_route(model: Any, config: RouteConfig) -> None:
                     f"{rule} and has no norm_topk_prob switch; use renormalize='model'.")
 
 
+def _check_budget(model: Any, config: RouteConfig, blocks: list[MoEBlock]) -> None:
+    """A budget below k = 1 in every layer is refused from the shapes alone, before any text is run."""
+    from workbench.models import size_report
+    from workbench.routing import expert_params
+
+    total = size_report(model).n_params
+    now = total - sum((b.n_experts - int(b.top_k or 1)) * expert_params(model, b) for b in blocks)
+    floor = total - sum((b.n_experts - 1) * expert_params(model, b) for b in blocks if b.top_k_settable)
+    if config.budget * now < floor:
+        raise ConfigError(
+            f"route: budget={config.budget:g} is {config.budget * now:,.0f} active parameters per token, below "
+            f"what k=1 in every layer reaches ({floor:,.0f}, {floor / now:.0%} of now); choose budget >= "
+            f"{floor / now:.2f}.")
+
+
 @register("route", RouteConfig, kind="route", check=check_route)
 def _apply_route(model: Any, config: RouteConfig, ctx: ApplyContext) -> Any:
     from workbench.routing import norm_flag, routed_blocks, set_dynamic_, set_norm_, set_top_k_
 
+    chosen = _budget_k(model, config, ctx) if config.budget is not None else {}
     for block in routed_blocks(anatomy(model)):
-        k = config.k_for(block)
+        k = chosen.get(block.layer, config.k_for(block))
         if k is not None:
             set_top_k_(model, block, k)
         if config.renormalize in (True, False) and norm_flag(model, block) is not None:
@@ -192,6 +224,23 @@ def _apply_route(model: Any, config: RouteConfig, ctx: ApplyContext) -> Any:
         model.num_experts_per_tok = config.k
     record_routing(model, config.measure_tokens, ctx)
     return model
+
+
+def _budget_k(model: Any, config: RouteConfig, ctx: ApplyContext) -> dict[int, int]:
+    """Per-layer k for ``config.budget`` from the sensitivity on calibration text (recorded in extras)."""
+    from workbench.routing import text_ids
+
+    if ctx.tokenizer is None or ctx.corpus is None:
+        raise ConfigError("route: budget measures each layer's sensitivity on calibration text; give a tokenizer "
+                          "and a corpus (run it through run_experiment or the workspace).")
+    n = DEFAULT_MEASURE_TOKENS
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or n
+    ids = text_ids(ctx.tokenizer, ctx.corpus.text("calibration"), n, max_length=min(n, limit))
+    sens = layer_k_sensitivity(model, ids)
+    chosen = dict(route_for_budget(model, sens, fraction=float(config.budget)).k_per_layer)
+    ctx.extras["route_budget"] = {"k_per_layer": {str(k): v for k, v in chosen.items()},
+                                  "sensitivity": sens.to_dict("records")}
+    return chosen
 
 
 def record_routing(model: Any, n_tokens: int, ctx: ApplyContext, key: str = "routing") -> Any:
