@@ -37,3 +37,27 @@ def test_plots_are_responsive_to_the_width_of_their_panel():
     plot.refresh()
     assert plot.figure._config["responsive"] is True
     assert plot.figure.layout.width is None  # no fixed width: the browser sizes it to the panel
+
+
+def test_every_row_of_the_app_wraps_and_no_label_is_clipped(registry_url, tmp_path, monkeypatch):
+    import ipywidgets as W
+
+    from widgets import Workbench
+
+    monkeypatch.chdir(tmp_path)
+    app = Workbench(registry_url, model="tiny-llama", poll_interval=0)
+    try:
+        rows, labelled, stack = [], [], [app]
+        while stack:
+            w = stack.pop()
+            if isinstance(w, W.HBox):
+                rows.append(w)
+            if getattr(w, "description", "") and hasattr(getattr(w, "style", None), "description_width"):
+                labelled.append(w)
+            stack.extend(c for c in getattr(w, "children", ()) if isinstance(c, W.Widget))
+        assert len(rows) > 5 and all(r.layout.flex_flow for r in rows)
+        names = {w.description for w in labelled}
+        assert {"Registry", "Model", "Bits"} <= names
+        assert all(w.style.description_width for w in labelled)
+    finally:
+        app.close()

@@ -26,7 +26,7 @@ from typing import Any
 import ipywidgets as W
 import pandas as pd
 
-from widgets.common import ErrorArea, ProgressBar, RegistryWatcher, render_note
+from widgets.common import ErrorArea, ProgressBar, RegistryWatcher, fit_narrow_windows, render_note
 from widgets.jobs import Job, Jobs
 
 Runner = Callable[..., Any]
@@ -150,6 +150,7 @@ class Workbench(W.VBox):
 
         super().__init__([W.HTML("<h2 style='margin:4px 0'>Efficiency Workbench</h2>"), settings, model_bar,
                           self.first_run, self.status, self.tabs])
+        fit_narrow_windows(self)
         self.suite_picker.observe(lambda _c: self.watcher.notify(), names="value")
         self.refresh()
         self.watcher.start()

@@ -313,6 +313,29 @@ class LivePlot(W.VBox):
         return sum(0 if t.x is None else len(t.x) for t in self.figure.data if name is None or t.name == name)
 
 
+def fit_narrow_windows(root: W.Widget) -> None:
+    """Let every row of controls under ``root`` wrap, and every label keep its full text.
+
+    ipywidgets gives descriptions a fixed width and rows no wrapping, so in a narrow window "Registry" shrank to
+    "R…" and controls were cut off at the right edge. Rows now wrap onto the next line and each description is
+    as wide as its text. Applied once to the whole app, so a new panel gets it too.
+    """
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        widget = stack.pop()
+        if id(widget) in seen:
+            continue
+        seen.add(id(widget))
+        if isinstance(widget, W.HBox) and not widget.layout.flex_flow:
+            widget.layout.flex_flow = "row wrap"
+        style = getattr(widget, "style", None)
+        labelled = getattr(widget, "description", "") and hasattr(style, "description_width")
+        if labelled and not style.description_width:
+            style.description_width = "initial"
+        stack.extend(child for child in getattr(widget, "children", ()) if isinstance(child, W.Widget))
+
+
 def frame_or_empty(fn: Callable[[], pd.DataFrame]) -> pd.DataFrame:
     """``fn()`` or an empty frame; for places where a missing registry should show 'no runs', not a crash."""
     try:
@@ -326,6 +349,7 @@ __all__ = [
     "LivePlot",
     "ProgressBar",
     "RegistryWatcher",
+    "fit_narrow_windows",
     "frame_or_empty",
     "render_error",
     "render_note",
