@@ -90,6 +90,20 @@ def test_prune_runs_and_the_heatmap_shows_fewer_experts(moe_app):
     assert result.status == "done", result.error
     assert [len(r) for r in panel.load_matrix] == [5, 5]
     assert result.metrics["experts_kept"] == 5
+    assert [len(r) for r in panel.before_matrix] == [8, 8] and panel.before_box.layout.display == ""
+    panel.k.value = 1  # a plain routing run: no before view
+    assert moe_app.jobs.wait(WAIT)
+    assert panel.before_box.layout.display == "none"
+
+
+def test_balance_shows_load_before_and_after(moe_app):
+    panel = moe_app.route
+    panel.balance()
+    assert moe_app.jobs.wait(WAIT)
+    result = panel.results[-1]
+    assert result.status == "done", result.error
+    assert result.metrics["load_cv_after"] <= result.metrics["load_cv_before"]
+    assert len(panel.before_matrix) == 2 and panel.before_box.layout.display == ""
 
 
 def test_dense_model_says_it_has_no_experts(registry_url, tmp_path, monkeypatch):

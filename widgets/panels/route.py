@@ -2,11 +2,12 @@
 
 The controls come from the loaded model's routing space (:func:`workbench.techniques.route.route_space`): a k
 slider from 1 to E, the renormalisation choices the family takes, and whether dynamic routing (top-p, NAEE
-skipping) is available; the budget mode keeps a share of the active parameters per token and lets each layer's
-k follow from its measured sensitivity. Each setting becomes one ``route`` config run through the app's queue; the run records
-the measured mean active experts, active parameters and FLOPs per token next to the quality metrics, and the
-expert-load matrix, drawn here as a heatmap. Pruning controls run ``prune_experts`` (then the load heatmap shows
-the experts that are left). On a dense model the panel says it has no experts and, where the library has the
+skipping) is available; the budget mode keeps a share of the active parameters per token and lets each
+layer's k follow from its measured sensitivity. Each setting becomes one ``route`` config run through the app's
+queue; the run records the measured mean active experts, active parameters and FLOPs per token next to the
+quality metrics, and the expert-load matrix, drawn here as a heatmap. Pruning controls run ``prune_experts``
+(the heatmap then shows the experts that are left, with the load before beside it), and "Balance load" fits
+``balance_experts``. On a dense model the panel says it has no experts and, where the library has the
 ``moefy`` technique, offers to convert it.
 """
 
@@ -46,6 +47,12 @@ def parse_per_layer(text: str) -> dict[int, int]:
         except ValueError:
             raise ConfigError(f"Per-layer k: {part!r} is not layer:k; write e.g. '0:1, 3:2'.") from None
     return out
+
+
+def expert_load_figure_for(matrix: list[list[float]], layers: list[int] | None, title_text: str) -> go.Figure:
+    from workbench.views import expert_load_figure
+
+    return expert_load_figure(matrix, layers=layers, title_text=title_text)
 
 
 def _set_range(slider: W.IntSlider, low: int, high: int, value: int) -> None:
@@ -106,6 +113,13 @@ class RoutePanel(W.VBox):
         self.progress = ProgressBar()
         self.errors = ErrorArea()
         self.heatmap = go.FigureWidget(self._heatmap_figure())
+        # the load before the last pruning or balancing run (hidden for plain routing runs)
+        self.before_matrix: list[list[float]] = []
+        self.before_heatmap = go.FigureWidget(self._heatmap_figure())
+        self.before_box = W.VBox([self.before_heatmap], layout=W.Layout(display="none"))
+        self.balance_button = W.Button(description="Balance load", icon="balance-scale",
+                                       tooltip="Fit DeepSeek-V3's per-expert selection bias on calibration text",
+                                       layout=W.Layout(width="140px"))
         self.plot = LivePlot(self._figure)
 
         self.k.observe(lambda _c: self._auto_submit(), names="value")
@@ -118,6 +132,7 @@ class RoutePanel(W.VBox):
         self.run_button.on_click(lambda _b: self.submit())
         self.sweep_button.on_click(lambda _b: self.sweep())
         self.prune_button.on_click(lambda _b: self.prune())
+        self.balance_button.on_click(lambda _b: self.balance())
         self.moefy_button.on_click(lambda _b: self.moefy())
         app.watcher.subscribe(self.plot.refresh)
         app.on_model_loaded(lambda _loaded: self.refresh_space())
@@ -126,11 +141,11 @@ class RoutePanel(W.VBox):
             self.mode,
             W.HBox([self.k, self.top_p, self.skip_beta, self.budget, self.renormalize]),
             W.HBox([self.per_layer, self.run_button, self.sweep_button, self.progress]),
-            W.HBox([self.prune_method, self.prune_keep, self.prune_button]),
+            W.HBox([self.prune_method, self.prune_keep, self.prune_button, self.balance_button]),
         ])
         super().__init__([
             self.status, self.moefy_button, self.controls, self.errors, self.message,
-            W.HBox([self.y_axis, self.x_axis]), self.plot, self.heatmap,
+            W.HBox([self.y_axis, self.x_axis]), self.plot, self.before_box, self.heatmap,
         ])
         self.refresh_space()
 
@@ -264,6 +279,12 @@ class RoutePanel(W.VBox):
             return None
         return self._run([config, make_config("route")])  # route (as built) records the load after pruning
 
+    def balance(self) -> Any:
+        """Fit the post-hoc balancing bias, then evaluate (the heatmaps show the load before and after)."""
+        from workbench.techniques import make_config
+
+        return self._run([make_config("balance_experts"), make_config("route")])
+
     def moefy(self) -> Any:
         from workbench.techniques import make_config
 
@@ -285,6 +306,17 @@ class RoutePanel(W.VBox):
                 self.heatmap.data = []
                 self.heatmap.add_traces(fig.data)
                 self.heatmap.layout = fig.layout
+        before = next((v for key, v in (result.extras or {}).items()
+                       if isinstance(v, dict) and v.get("load_before") and key.endswith(("prune_experts",
+                                                                                          "balance_experts"))), None)
+        self.before_matrix = before["load_before"] if before else []
+        if before:
+            fig = expert_load_figure_for(self.before_matrix, before.get("layers"), "Expert load before")
+            with self.before_heatmap.batch_update():
+                self.before_heatmap.data = []
+                self.before_heatmap.add_traces(fig.data)
+                self.before_heatmap.layout = fig.layout
+        self.before_box.layout.display = "" if before else "none"
         if result.status == "done":
             active = result.metrics.get("active_experts")
             extra = f" · {active:.2f} active experts per token" if active is not None else ""

@@ -163,15 +163,17 @@ def _apply_balance(model: Any, config: BalanceExpertsConfig, ctx: ApplyContext) 
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or config.calibration_tokens
     ids = text_ids(ctx.tokenizer, ctx.corpus.text("calibration"), config.calibration_tokens,
                    max_length=min(config.calibration_tokens, limit))
-    before = measure_routing(model, ids).metrics()
+    first = measure_routing(model, ids)
     fit = fit_balance_(model, ids, config)
-    after = measure_routing(model, ids).metrics()
+    last = measure_routing(model, ids)
+    before, after = first.metrics(), last.metrics()
     ctx.metrics.update({
         "load_cv_before": before["load_cv"], "load_cv_after": after["load_cv"],
         "load_max_over_mean_before": before["load_max_over_mean"],
         "load_max_over_mean_after": after["load_max_over_mean"],
     })
-    ctx.extras["balance_experts"] = fit
+    # the load per layer on the calibration text before and after, for a before/after heatmap
+    ctx.extras["balance_experts"] = {**fit, "layers": first.layers, "load_before": first.load, "load_after": last.load}
     return model
 
 

@@ -330,7 +330,7 @@ def prune_experts_(model: nn.Module, keep: dict[str, list[int]]) -> nn.Module:
 @register("prune_experts", PruneExpertsConfig, kind="prune", check=check_prune_experts)
 def _apply_prune_experts(model: Any, config: PruneExpertsConfig, ctx: ApplyContext) -> Any:
     from workbench.models import size_report
-    from workbench.routing import text_ids
+    from workbench.routing import measure_routing, text_ids
 
     if ctx.tokenizer is None or ctx.corpus is None:
         raise ConfigError("prune_experts scores experts on calibration text; give a tokenizer and a corpus.")
@@ -338,7 +338,8 @@ def _apply_prune_experts(model: Any, config: PruneExpertsConfig, ctx: ApplyConte
     ids = text_ids(ctx.tokenizer, ctx.corpus.text("calibration"), config.calibration_tokens,
                    max_length=min(config.calibration_tokens, limit))
     before = size_report(model).n_params
-    record: dict[str, Any] = {"method": config.method}
+    loads = measure_routing(model, ids)  # the load before pruning, for a before/after heatmap
+    record: dict[str, Any] = {"method": config.method, "layers": loads.layers, "load_before": loads.load}
     if config.method == "naee":
         keep, errors = naee_search(model, ids, config.kept(_blocks(model)[0].n_experts))
         record["subset_errors"] = errors  # per block, every subset's squared error, best first
