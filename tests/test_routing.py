@@ -96,6 +96,9 @@ def test_per_layer_k_wins_over_global_k_and_json_round_trip():
 
     cfg = make_config("route", k=2, k_per_layer={"1": 1})
     assert cfg.k_per_layer == ((1, 1),)
+    assert make_config("route", k_per_layer="3:2, 0:1").k_per_layer == ((0, 1), (3, 2))  # command-line form
+    with pytest.raises(ConfigError, match="layer:k"):
+        make_config("route", k_per_layer="0-1")
     assert config_from_dict(config_to_dict(cfg)) == cfg
     model = tiny_moe(experts=4, top_k=2)
     apply_(model, make_config("route", k=3, k_per_layer={1: 1}, measure_tokens=0))

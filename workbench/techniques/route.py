@@ -35,9 +35,14 @@ DEFAULT_MEASURE_TOKENS = 256
 
 
 def _per_layer(value: Any) -> tuple[tuple[int, int], ...]:
-    """``{0: 1, 3: 2}``, ``[(0, 1), (3, 2)]`` or JSON's ``{"0": 1}`` / ``[[0, 1]]`` as sorted (layer, k) pairs."""
+    """``{0: 1, 3: 2}``, ``[(0, 1), (3, 2)]``, ``"0:1, 3:2"`` or JSON's ``{"0": 1}`` / ``[[0, 1]]`` as sorted
+    (layer, k) pairs."""
     if value is None:
         return ()
+    if isinstance(value, str):  # "0:1, 3:2", as a command line or a text field writes it
+        value = [part.split(":", 1) for part in value.replace(";", ",").split(",") if part.strip()]
+        if any(len(pair) != 2 for pair in value):
+            raise ConfigError("route: k_per_layer entries are layer:k, e.g. '0:1, 3:2'.")
     items = value.items() if isinstance(value, Mapping) else value
     pairs = {}
     try:
