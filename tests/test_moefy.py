@@ -229,3 +229,33 @@ def test_demo_moe_builds_caches_and_matches_the_dense_demo_at_k_equal_e():
     clear_cache()
     again = load_model("demo-moe")
     assert again.fingerprint == loaded.fingerprint
+
+
+def test_route_technique_changes_k_on_a_converted_model(carved):
+    """The expert-routing technique reads the converted blocks through the anatomy: k and top-p apply."""
+    route = pytest.importorskip("workbench.techniques.route")
+    dense, model, _ = carved
+    by_route = apply_(copy.deepcopy(model), route.RouteConfig(k=2, measure_tokens=0))
+    by_hand = copy.deepcopy(model)
+    moefy.set_top_k_(by_hand, 2)
+    assert torch.equal(_logits(by_route), _logits(by_hand))
+    everything = apply_(copy.deepcopy(model), route.RouteConfig(k=2, top_p=1.0, measure_tokens=0))
+    assert (_logits(everything) - _logits(dense)).abs().max().item() < 1e-5
+
+
+def test_top_p_and_skipping_on_a_converted_model(carved):
+    """The router's weights are predicted output shares, so dynamic routing has something to compare."""
+    route = pytest.importorskip("workbench.techniques.route")
+    dense, model, _ = carved
+    gate = model.model.layers[0].mlp.gate
+    with torch.no_grad():
+        _, weights, _ = gate(torch.randn(6, 64, generator=torch.Generator().manual_seed(5)))
+    assert torch.allclose(weights.sum(-1), torch.ones(6), atol=1e-4)  # at k = E the shares sum to 1
+    assert (weights[:, :-1] >= weights[:, 1:]).all()  # in the order of the picks
+    one = copy.deepcopy(model)
+    moefy.set_top_k_(one, 1)
+    tiny_p = apply_(copy.deepcopy(model), route.RouteConfig(top_p=1e-6, measure_tokens=0))
+    assert torch.allclose(_logits(tiny_p), _logits(one), atol=1e-6)
+    skip = apply_(copy.deepcopy(model), route.RouteConfig(skip_beta=0.5, measure_tokens=0))
+    assert torch.isfinite(_logits(skip)).all()
+    assert not torch.allclose(_logits(skip), _logits(dense), atol=1e-4)

@@ -55,7 +55,9 @@ class MoEfyRouter(nn.Module):
     block's output), ``"representative"`` (``|act(x @ weight.T) * (x @ up_weight.T)|``: the activation of each
     expert's most central neuron, CMoE's router) or ``"softmax"`` (upcycling: softmax over ``x @ weight.T``, top-k,
     renormalised). Returns ``(logits (N, E), weights (N, k), indices (N, k))`` like transformers' routers, so load
-    can be counted from a forward hook. Carved experts are parts of one sum, so their weights are 1.
+    can be counted from a forward hook and dynamic routing (top-p, skipping) can read the weights. For carved
+    experts the weights are each pick's predicted share of the output; the block still adds carved experts with
+    weight 1, since they are parts of one sum.
     """
 
     def __init__(self, hidden: int, n_experts: int, top_k: int, scoring: str, act_fn: nn.Module | None = None):
@@ -83,7 +85,12 @@ class MoEfyRouter(nn.Module):
             weights = (weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)).to(x.dtype)
         else:
             indices = logits.topk(k, dim=-1).indices
-            weights = torch.ones(indices.shape, dtype=x.dtype, device=x.device)
+            # Each expert's predicted share of the output (scores clipped at 0, normalised): what top-p and
+            # skipping rules compare. The block mixes carved experts with weight 1 whatever this says; only an
+            # exact 0 (a rule dropping the pick) matters to it, so selected picks are kept above 0.
+            share = logits.clamp_min(0)
+            share = share / share.sum(-1, keepdim=True).clamp_min(1e-20)
+            weights = share.gather(-1, indices).clamp_min(1e-6).to(x.dtype)
         return logits, weights, indices
 
 
@@ -123,7 +130,8 @@ class MoEfiedMLP(nn.Module):
     """A dense MLP converted into shared + routed experts; drop-in for the block it replaces.
 
     Forward (x: (..., H)): the shared expert on every token; the router's top-k per token; then for each expert
-    that any token selected, that expert on those tokens' rows only, added with the router's weight. Decoding one
+    that any token selected, that expert on those tokens' rows only, added with its weight (1 for carved experts,
+    the renormalised router probability for upcycled copies). Decoding one
     token therefore runs ``n_shared + k * m`` of the I neurons. A weight of exactly 0 (a routing rule that drops
     an expert) skips the pair.
     """
@@ -151,6 +159,8 @@ class MoEfiedMLP(nn.Module):
         flat = x.reshape(-1, shape[-1])  # (N, H)
         out = self.shared_expert(flat) if self.shared_expert is not None else torch.zeros_like(flat)
         _, weights, indices = self.gate(flat)  # (N, k), (N, k)
+        if self.gate.scoring != "softmax":  # carved: every kept pick counts in full
+            weights = (weights != 0).to(flat.dtype)
         if indices.numel() == 0:
             return out.view(shape)
         if flat.shape[0] == 1:  # decoding: no gathers, just the k selected experts
