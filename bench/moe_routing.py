@@ -2,7 +2,7 @@
 
 Run: ``.venv/bin/python bench/moe_routing.py [--chunks 8] [--threads 2] [--rebuild]``
 
-For each k it prints the active FFN fraction (neurons a token runs over the dense FFN's), active parameters per
+For each k (and dynamic top-p settings, through the ``route`` technique) it prints the active FFN fraction (neurons a token runs over the dense FFN's), active parameters per
 token, perplexity and mean KL divergence against the dense demo on the same chunks (second-half scoring), and
 prefill / decode tokens per second with their ratio to the dense model measured in the same process; then the
 time ``demo-moe`` took to build (measured now with ``--rebuild`` or when it is missing, else as recorded when it
@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=8, help="512-token evaluation chunks per point")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rebuild", action="store_true", help="delete the cached demo-moe and time its build")
+    parser.add_argument("--top-p", type=float, nargs="*", default=[0.9, 0.7],
+                        help="dynamic top-p settings (route technique) measured as well")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds (medians are printed)")
     parser.add_argument("--prompt", type=int, default=256, help="prefill prompt tokens")
     parser.add_argument("--decode", type=int, default=32, help="greedy decode steps per round (KV cache)")
@@ -90,15 +92,37 @@ def main() -> None:
         counts = moefy.active_counts(model)
         m = evaluate(model, loaded.tokenizer, suite, base_model=dense.model, base_fingerprint=dense.fingerprint).metrics
         rows.append((k, counts, dict(m)))
+    # Dynamic top-p (the route technique): the measured mean of active experts gives the active fraction.
+    dynamic = {}
+    if args.top_p:
+        from workbench.techniques import ApplyContext, apply_
+        from workbench.techniques.route import RouteConfig
+
+        corpus = get_corpus("python-docs")
+        for p in args.top_p:
+            ctx = ApplyContext(tokenizer=loaded.tokenizer, corpus=corpus)
+            variant = apply_(copy.deepcopy(loaded.model), RouteConfig(top_p=p, measure_tokens=512), ctx)
+            block = moefy.moe_blocks(variant)[0][1]
+            width, inter = block.experts.down_proj.shape[-1], block.experts.down_proj.shape[-1] * n_exp
+            shared = block.shared_expert.gate_proj.out_features if block.shared_expert is not None else 0
+            a = ctx.metrics["active_experts"]
+            counts = {"active_ffn_fraction": (shared + a * width) / (shared + inter),
+                      "active_params": ctx.metrics["active_params"], "active_experts": a}
+            m = evaluate(variant, loaded.tokenizer, suite, base_model=dense.model,
+                         base_fingerprint=dense.fingerprint).metrics
+            dynamic[f"top-p {p:g}"] = variant
+            rows.append((f"top-p {p:g}", counts, dict(m)))
     # Speed: rounds over dense and every k in turn, medians, so load from other processes hits all points alike.
     prompt = torch.tensor(dense.tokenizer(get_corpus("python-docs").text("evaluation")[:4000],
                                           add_special_tokens=False)["input_ids"][:args.prompt])
-    timings: dict[object, list[tuple[float, float]]] = {"dense": []} | {k: [] for k in ks}
+    timings: dict[object, list[tuple[float, float]]] = {"dense": []} | {k: [] for k in ks} | {n: [] for n in dynamic}
     for _ in range(args.rounds):
         timings["dense"].append(measure_speed(dense.model, prompt, args.decode, repeats=1))
         for k in ks:
             moefy.set_top_k_(model, k)
             timings[k].append(measure_speed(model, prompt, args.decode, repeats=1))
+        for name, variant in dynamic.items():
+            timings[name].append(measure_speed(variant, prompt, args.decode, repeats=1))
     speed = {key: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for key, v in timings.items()}
     d["prefill_tok_s"], d["decode_tok_s"] = speed["dense"]
     for k, _, m in rows:
@@ -114,7 +138,8 @@ def main() -> None:
         frac = counts["active_ffn_fraction"]
         oracle = oracle_at(frac)
         oracle_txt = f"+{oracle:.1f}%" if oracle is not None else "-"
-        print(f"{f'k={k}/{n_exp}':>10} {frac:>8.1%} {counts['active_params'] / 1e6:>10.1f}M {m['ppl']:>8.3f} "
+        point = f"k={k}/{n_exp}" if isinstance(k, int) else k
+        print(f"{point:>10} {frac:>8.1%} {counts['active_params'] / 1e6:>10.1f}M {m['ppl']:>8.3f} "
               f"{100 * (m['ppl'] / d['ppl'] - 1):>+7.1f}% {oracle_txt:>7} {m['kl_mean']:>8.4f} "
               f"{m['prefill_tok_s']:>10.0f} {m['prefill_tok_s'] / d['prefill_tok_s']:>8.2f} "
               f"{m['decode_tok_s']:>9.1f} {m['decode_tok_s'] / d['decode_tok_s']:>8.2f}")
