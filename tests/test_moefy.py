@@ -259,3 +259,22 @@ def test_top_p_and_skipping_on_a_converted_model(carved):
     skip = apply_(copy.deepcopy(model), route.RouteConfig(skip_beta=0.5, measure_tokens=0))
     assert torch.isfinite(_logits(skip)).all()
     assert not torch.allclose(_logits(skip), _logits(dense), atol=1e-4)
+
+
+def test_recorded_run_then_route_on_top(registry_url):
+    """moefy as a recorded run on tiny-llama, and moefy -> route k=1 as a stacked one (active params drop)."""
+    from workbench.experiment import run_experiment
+    from workbench.registry import Registry
+
+    moe = make_config("moefy", n_experts=4, top_k=4, calibration_tokens=512)
+    first = run_experiment("tiny-llama", [moe], "quick", registry=registry_url)
+    assert first.status == "done", first.error
+    assert first.metrics["active_ffn_fraction"] == pytest.approx(1.0)
+    assert first.metrics["kl_mean"] < 1e-6  # k = E: the dense model's outputs
+    route = pytest.importorskip("workbench.techniques.route")
+    stacked = run_experiment("tiny-llama", [moe, route.RouteConfig(k=1)], "quick", registry=registry_url)
+    assert stacked.status == "done", stacked.error
+    assert stacked.metrics["stage2_active_params"] < first.metrics["active_params"]
+    assert stacked.metrics["kl_mean"] > 1e-4
+    frame = Registry.open(registry_url).runs_frame()
+    assert len(frame) == 2
