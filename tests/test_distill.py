@@ -226,3 +226,14 @@ def test_a_student_with_another_tokenizer_is_refused(home, monkeypatch):
 def test_distill_without_a_teacher_says_how_to_run_it():
     with pytest.raises(ConfigError, match="needs the teacher"):
         apply_(tiny_llama(), DistillConfig(steps=1))
+
+
+def test_different_distillation_settings_get_different_labels():
+    configs = [DistillConfig(), DistillConfig(lr=1e-3), DistillConfig(seq_len=64), DistillConfig(loss="hard"),
+               DistillConfig(loss="jsd"), DistillConfig(loss="jsd", skew=0.5), DistillConfig(teacher="topk"),
+               DistillConfig(teacher="sampled", top_k=12), DistillConfig(steps=0, seconds=60),
+               DistillConfig(steps=10, tokens=1000), DistillConfig(bf16=True), DistillConfig(temperature=1.0)]
+    labels = [c.label() for c in configs]
+    assert len(set(labels)) == len(labels), labels
+    assert DistillConfig().label() == "distill forward_kl T2 a0.5 50 steps"
+    assert DistillConfig(resume=False).label() == DistillConfig().label()  # resuming does not change the result

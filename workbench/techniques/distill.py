@@ -109,7 +109,19 @@ class DistillConfig:
         if self.loss == "hard":
             return f"distill hard {budget}"
         store = "" if self.teacher == "live" else f" {self.teacher}{self.top_k}"
-        return f"distill {self.loss} T{self.temperature:g} a{self.alpha:g}{store} {budget}"
+        skew = f" skew{self.skew:g}" if self.loss in ("skew_kl", "jsd") else ""
+        return f"distill {self.loss} T{self.temperature:g} a{self.alpha:g}{skew}{store} {budget}" + self._changed()
+
+    def _changed(self) -> str:
+        """The other settings that differ from their defaults, so different runs never share a label."""
+        from dataclasses import fields
+
+        shown = {"loss", "temperature", "alpha", "skew", "teacher", "top_k", "steps", "tokens", "seconds", "resume"}
+        extra = [f"{f.name}={getattr(self, f.name)}" for f in fields(self)
+                 if f.name not in shown and getattr(self, f.name) != f.default]
+        if self.steps and (self.tokens or self.seconds):  # a second budget
+            extra += [f"{n}={getattr(self, n):g}" for n in ("tokens", "seconds") if getattr(self, n)]
+        return (" " + " ".join(extra)) if extra else ""
 
     def settings(self, seed: int) -> TrainSettings:
         keys = set(TrainSettings.__dataclass_fields__) - {"seed"}

@@ -59,6 +59,8 @@ class PruneConfig:
             parts.append(f"ffn{self.ffn_size}")
         if self.heads is not None:
             parts.append(f"h{self.heads}")
+        if (self.drop and not self.layers) or self.ffn_size is not None or self.heads is not None:
+            parts += [f"{n}={getattr(self, n)}" for n, d in (("samples", 8), ("seq_len", 128)) if getattr(self, n) != d]
         return "prune " + " ".join(parts)
 
 
