@@ -247,14 +247,24 @@ def test_workbench_in_jupyterlab(chromium, workspace) -> None:
 
             # Compare: the table has the baseline and every run, the plot a point per run.
             app.locator(".lm-TabBar-tab", has_text="Compare").click()
-            rows = app.locator(".widget-html table tbody tr:visible")
+            rows = app.locator(".wb-table table tbody tr")
             expect(rows).to_have_count(9, timeout=UI_TIMEOUT_MS)
             expect(rows.first).to_contain_text("baseline")
             expect(app.get_by_text("Reading the registry")).to_have_count(0)
             compare_plot = app.locator(".js-plotly-plot:visible").first
             expect(compare_plot.locator(".legendtext", has_text="quanto")).to_have_count(1)
             compare_plot.scroll_into_view_if_needed()
+            # The plot fills its panel (it used to stay at plotly's 700 px fallback in a wide window).
+            panel_box = app.locator(".widget-tab").first.bounding_box()
+            plot_box = compare_plot.bounding_box()
+            assert plot_box and panel_box and plot_box["width"] > 0.8 * panel_box["width"], (plot_box, panel_box)
             _shot(page, "lab-08-compare")
+            # A run's continuations (prompt, base, this run), another run beside it.
+            app.get_by_label("Run", exact=True).select_option(index=1)
+            outputs_box = app.locator(".wb-outputs")
+            expect(outputs_box).to_be_visible(timeout=UI_TIMEOUT_MS)
+            outputs_box.scroll_into_view_if_needed()
+            _shot(page, "lab-08b-compare-continuations")
 
             # Export CSV: the file is written to the export folder, and clicking its link downloads it.
             _button(app, "CSV").click()

@@ -61,3 +61,26 @@ def test_every_row_of_the_app_wraps_and_no_label_is_clipped(registry_url, tmp_pa
         assert all(w.style.description_width for w in labelled)
     finally:
         app.close()
+
+
+def test_no_plot_of_the_app_is_left_on_its_placeholder(registry_url, tmp_path, monkeypatch):
+    # Every panel's plots draw at start (an empty state says so); "Reading the registry…" means nothing drew it.
+    import ipywidgets as W
+
+    from widgets import Workbench
+
+    monkeypatch.chdir(tmp_path)
+    app = Workbench(registry_url, model="tiny-llama", poll_interval=0)
+    try:
+        plots, stack = [], [app]
+        while stack:
+            w = stack.pop()
+            if isinstance(w, LivePlot):
+                plots.append(w)
+            stack.extend(c for c in getattr(w, "children", ()) if isinstance(c, W.Widget))
+        assert len(plots) >= 3
+        for plot in plots:
+            notes = [a.text for a in plot.figure.layout.annotations or ()]
+            assert not any("Reading the registry" in n for n in notes), notes
+    finally:
+        app.close()

@@ -263,6 +263,9 @@ def _placeholder_figure() -> go.Figure:
     return fig.update_layout(height=420, template=TEMPLATE)
 
 
+_FIGURE_CSS = "<style>.wb-figure { width: 100%; align-self: stretch; }</style>"
+
+
 class LivePlot(W.VBox):
     """A ``go.FigureWidget`` redrawn from ``figure_fn()`` whenever :meth:`refresh` is called.
 
@@ -278,11 +281,15 @@ class LivePlot(W.VBox):
         # Responsive: with no fixed width the plot fills its panel and follows the window (plotly's widget
         # otherwise draws at the 700 px it falls back to when first rendered in a hidden tab).
         self.figure._config = {**self.figure._config, "responsive": True, "displaylogo": False}
+        # ...and its box must be as wide as the panel: a widget box otherwise sizes it to its content, which is
+        # the figure's first (fallback) width.
+        self.figure.add_class("wb-figure")
         self.errors = ErrorArea()
         self.refreshes = 0
         self._lock = threading.Lock()
         self._on_click = on_click
-        super().__init__([self.figure, self.errors])
+        style = W.HTML(_FIGURE_CSS, layout=W.Layout(display="none"))  # a <style> applies while hidden too
+        super().__init__([style, self.figure, self.errors])
 
     def refresh(self) -> None:
         with self._lock:  # the watcher thread and a worker may both refresh; draw one at a time

@@ -90,6 +90,7 @@ class DistillPanel(W.VBox):
         app.watcher.subscribe(self.plot.refresh)
         app.on_model_loaded(lambda _loaded: self._show_shape())
         self._show_shape()
+        self.curves_plot.refresh()  # the empty curves figure, not the "reading the registry" placeholder
         super().__init__([
             W.HTML("<b>Student</b>"), W.HBox([self.drop, self.ffn]), self.shape_note,
             W.HTML("<b>Training</b>"), W.HBox([self.loss, self.temperature, self.alpha]),
