@@ -54,7 +54,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--minutes", default="2,5,10", help="recovery marks, minutes of training (comma list)")
+    parser.add_argument(
+        "--minutes", default="2,5,10", help="recovery marks, minutes of training (comma list)"
+    )
     parser.add_argument("--speed-steps", type=int, default=4)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -66,7 +68,9 @@ def main() -> None:
     parser.add_argument("--live-recovery", action="store_true", help="also train KD with the live teacher")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("WORKBENCH_HOME", str(Path(__file__).resolve().parents[1] / ".cache" / "workbench-home"))
+    os.environ.setdefault(
+        "WORKBENCH_HOME", str(Path(__file__).resolve().parents[1] / ".cache" / "workbench-home")
+    )
 
     from workbench.corpus import get_corpus
     from workbench.distill import block_influence, build_store, drop_layers, layers_to_drop, n_parameters
@@ -87,9 +91,11 @@ def main() -> None:
     student0 = drop_layers(teacher, dropped)
     train = windows(tok, corpus.text("training"), args.seq_len)
     evals = windows(tok, corpus.text("evaluation"), 512)[: args.eval_chunks]
-    print(f"teacher {n_parameters(teacher) / 1e6:.1f}M params; student drops layers {dropped} "
-          f"({n_parameters(student0) / 1e6:.1f}M); {train.shape[0]} training windows of {args.seq_len}, "
-          f"{evals.shape[0]} evaluation chunks of 512; {args.threads} threads on {args.device}")
+    print(
+        f"teacher {n_parameters(teacher) / 1e6:.1f}M params; student drops layers {dropped} "
+        f"({n_parameters(student0) / 1e6:.1f}M); {train.shape[0]} training windows of {args.seq_len}, "
+        f"{evals.shape[0]} evaluation chunks of 512; {args.threads} threads on {args.device}"
+    )
     root = Path(tempfile.mkdtemp(prefix="distill-bench-"))  # stores timed fresh, not read from an old run
 
     def store(kind: str, k: int):
@@ -100,8 +106,10 @@ def main() -> None:
     topk, topk_s = store("topk", 64)
     sampled, sampled_s = store("sampled", 12)
     n_tok = train.numel()
-    print(f"stores built once: top-64 {topk_s:.1f} s ({n_tok / topk_s:.0f} tok/s, {topk.bytes_per_token} B/token), "
-          f"sampled-12 {sampled_s:.1f} s ({sampled.bytes_per_token} B/token)")
+    print(
+        f"stores built once: top-64 {topk_s:.1f} s ({n_tok / topk_s:.0f} tok/s, {topk.bytes_per_token} B/token), "
+        f"sampled-12 {sampled_s:.1f} s ({sampled.bytes_per_token} B/token)"
+    )
 
     if not args.skip_speed:
         print(f"\n## training tokens/s (student, batch {args.batch} x {args.seq_len})")
@@ -109,19 +117,36 @@ def main() -> None:
         for bf16 in (False, True):
             for name, st in (("live", None), ("topk", topk), ("sampled", sampled)):
                 student = copy.deepcopy(student0)
-                settings = TrainSettings(loss="forward_kl", temperature=1.0, alpha=0.5, steps=1, batch_size=args.batch,
-                                         lr=args.lr, bf16=bf16)
+                settings = TrainSettings(
+                    loss="forward_kl",
+                    temperature=1.0,
+                    alpha=0.5,
+                    steps=1,
+                    batch_size=args.batch,
+                    lr=args.lr,
+                    bf16=bf16,
+                )
                 train_student(student, teacher, train, settings, store=st)  # warm-up step
-                settings = TrainSettings(loss="forward_kl", temperature=1.0, alpha=0.5, steps=args.speed_steps,
-                                         batch_size=args.batch, lr=args.lr, bf16=bf16, seed=1)
+                settings = TrainSettings(
+                    loss="forward_kl",
+                    temperature=1.0,
+                    alpha=0.5,
+                    steps=args.speed_steps,
+                    batch_size=args.batch,
+                    lr=args.lr,
+                    bf16=bf16,
+                    seed=1,
+                )
                 res = train_student(student, teacher, train, settings, store=st)
                 speeds[(name, bf16)] = res.tokens / res.seconds
                 print(f"{name:8s} {'bf16' if bf16 else 'fp32'}: {speeds[(name, bf16)]:7.1f} tok/s")
         for bf16 in (False, True):
             tag = "bf16" if bf16 else "fp32"
             live = speeds[("live", bf16)]
-            print(f"topk_vs_live_{tag} = {speeds[('topk', bf16)] / live:.2f}x (target >= 1.5); "
-                  f"sampled_vs_live_{tag} = {speeds[('sampled', bf16)] / live:.2f}x")
+            print(
+                f"topk_vs_live_{tag} = {speeds[('topk', bf16)] / live:.2f}x (target >= 1.5); "
+                f"sampled_vs_live_{tag} = {speeds[('sampled', bf16)] / live:.2f}x"
+            )
         print(f"bf16_vs_fp32_live = {speeds[('live', True)] / speeds[('live', False)]:.2f}x")
 
     if not args.skip_recovery:
@@ -147,9 +172,19 @@ def main() -> None:
                     if m not in snaps and elapsed >= m:
                         snaps[m] = {k: v.detach().clone() for k, v in student.state_dict().items()}
 
-            settings = TrainSettings(loss=loss, temperature=1.0, alpha=0.5, steps=0, seconds=marks[-1] * 60,
-                                     batch_size=args.batch, lr=args.lr, warmup_steps=5)
-            res = train_student(student, teacher, train, settings, store=st, progress=Progress(on_partial=snapshot))
+            settings = TrainSettings(
+                loss=loss,
+                temperature=1.0,
+                alpha=0.5,
+                steps=0,
+                seconds=marks[-1] * 60,
+                batch_size=args.batch,
+                lr=args.lr,
+                warmup_steps=5,
+            )
+            res = train_student(
+                student, teacher, train, settings, store=st, progress=Progress(on_partial=snapshot)
+            )
             row = []
             for m in marks[:-1]:
                 probe = copy.deepcopy(student0)
@@ -158,8 +193,11 @@ def main() -> None:
                 row.append(perplexity(probe, evals, args.device) if m in snaps else float("nan"))
             row.append(perplexity(student, evals, args.device))
             table[name] = row
-            print(f"{name:8s}: " + ", ".join(f"{m:g} min {v:.2f}" for m, v in zip(marks, row)) +
-                  f"  ({res.tokens} tokens, {res.steps} steps, {res.tokens / res.seconds:.0f} tok/s)")
+            print(
+                f"{name:8s}: "
+                + ", ".join(f"{m:g} min {v:.2f}" for m, v in zip(marks, row))
+                + f"  ({res.tokens} tokens, {res.steps} steps, {res.tokens / res.seconds:.0f} tok/s)"
+            )
         kd, hard = table["kd-topk"], table["hard"]
         wins = sum(a < b for a, b in zip(kd, hard))
         print(f"kd_beats_hard = {wins}/{len(marks)} marks (target {len(marks)}/{len(marks)})")

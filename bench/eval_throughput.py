@@ -66,10 +66,19 @@ def main() -> None:
     t0 = time.perf_counter()
     loaded = load_model("demo")
     model, tok = loaded.model, loaded.tokenizer
-    print(f"demo model loaded in {time.perf_counter() - t0:.1f} s; threads = {torch.get_num_threads()}; "
-          f"attention = {model.config._attn_implementation}")
-    suite = ev.Suite("bench-eval", n_tokens=512 * args.chunks, context_length=512, scoring="full",
-                     batch_size=args.batch, speed=False, n_generations=0)
+    print(
+        f"demo model loaded in {time.perf_counter() - t0:.1f} s; threads = {torch.get_num_threads()}; "
+        f"attention = {model.config._attn_implementation}"
+    )
+    suite = ev.Suite(
+        "bench-eval",
+        n_tokens=512 * args.chunks,
+        context_length=512,
+        scoring="full",
+        batch_size=args.batch,
+        speed=False,
+        n_generations=0,
+    )
     chunks = ev.suite_chunks(tok, suite)
     n = chunks.shape[0]
 
@@ -99,7 +108,9 @@ def main() -> None:
     print(f"workbench_tok_s = {wb_tok_s:.1f}")
     print(f"eval_tok_s_ratio = {ratio:.2f} (target >= {TARGET_RATIO:.2f})")
     print(f"ratio_to_llama_cpp_f32 = {ratio / TARGET_RATIO:.2f} (target >= 1.00)")
-    print(f"ppl_plain = {ppl_plain:.4f}   ppl_workbench = {ppl_wb:.4f}   rel diff = {abs(ppl_wb / ppl_plain - 1):.2e}")
+    print(
+        f"ppl_plain = {ppl_plain:.4f}   ppl_workbench = {ppl_wb:.4f}   rel diff = {abs(ppl_wb / ppl_plain - 1):.2e}"
+    )
 
     # ---- the two paths' distributions -------------------------------------------------------------------------
     with torch.inference_mode():
@@ -126,8 +137,10 @@ def main() -> None:
     ev.score_tokens(quant, few, small)
     t_nokl = time.perf_counter() - t
     print(f"base_pass_tok_s = {few.numel() / t_base:.1f} (computes and stores the base outputs once)")
-    print(f"workbench_with_kl_tok_s = {few.numel() / t_kl:.1f}   without kl = {few.numel() / t_nokl:.1f}   "
-          f"(kl overhead {t_kl / t_nokl - 1:+.0%})")
+    print(
+        f"workbench_with_kl_tok_s = {few.numel() / t_kl:.1f}   without kl = {few.numel() / t_nokl:.1f}   "
+        f"(kl overhead {t_kl / t_nokl - 1:+.0%})"
+    )
     stored = ev.summarize(scores)
     exact, codes_kl, topk_kl = [], [], []
     with torch.inference_mode():
@@ -136,21 +149,31 @@ def main() -> None:
             lq = ev.scored_log_probs(quant, c[None], 0)[0]
             exact.append(ev.kl_divergence(lp, lq))
             codes, low, step = ev.encode_log_probs(lp)
-            codes_kl.append(ev.kl_divergence(ev.decode_log_probs(codes.numpy(), low.numpy(), step.numpy()), lq))
+            codes_kl.append(
+                ev.kl_divergence(ev.decode_log_probs(codes.numpy(), low.numpy(), step.numpy()), lq)
+            )
             # For reference: a top-256 summary with the tail lumped into one bucket (not used: it is biased).
             top, idx = lp.topk(256, dim=-1)
             tail_p = (1 - top.exp().sum(-1)).clamp_min(1e-30)
             tail_q = (1 - lq.gather(-1, idx).exp().sum(-1)).clamp_min(1e-30)
-            topk_kl.append((top.exp() * (top - lq.gather(-1, idx))).sum(-1) + tail_p * (tail_p.log() - tail_q.log()))
+            topk_kl.append(
+                (top.exp() * (top - lq.gather(-1, idx))).sum(-1) + tail_p * (tail_p.log() - tail_q.log())
+            )
     exact_mean = float(torch.cat(exact).double().mean())
-    for label, value in (("stored_hidden", stored["kl_mean"]),
-                         ("uint16_codes", float(torch.cat(codes_kl).double().mean())),
-                         ("top256_plus_tail", float(torch.cat(topk_kl).double().mean()))):
-        print(f"kl_{label}_vs_exact = {value:.5f} vs {exact_mean:.5f}: rel err {abs(value / exact_mean - 1):.2e}"
-              f"{' (target < 1e-02)' if label == 'stored_hidden' else ''}")
+    for label, value in (
+        ("stored_hidden", stored["kl_mean"]),
+        ("uint16_codes", float(torch.cat(codes_kl).double().mean())),
+        ("top256_plus_tail", float(torch.cat(topk_kl).double().mean())),
+    ):
+        print(
+            f"kl_{label}_vs_exact = {value:.5f} vs {exact_mean:.5f}: rel err {abs(value / exact_mean - 1):.2e}"
+            f"{' (target < 1e-02)' if label == 'stored_hidden' else ''}"
+        )
     rows = base.n_tokens
-    print(f"base_cache_bytes_per_token = {base.hidden.shape[1] * 4 + 8 if base.hidden is not None else 0} "
-          f"(full-vocabulary uint16: {model.config.vocab_size * 2 + 8}); {rows} rows")
+    print(
+        f"base_cache_bytes_per_token = {base.hidden.shape[1] * 4 + 8 if base.hidden is not None else 0} "
+        f"(full-vocabulary uint16: {model.config.vocab_size * 2 + 8}); {rows} rows"
+    )
 
     # ---- the optional bf16 fast path --------------------------------------------------------------------------
     if not args.no_bf16:
@@ -164,9 +187,11 @@ def main() -> None:
         ev.score_tokens(model, few, small)
         t_fp32 = time.perf_counter() - t
         b = ev.summarize(bscores)
-        print(f"bf16_tok_s = {few.numel() / t_bf16:.1f} vs fp32 {few.numel() / t_fp32:.1f}: ratio "
-              f"{t_fp32 / t_bf16:.2f}; kl_bf16_vs_fp32 mean = {b['kl_mean']:.2e}, p99 = {b['kl_p99']:.2e}, "
-              f"top1_agree = {b['top1_agree']:.4f}")
+        print(
+            f"bf16_tok_s = {few.numel() / t_bf16:.1f} vs fp32 {few.numel() / t_fp32:.1f}: ratio "
+            f"{t_fp32 / t_bf16:.2f}; kl_bf16_vs_fp32 mean = {b['kl_mean']:.2e}, p99 = {b['kl_p99']:.2e}, "
+            f"top1_agree = {b['top1_agree']:.4f}"
+        )
     print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 

@@ -46,14 +46,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chunks", type=int, default=8, help="512-token evaluation chunks per point")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rebuild", action="store_true", help="delete the cached demo-moe and time its build")
-    parser.add_argument("--top-p", type=float, nargs="*", default=[0.9, 0.7],
-                        help="dynamic top-p settings (route technique) measured as well")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds (medians are printed)")
+    parser.add_argument(
+        "--rebuild", action="store_true", help="delete the cached demo-moe and time its build"
+    )
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        nargs="*",
+        default=[0.9, 0.7],
+        help="dynamic top-p settings (route technique) measured as well",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="interleaved speed rounds (medians are printed)"
+    )
     parser.add_argument("--prompt", type=int, default=256, help="prefill prompt tokens")
     parser.add_argument("--decode", type=int, default=32, help="greedy decode steps per round (KV cache)")
     args = parser.parse_args()
-    os.environ.setdefault("WORKBENCH_HOME", os.path.join(os.path.dirname(__file__), "..", ".cache", "workbench-home"))
+    os.environ.setdefault(
+        "WORKBENCH_HOME", os.path.join(os.path.dirname(__file__), "..", ".cache", "workbench-home")
+    )
     torch.set_num_threads(args.threads)
 
     from workbench import moefy
@@ -69,19 +80,32 @@ def main() -> None:
     built_now = demo_moe_info() is None
     dense = load_model("demo")
     t0 = time.perf_counter()
-    loaded = load_model("demo-moe", progress=lambda f, msg: print(f"  [{f:4.0%}] {msg}", flush=True) if msg else None)
+    loaded = load_model(
+        "demo-moe", progress=lambda f, msg: print(f"  [{f:4.0%}] {msg}", flush=True) if msg else None
+    )
     load_s = time.perf_counter() - t0
     info = demo_moe_info()
     build_s = float(info["build_seconds"])  # the conversion itself, as prepare_demo_moe timed it
     # Quality on the suite; speed measured separately below, interleaved across the points.
-    suite = Suite("moe-bench", n_tokens=512 * args.chunks, context_length=512, scoring="second_half", batch_size=2,
-                  n_generations=0, speed=False)
+    suite = Suite(
+        "moe-bench",
+        n_tokens=512 * args.chunks,
+        context_length=512,
+        scoring="second_half",
+        batch_size=2,
+        n_generations=0,
+        speed=False,
+    )
     print(f"demo-moe: {loaded.description}")
-    print(f"suite: {args.chunks} chunks of 512 from python-docs (evaluation part), second-half scoring; speed: "
-          f"{args.prompt}-token prefill and {args.decode} decode steps, median of {args.rounds} interleaved rounds; "
-          f"{args.threads} threads\n")
+    print(
+        f"suite: {args.chunks} chunks of 512 from python-docs (evaluation part), second-half scoring; speed: "
+        f"{args.prompt}-token prefill and {args.decode} decode steps, median of {args.rounds} interleaved rounds; "
+        f"{args.threads} threads\n"
+    )
 
-    base = evaluate(dense.model, dense.tokenizer, suite, base_model=dense.model, base_fingerprint=dense.fingerprint)
+    base = evaluate(
+        dense.model, dense.tokenizer, suite, base_model=dense.model, base_fingerprint=dense.fingerprint
+    )
     d = dict(base.metrics)
     n_exp = DEMO_MOE_SETTINGS["n_experts"]
     rows = []
@@ -90,7 +114,9 @@ def main() -> None:
     for k in ks:
         moefy.set_top_k_(model, k)
         counts = moefy.active_counts(model)
-        m = evaluate(model, loaded.tokenizer, suite, base_model=dense.model, base_fingerprint=dense.fingerprint).metrics
+        m = evaluate(
+            model, loaded.tokenizer, suite, base_model=dense.model, base_fingerprint=dense.fingerprint
+        ).metrics
         rows.append((k, counts, dict(m)))
     # Dynamic top-p (the route technique): the measured mean of active experts gives the active fraction.
     dynamic = {}
@@ -106,16 +132,25 @@ def main() -> None:
             width, inter = block.experts.down_proj.shape[-1], block.experts.down_proj.shape[-1] * n_exp
             shared = block.shared_expert.gate_proj.out_features if block.shared_expert is not None else 0
             a = ctx.metrics["active_experts"]
-            counts = {"active_ffn_fraction": (shared + a * width) / (shared + inter),
-                      "active_params": ctx.metrics["active_params"], "active_experts": a}
-            m = evaluate(variant, loaded.tokenizer, suite, base_model=dense.model,
-                         base_fingerprint=dense.fingerprint).metrics
+            counts = {
+                "active_ffn_fraction": (shared + a * width) / (shared + inter),
+                "active_params": ctx.metrics["active_params"],
+                "active_experts": a,
+            }
+            m = evaluate(
+                variant, loaded.tokenizer, suite, base_model=dense.model, base_fingerprint=dense.fingerprint
+            ).metrics
             dynamic[f"top-p {p:g}"] = variant
             rows.append((f"top-p {p:g}", counts, dict(m)))
     # Speed: rounds over dense and every k in turn, medians, so load from other processes hits all points alike.
-    prompt = torch.tensor(dense.tokenizer(get_corpus("python-docs").text("evaluation")[:4000],
-                                          add_special_tokens=False)["input_ids"][:args.prompt])
-    timings: dict[object, list[tuple[float, float]]] = {"dense": []} | {k: [] for k in ks} | {n: [] for n in dynamic}
+    prompt = torch.tensor(
+        dense.tokenizer(get_corpus("python-docs").text("evaluation")[:4000], add_special_tokens=False)[
+            "input_ids"
+        ][: args.prompt]
+    )
+    timings: dict[object, list[tuple[float, float]]] = (
+        {"dense": []} | {k: [] for k in ks} | {n: [] for n in dynamic}
+    )
     for _ in range(args.rounds):
         timings["dense"].append(measure_speed(dense.model, prompt, args.decode, repeats=1))
         for k in ks:
@@ -123,34 +158,49 @@ def main() -> None:
             timings[k].append(measure_speed(model, prompt, args.decode, repeats=1))
         for name, variant in dynamic.items():
             timings[name].append(measure_speed(variant, prompt, args.decode, repeats=1))
-    speed = {key: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for key, v in timings.items()}
+    speed = {
+        key: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v))
+        for key, v in timings.items()
+    }
     d["prefill_tok_s"], d["decode_tok_s"] = speed["dense"]
     for k, _, m in rows:
         m["prefill_tok_s"], m["decode_tok_s"] = speed[k]
 
-    head = (f"{'point':>10} {'FFN act':>8} {'act params':>11} {'ppl':>8} {'Δppl':>8} {'oracle':>7} {'KL mean':>8} "
-            f"{'prefill/s':>10} {'× dense':>8} {'decode/s':>9} {'× dense':>8}")
+    head = (
+        f"{'point':>10} {'FFN act':>8} {'act params':>11} {'ppl':>8} {'Δppl':>8} {'oracle':>7} {'KL mean':>8} "
+        f"{'prefill/s':>10} {'× dense':>8} {'decode/s':>9} {'× dense':>8}"
+    )
     print(head)
     print("-" * len(head))
-    print(f"{'dense':>10} {1.0:>8.0%} {d['n_params'] / 1e6:>10.1f}M {d['ppl']:>8.3f} {'':>8} {'':>7} {0.0:>8.4f} "
-          f"{d['prefill_tok_s']:>10.0f} {1.0:>8.2f} {d['decode_tok_s']:>9.1f} {1.0:>8.2f}")
+    print(
+        f"{'dense':>10} {1.0:>8.0%} {d['n_params'] / 1e6:>10.1f}M {d['ppl']:>8.3f} {'':>8} {'':>7} {0.0:>8.4f} "
+        f"{d['prefill_tok_s']:>10.0f} {1.0:>8.2f} {d['decode_tok_s']:>9.1f} {1.0:>8.2f}"
+    )
     for k, counts, m in rows:
         frac = counts["active_ffn_fraction"]
         oracle = oracle_at(frac)
         oracle_txt = f"+{oracle:.1f}%" if oracle is not None else "-"
         point = f"k={k}/{n_exp}" if isinstance(k, int) else k
-        print(f"{point:>10} {frac:>8.1%} {counts['active_params'] / 1e6:>10.1f}M {m['ppl']:>8.3f} "
-              f"{100 * (m['ppl'] / d['ppl'] - 1):>+7.1f}% {oracle_txt:>7} {m['kl_mean']:>8.4f} "
-              f"{m['prefill_tok_s']:>10.0f} {m['prefill_tok_s'] / d['prefill_tok_s']:>8.2f} "
-              f"{m['decode_tok_s']:>9.1f} {m['decode_tok_s'] / d['decode_tok_s']:>8.2f}")
-    print(f"\nbuild demo-moe: {build_s:.0f} s ({'built in this run' if built_now else 'as recorded when it was built'}"
-          f"; target under 3 min); loading it in this run took {load_s:.1f} s")
+        print(
+            f"{point:>10} {frac:>8.1%} {counts['active_params'] / 1e6:>10.1f}M {m['ppl']:>8.3f} "
+            f"{100 * (m['ppl'] / d['ppl'] - 1):>+7.1f}% {oracle_txt:>7} {m['kl_mean']:>8.4f} "
+            f"{m['prefill_tok_s']:>10.0f} {m['prefill_tok_s'] / d['prefill_tok_s']:>8.2f} "
+            f"{m['decode_tok_s']:>9.1f} {m['decode_tok_s'] / d['decode_tok_s']:>8.2f}"
+        )
+    print(
+        f"\nbuild demo-moe: {build_s:.0f} s ({'built in this run' if built_now else 'as recorded when it was built'}"
+        f"; target under 3 min); loading it in this run took {load_s:.1f} s"
+    )
     print("\nreferences (CMoE on 7B models; targets of the expert-routing issue, not measured here):")
-    print(f"  75% FFN active: perplexity within {TARGETS['ppl_at_75']:.0f}% of dense; 50%: within "
-          f"{TARGETS['ppl_at_50']:.0f}%; build under {TARGETS['build_s'] / 60:.0f} min on 2 cores; decode at k = E/4 "
-          f"at least {TARGETS['decode_at_e4']:.1f}x dense")
-    print("  'oracle': perplexity above dense of the per-token neuron oracle on the demo at the same active "
-          "fraction (interpolated from 25/50/75%; no router over experts can beat it)")
+    print(
+        f"  75% FFN active: perplexity within {TARGETS['ppl_at_75']:.0f}% of dense; 50%: within "
+        f"{TARGETS['ppl_at_50']:.0f}%; build under {TARGETS['build_s'] / 60:.0f} min on 2 cores; decode at k = E/4 "
+        f"at least {TARGETS['decode_at_e4']:.1f}x dense"
+    )
+    print(
+        "  'oracle': perplexity above dense of the per-token neuron oracle on the demo at the same active "
+        "fraction (interpolated from 25/50/75%; no router over experts can beat it)"
+    )
 
 
 if __name__ == "__main__":

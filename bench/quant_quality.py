@@ -87,9 +87,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", default="standard")
     parser.add_argument("--methods", nargs="+", default=["rtn", "gptq", "awq", "bnb", "quanto"])
-    parser.add_argument("--only", nargs="+", metavar="LABEL", help="run only these settings, e.g. 'gptq 3b g64'")
-    parser.add_argument("--registry", default=None,
-                        help="default: a temporary SQLite file; give one to keep results and rerun only what is new")
+    parser.add_argument(
+        "--only", nargs="+", metavar="LABEL", help="run only these settings, e.g. 'gptq 3b g64'"
+    )
+    parser.add_argument(
+        "--registry",
+        default=None,
+        help="default: a temporary SQLite file; give one to keep results and rerun only what is new",
+    )
     args = parser.parse_args()
     registry = args.registry or f"sqlite:///{tempfile.mkdtemp()}/bench.db"
     known = set(technique_names())
@@ -112,8 +117,11 @@ def main() -> int:
             print(f"{label}: {res.status}: {res.error}", file=sys.stderr)
             continue
         rows.append({"setting": label, **_row(res)})
-        print(f"  {label}: kl_mean={res.metrics.get('kl_mean'):.4f} bpw={res.metrics.get('bits_per_weight'):.2f}",
-              file=sys.stderr, flush=True)
+        print(
+            f"  {label}: kl_mean={res.metrics.get('kl_mean'):.4f} bpw={res.metrics.get('bits_per_weight'):.2f}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     table = pd.DataFrame(rows)
     pd.set_option("display.width", 200)
@@ -125,7 +133,7 @@ def main() -> int:
     for label, technique, _params in SETTINGS:
         if technique not in ("gptq", "awq") or label not in by_label:
             continue
-        rtn = by_label.get("rtn" + label[len(technique):])
+        rtn = by_label.get("rtn" + label[len(technique) :])
         if rtn is None:
             continue
         ours, ref = by_label[label]["kl_mean"], rtn["kl_mean"]
@@ -138,7 +146,8 @@ def main() -> int:
         best = ours.sort_values("kl_mean").head(1)
         verdict = (
             f"beaten by {best['setting'].iloc[0]} (KLD {best['kl_mean'].iloc[0]:.4f} at {best['bpw_all'].iloc[0]:.2f} bpw)"
-            if len(best) else "not beaten"
+            if len(best)
+            else "not beaten"
         )
         print(f"  {name:7s} {bpw:4.1f} bpw  KLD {kld:.4f}  -> {verdict}")
 
@@ -147,11 +156,14 @@ def main() -> int:
         run_experiment(loaded, [], "quick", registry=registry)  # base outputs for the quick suite, once
         t0 = time.perf_counter()
         # reuse=False: a point never measured, even when a kept registry already has this one.
-        new = run_experiment(loaded, [_config("rtn", {"bits": 5, "group_size": 64})], "quick", registry=registry,
-                             reuse=False)
+        new = run_experiment(
+            loaded, [_config("rtn", {"bits": 5, "group_size": 64})], "quick", registry=registry, reuse=False
+        )
         t_new = time.perf_counter() - t0
         t0 = time.perf_counter()
-        again = run_experiment(loaded, [_config("rtn", {"bits": 5, "group_size": 64})], "quick", registry=registry)
+        again = run_experiment(
+            loaded, [_config("rtn", {"bits": 5, "group_size": 64})], "quick", registry=registry
+        )
         t_again = time.perf_counter() - t0
         assert new.status == "done" and again.reused
         print(f"\nslider_new_point_s = {t_new:.2f} (target < 10 s; ratio {t_new / 10:.2f})")

@@ -49,7 +49,9 @@ def fill(registry: Registry, n: int, seed: int = 0) -> None:
             label = f"{technique}(bits={b}, group_size={group}, n={i})"  # distinct pipelines
             bits = b + 32 / (group if group > 0 else 576) + rng.random() * 0.05
             kl = 2.0 ** (-1.6 * b) * (1 + rng.random()) * (0.7 if technique != "rtn" else 1.0)
-        pipeline = [] if params is None else [{"technique": technique, "version": 1, "params": {**params, "i": i}}]
+        pipeline = (
+            [] if params is None else [{"technique": technique, "version": 1, "params": {**params, "i": i}}]
+        )
         run_id = registry.start_run(
             model_fingerprint=fingerprint,
             model_description=description,
@@ -61,13 +63,29 @@ def fill(registry: Registry, n: int, seed: int = 0) -> None:
             tags=("bench",) if i % 10 == 0 else (),
         )
         size_mb = 538.0 * bits / 32
-        registry.finish_run(run_id, {
-            "ppl": 12.0 * (1 + kl), "nll": 2.48 + kl, "kl_mean": kl, "kl_median": kl * 0.6, "kl_p99": kl * 9,
-            "kl_max": kl * 30, "top1_agree": max(0.0, 1 - 3 * kl), "tokens": 2048.0, "size_bytes": size_mb * 1e6,
-            "size_mb": size_mb, "bits_per_weight": bits, "bits_per_weight_linear": bits, "n_params": 134.5e6,
-            "prefill_tok_s": 900 + rng.random() * 300, "decode_tok_s": 30 + rng.random() * 20,
-            "peak_mem_mb": 700 + size_mb, "eval_seconds": 3.0, "eval_tok_s": 700.0,
-        })
+        registry.finish_run(
+            run_id,
+            {
+                "ppl": 12.0 * (1 + kl),
+                "nll": 2.48 + kl,
+                "kl_mean": kl,
+                "kl_median": kl * 0.6,
+                "kl_p99": kl * 9,
+                "kl_max": kl * 30,
+                "top1_agree": max(0.0, 1 - 3 * kl),
+                "tokens": 2048.0,
+                "size_bytes": size_mb * 1e6,
+                "size_mb": size_mb,
+                "bits_per_weight": bits,
+                "bits_per_weight_linear": bits,
+                "n_params": 134.5e6,
+                "prefill_tok_s": 900 + rng.random() * 300,
+                "decode_tok_s": 30 + rng.random() * 20,
+                "peak_mem_mb": 700 + size_mb,
+                "eval_seconds": 3.0,
+                "eval_tok_s": 700.0,
+            },
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             steps["suite_and_display_metrics"] = time.perf_counter() - t
 
             t = time.perf_counter()
-            fig = tradeoff_figure(frame, x=compare.x.value, y=compare.y.value, color=compare.color.value or None)
+            fig = tradeoff_figure(
+                frame, x=compare.x.value, y=compare.y.value, color=compare.color.value or None
+            )
             steps["tradeoff_figure"] = time.perf_counter() - t
             from widgets.common import replace_figure
 
@@ -131,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
 
     ui, read = statistics.median(refresh), statistics.median(plain)
     print("  ".join(f"{k} {v * 1000:.0f} ms" for k, v in steps.items()))
-    print(f"ui_refresh_{args.runs} = {ui:.3f} s (target < {TARGET_S} s; ratio to target {ui / TARGET_S:.2f}); "
-          f"plain read = {read:.3f} s (refresh / plain read = {ui / read:.1f}x)")
+    print(
+        f"ui_refresh_{args.runs} = {ui:.3f} s (target < {TARGET_S} s; ratio to target {ui / TARGET_S:.2f}); "
+        f"plain read = {read:.3f} s (refresh / plain read = {ui / read:.1f}x)"
+    )
     return 0 if ui < TARGET_S else 1
 
 

@@ -72,7 +72,9 @@ def isolated_env(base: Path, registry_url: str, extra: dict[str, str] | None = N
     ``WORKBENCH_HOME`` is kept from the test process so the prepared demo model is reused, not extracted again.
     The repository root goes on PYTHONPATH because the notebooks run from a copy outside the repository.
     """
-    home, config, data, runtime = (base / n for n in ("home", "jupyter-config", "jupyter-data", "jupyter-runtime"))
+    home, config, data, runtime = (
+        base / n for n in ("home", "jupyter-config", "jupyter-data", "jupyter-runtime")
+    )
     for folder in (home, config, data, runtime):
         folder.mkdir(parents=True, exist_ok=True)
     write_kernelspec(data)
@@ -176,12 +178,25 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], log_path: Path, timeo
 
 
 @contextmanager
-def _serve(cmd: Sequence[str], env: dict[str, str], cwd: Path, log_path: Path, ready_url: str,
-           base_url: str, token: str, timeout: float) -> Iterator[Server]:
+def _serve(
+    cmd: Sequence[str],
+    env: dict[str, str],
+    cwd: Path,
+    log_path: Path,
+    ready_url: str,
+    base_url: str,
+    token: str,
+    timeout: float,
+) -> Iterator[Server]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            list(cmd), env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            list(cmd),
+            env=env,
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,  # own process group: one killpg takes the server and its kernels
         )
         try:
@@ -192,28 +207,65 @@ def _serve(cmd: Sequence[str], env: dict[str, str], cwd: Path, log_path: Path, r
 
 
 @contextmanager
-def jupyter_lab(notebook_dir: Path, env: dict[str, str], *, log_path: Path, token: str = "workbench-test",
-                timeout: float = 90.0) -> Iterator[Server]:
+def jupyter_lab(
+    notebook_dir: Path,
+    env: dict[str, str],
+    *,
+    log_path: Path,
+    token: str = "workbench-test",
+    timeout: float = 90.0,
+) -> Iterator[Server]:
     """JupyterLab serving ``notebook_dir`` on 127.0.0.1 at a free port, started like ``workbench lab`` does."""
     port = free_port()
-    cmd = [sys.executable, "-m", "jupyter", "lab", f"--notebook-dir={notebook_dir}", "--no-browser",
-           "--ip=127.0.0.1", f"--port={port}", f"--IdentityProvider.token={token}",
-           "--ServerApp.port_retries=0", "--LabApp.news_url=", "--ServerApp.open_browser=False"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jupyter",
+        "lab",
+        f"--notebook-dir={notebook_dir}",
+        "--no-browser",
+        "--ip=127.0.0.1",
+        f"--port={port}",
+        f"--IdentityProvider.token={token}",
+        "--ServerApp.port_retries=0",
+        "--LabApp.news_url=",
+        "--ServerApp.open_browser=False",
+    ]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-root")  # JupyterLab refuses to run as root otherwise (containers, CI)
     base = f"http://127.0.0.1:{port}"
-    with _serve(cmd, env, notebook_dir, log_path, f"{base}/api/status?token={token}", base, token, timeout) as srv:
+    with _serve(
+        cmd, env, notebook_dir, log_path, f"{base}/api/status?token={token}", base, token, timeout
+    ) as srv:
         yield srv
 
 
 @contextmanager
-def voila_dashboard(notebook_dir: Path, env: dict[str, str], *, log_path: Path, token: str = "workbench-test",
-                    notebook: str | None = None, timeout: float = 90.0) -> Iterator[Server]:
+def voila_dashboard(
+    notebook_dir: Path,
+    env: dict[str, str],
+    *,
+    log_path: Path,
+    token: str = "workbench-test",
+    notebook: str | None = None,
+    timeout: float = 90.0,
+) -> Iterator[Server]:
     """The dashboard exactly as users start it: ``workbench lab --dashboard`` on a copy of the notebooks
     (its default notebook unless ``notebook`` is given)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "workbench.cli", "lab", "--dashboard", "--port", str(port), "--token", token,
-           "--notebooks", str(notebook_dir)] + (["--notebook", notebook] if notebook else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "workbench.cli",
+        "lab",
+        "--dashboard",
+        "--port",
+        str(port),
+        "--token",
+        token,
+        "--notebooks",
+        str(notebook_dir),
+    ] + (["--notebook", notebook] if notebook else [])
     base = f"http://127.0.0.1:{port}"
     # Voila serves static files without rendering (and so without starting a kernel): a cheap readiness probe.
     ready = f"{base}/voila/static/voila.js?token={token}"

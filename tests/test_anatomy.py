@@ -23,12 +23,35 @@ from workbench.techniques._quant import packed_bytes
 H, I, E, K = 64, 48, 4, 2  # I != H/2 and 2I != H, so a transposed layout cannot pass for the usual one
 
 BASE = {
-    "vocab_size": 128, "hidden_size": H, "intermediate_size": I, "moe_intermediate_size": I, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_experts": E, "num_local_experts": E,
-    "n_routed_experts": E, "num_experts_per_tok": K, "max_position_embeddings": 128, "n_group": 1, "topk_group": 1,
-    "shared_expert_intermediate_size": 32, "moe_shared_expert_intermediate_size": 32, "shared_intermediate_size": 32,
-    "decoder_sparse_step": 1, "first_k_dense_replace": 0, "kv_lora_rank": 16, "q_lora_rank": None, "qk_rope_head_dim": 8,
-    "qk_nope_head_dim": 8, "v_head_dim": 16, "n_shared_experts": 1, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+    "vocab_size": 128,
+    "hidden_size": H,
+    "intermediate_size": I,
+    "moe_intermediate_size": I,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "num_experts": E,
+    "num_local_experts": E,
+    "n_routed_experts": E,
+    "num_experts_per_tok": K,
+    "max_position_embeddings": 128,
+    "n_group": 1,
+    "topk_group": 1,
+    "shared_expert_intermediate_size": 32,
+    "moe_shared_expert_intermediate_size": 32,
+    "shared_intermediate_size": 32,
+    "decoder_sparse_step": 1,
+    "first_k_dense_replace": 0,
+    "kv_lora_rank": 16,
+    "q_lora_rank": None,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+    "n_shared_experts": 1,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
     "mlp_only_layers": [],
 }
 
@@ -36,57 +59,200 @@ BASE = {
 # shared experts (bool), MoE layers, whether k can be changed live, expert tensor roles.
 FUSED = ("gate_up", "down")
 MOE = {
-    "qwen2_moe": ("Qwen2MoeConfig", {}, {"layout": "fused", "router": "gate", "attn": 4, "shared": True, "moe": 2, "roles": FUSED}),
-    "qwen3_moe": ("Qwen3MoeConfig", {}, {"layout": "fused", "router": "gate", "attn": 4, "shared": False, "moe": 2, "roles": FUSED}),
-    "mixtral": ("MixtralConfig", {}, {"layout": "fused", "router": "gate", "attn": 4, "shared": False, "moe": 2, "roles": FUSED}),
-    "olmoe": ("OlmoeConfig", {}, {"layout": "fused", "router": "gate", "attn": 4, "shared": False, "moe": 2, "roles": FUSED}),
-    "phimoe": ("PhimoeConfig", {}, {"layout": "fused", "router": "router", "attn": 4, "shared": False, "moe": 2, "roles": FUSED,
-                                        "settable": False}),
-    "gpt_oss": ("GptOssConfig", {}, {"layout": "fused_transposed", "router": "router", "attn": 4, "shared": False, "moe": 2,
-                                         "roles": ("gate_up", "gate_up_bias", "down", "down_bias"), "interleaved": True}),
-    "deepseek_v3": ("DeepseekV3Config", {"head_dim": 8, "first_k_dense_replace": 1},
-                    {"layout": "fused", "router": "gate", "attn": 4, "shared": True, "moe": 1, "roles": FUSED}),
-    "deepseek_v2": ("DeepseekV2Config", {"head_dim": 8, "qk_rope_head_dim": 8, "first_k_dense_replace": 1},
-                    {"layout": "fused", "router": "gate", "attn": 4, "shared": True, "moe": 1, "roles": FUSED}),
-    "granitemoe": ("GraniteMoeConfig", {}, {"layout": "fused", "router": "router", "attn": 4, "shared": False, "moe": 2,
-                                                "roles": FUSED}),
-    "granitemoeshared": ("GraniteMoeSharedConfig", {}, {"layout": "fused", "router": "router", "attn": 4, "shared": True,
-                                                            "moe": 2, "roles": FUSED}),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        {},
+        {"layout": "fused", "router": "gate", "attn": 4, "shared": True, "moe": 2, "roles": FUSED},
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        {},
+        {"layout": "fused", "router": "gate", "attn": 4, "shared": False, "moe": 2, "roles": FUSED},
+    ),
+    "mixtral": (
+        "MixtralConfig",
+        {},
+        {"layout": "fused", "router": "gate", "attn": 4, "shared": False, "moe": 2, "roles": FUSED},
+    ),
+    "olmoe": (
+        "OlmoeConfig",
+        {},
+        {"layout": "fused", "router": "gate", "attn": 4, "shared": False, "moe": 2, "roles": FUSED},
+    ),
+    "phimoe": (
+        "PhimoeConfig",
+        {},
+        {
+            "layout": "fused",
+            "router": "router",
+            "attn": 4,
+            "shared": False,
+            "moe": 2,
+            "roles": FUSED,
+            "settable": False,
+        },
+    ),
+    "gpt_oss": (
+        "GptOssConfig",
+        {},
+        {
+            "layout": "fused_transposed",
+            "router": "router",
+            "attn": 4,
+            "shared": False,
+            "moe": 2,
+            "roles": ("gate_up", "gate_up_bias", "down", "down_bias"),
+            "interleaved": True,
+        },
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        {"head_dim": 8, "first_k_dense_replace": 1},
+        {"layout": "fused", "router": "gate", "attn": 4, "shared": True, "moe": 1, "roles": FUSED},
+    ),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        {"head_dim": 8, "qk_rope_head_dim": 8, "first_k_dense_replace": 1},
+        {"layout": "fused", "router": "gate", "attn": 4, "shared": True, "moe": 1, "roles": FUSED},
+    ),
+    "granitemoe": (
+        "GraniteMoeConfig",
+        {},
+        {"layout": "fused", "router": "router", "attn": 4, "shared": False, "moe": 2, "roles": FUSED},
+    ),
+    "granitemoeshared": (
+        "GraniteMoeSharedConfig",
+        {},
+        {"layout": "fused", "router": "router", "attn": 4, "shared": True, "moe": 2, "roles": FUSED},
+    ),
     # Layer 0 Mamba + dense MLP, layer 1 attention + MoE.
-    "jamba": ("JambaConfig", {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2,
-                                  "expert_layer_offset": 1, "use_mamba_kernels": False, "mamba_d_state": 8, "mamba_dt_rank": 8},
-              {"layout": "fused", "router": "router", "attn": None, "shared": False, "moe": 1, "roles": FUSED}),
-    "dbrx": ("DbrxConfig", {"d_model": H, "n_heads": 4, "n_layers": 2, "max_seq_len": 128,
-                                "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
-                                "ffn_config": {"ffn_hidden_size": I, "moe_num_experts": E, "moe_top_k": K}},
-             {"layout": "flattened", "router": "router", "attn": 2, "shared": False, "moe": 2, "roles": ("gate", "up", "down")}),
-    "llama4_text": ("Llama4TextConfig", {"intermediate_size_mlp": 96, "interleave_moe_layer_step": 1},
-                    {"layout": "fused_transposed", "router": "router", "attn": 4, "shared": True, "moe": 2, "roles": FUSED}),
-    "qwen3_next": ("Qwen3NextConfig", {"layer_types": ["linear_attention", "full_attention"], "linear_num_key_heads": 2,
-                                           "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16},
-                   {"layout": "fused", "router": "gate", "attn": None, "shared": True, "moe": 2, "roles": FUSED}),
-    "ernie4_5_moe": ("Ernie4_5_MoeConfig", {"moe_layer_start_index": 0},
-                     {"layout": "fused", "router": "gate", "attn": 4, "shared": True, "moe": None, "roles": FUSED}),
-    "glm4_moe": ("Glm4MoeConfig", {}, {"layout": "fused", "router": "gate", "attn": 4, "shared": True, "moe": 2, "roles": FUSED}),
-    "hunyuan_v1_moe": ("HunYuanMoEV1Config", {}, {"layout": "fused", "router": "gate", "attn": 4, "shared": True, "moe": 2,
-                                                      "roles": FUSED}),
-    "dots1": ("Dots1Config", {}, {"layout": "fused", "router": "gate", "attn": 4, "shared": True, "moe": 2, "roles": FUSED}),
-    "minimax": ("MiniMaxConfig", {}, {"layout": "fused", "router": "gate", "attn": None, "shared": False, "moe": 2, "roles": FUSED}),
-    "minimax_m2": ("MiniMaxM2Config", {}, {"layout": "fused", "router": "gate", "attn": 4, "shared": False, "moe": 2,
-                                               "roles": FUSED}),
-    "jetmoe": ("JetMoeConfig", {}, {"layout": "fused", "router": "router", "attn": None, "shared": False, "moe": 4,
-                                        "roles": ("input", "output")}),
-    "exaone_moe": ("ExaoneMoeConfig", {}, {"layout": "fused", "router": "gate", "attn": 4, "shared": True, "moe": None,
-                                               "roles": FUSED}),
-    "afmoe": ("AfmoeConfig", {"num_dense_layers": 1}, {"layout": "fused", "router": "router", "attn": None, "shared": True,
-                                                            "moe": 1, "roles": FUSED}),
-    "cohere2_moe": ("Cohere2MoeConfig", {}, {"layout": "fused", "router": "gate", "attn": 4, "shared": False, "moe": 2,
-                                                 "roles": FUSED}),
-    "flex_olmo": ("FlexOlmoConfig", {}, {"layout": "fused", "router": "gate", "attn": 4, "shared": False, "moe": 2, "roles": FUSED}),
-    "glm4_moe_lite": ("Glm4MoeLiteConfig", {}, {"layout": "fused", "router": "gate", "attn": None, "shared": True, "moe": None,
-                                                    "roles": FUSED}),
-    "lfm2_moe": ("Lfm2MoeConfig", {"layer_types": ["conv", "full_attention"], "num_dense_layers": 0},
-                 {"layout": "fused", "router": "gate", "attn": None, "shared": False, "moe": 2, "roles": FUSED}),
+    "jamba": (
+        "JambaConfig",
+        {
+            "attn_layer_period": 2,
+            "attn_layer_offset": 1,
+            "expert_layer_period": 2,
+            "expert_layer_offset": 1,
+            "use_mamba_kernels": False,
+            "mamba_d_state": 8,
+            "mamba_dt_rank": 8,
+        },
+        {"layout": "fused", "router": "router", "attn": None, "shared": False, "moe": 1, "roles": FUSED},
+    ),
+    "dbrx": (
+        "DbrxConfig",
+        {
+            "d_model": H,
+            "n_heads": 4,
+            "n_layers": 2,
+            "max_seq_len": 128,
+            "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+            "ffn_config": {"ffn_hidden_size": I, "moe_num_experts": E, "moe_top_k": K},
+        },
+        {
+            "layout": "flattened",
+            "router": "router",
+            "attn": 2,
+            "shared": False,
+            "moe": 2,
+            "roles": ("gate", "up", "down"),
+        },
+    ),
+    "llama4_text": (
+        "Llama4TextConfig",
+        {"intermediate_size_mlp": 96, "interleave_moe_layer_step": 1},
+        {
+            "layout": "fused_transposed",
+            "router": "router",
+            "attn": 4,
+            "shared": True,
+            "moe": 2,
+            "roles": FUSED,
+        },
+    ),
+    "qwen3_next": (
+        "Qwen3NextConfig",
+        {
+            "layer_types": ["linear_attention", "full_attention"],
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4,
+            "linear_key_head_dim": 16,
+            "linear_value_head_dim": 16,
+        },
+        {"layout": "fused", "router": "gate", "attn": None, "shared": True, "moe": 2, "roles": FUSED},
+    ),
+    "ernie4_5_moe": (
+        "Ernie4_5_MoeConfig",
+        {"moe_layer_start_index": 0},
+        {"layout": "fused", "router": "gate", "attn": 4, "shared": True, "moe": None, "roles": FUSED},
+    ),
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        {},
+        {"layout": "fused", "router": "gate", "attn": 4, "shared": True, "moe": 2, "roles": FUSED},
+    ),
+    "hunyuan_v1_moe": (
+        "HunYuanMoEV1Config",
+        {},
+        {"layout": "fused", "router": "gate", "attn": 4, "shared": True, "moe": 2, "roles": FUSED},
+    ),
+    "dots1": (
+        "Dots1Config",
+        {},
+        {"layout": "fused", "router": "gate", "attn": 4, "shared": True, "moe": 2, "roles": FUSED},
+    ),
+    "minimax": (
+        "MiniMaxConfig",
+        {},
+        {"layout": "fused", "router": "gate", "attn": None, "shared": False, "moe": 2, "roles": FUSED},
+    ),
+    "minimax_m2": (
+        "MiniMaxM2Config",
+        {},
+        {"layout": "fused", "router": "gate", "attn": 4, "shared": False, "moe": 2, "roles": FUSED},
+    ),
+    "jetmoe": (
+        "JetMoeConfig",
+        {},
+        {
+            "layout": "fused",
+            "router": "router",
+            "attn": None,
+            "shared": False,
+            "moe": 4,
+            "roles": ("input", "output"),
+        },
+    ),
+    "exaone_moe": (
+        "ExaoneMoeConfig",
+        {},
+        {"layout": "fused", "router": "gate", "attn": 4, "shared": True, "moe": None, "roles": FUSED},
+    ),
+    "afmoe": (
+        "AfmoeConfig",
+        {"num_dense_layers": 1},
+        {"layout": "fused", "router": "router", "attn": None, "shared": True, "moe": 1, "roles": FUSED},
+    ),
+    "cohere2_moe": (
+        "Cohere2MoeConfig",
+        {},
+        {"layout": "fused", "router": "gate", "attn": 4, "shared": False, "moe": 2, "roles": FUSED},
+    ),
+    "flex_olmo": (
+        "FlexOlmoConfig",
+        {},
+        {"layout": "fused", "router": "gate", "attn": 4, "shared": False, "moe": 2, "roles": FUSED},
+    ),
+    "glm4_moe_lite": (
+        "Glm4MoeLiteConfig",
+        {},
+        {"layout": "fused", "router": "gate", "attn": None, "shared": True, "moe": None, "roles": FUSED},
+    ),
+    "lfm2_moe": (
+        "Lfm2MoeConfig",
+        {"layer_types": ["conv", "full_attention"], "num_dense_layers": 0},
+        {"layout": "fused", "router": "gate", "attn": None, "shared": False, "moe": 2, "roles": FUSED},
+    ),
 }
 DENSE = {
     "llama": ("LlamaConfig", {}, {"attn": 4, "mlp": 3}),
@@ -117,8 +283,10 @@ def _build(config_cls: str, extra: dict) -> nn.Module:
             with torch.no_grad():
                 model(torch.randint(3, 100, (1, 8)))
     except Exception as err:  # noqa: BLE001 - the reason is the skip message
-        pytest.skip(f"{config_cls}: transformers {transformers.__version__} cannot build a tiny model: "
-                    f"{type(err).__name__}: {str(err)[:160]}")
+        pytest.skip(
+            f"{config_cls}: transformers {transformers.__version__} cannot build a tiny model: "
+            f"{type(err).__name__}: {str(err)[:160]}"
+        )
     return model
 
 
@@ -146,7 +314,9 @@ def test_moe_family_anatomy_matches_what_transformers_builds(family):
         assert block.layout == want["layout"], (block.name, block.layout)
         assert block.router.name.rsplit(".", 1)[-1] == want["router"], block.router.name
         assert tuple(model.get_parameter(block.router.weight).shape) == (E, H)
-        assert block.router.name not in linear_names and not any(n.startswith(block.router.name) for n in linear_names)
+        assert block.router.name not in linear_names and not any(
+            n.startswith(block.router.name) for n in linear_names
+        )
         assert block.top_k == K and block.top_k_attrs, block.name
         assert block.top_k_settable == want.get("settable", True)
         assert sorted(t.role for t in block.tensors) == sorted(want["roles"]), [t.role for t in block.tensors]
@@ -167,7 +337,9 @@ def test_moe_family_anatomy_matches_what_transformers_builds(family):
         w = block.expert_weights(model, E - 1)
         assert set(w) == {t.role for t in block.tensors}
         for t in block.tensors:
-            assert tuple(w[t.role].shape) == ((t.out_features,) if t.is_bias else (t.out_features, t.in_features))
+            assert tuple(w[t.role].shape) == (
+                (t.out_features,) if t.is_bias else (t.out_features, t.in_features)
+            )
         with pytest.raises(IndexError, match=f"expert {E}"):
             block.expert_weights(model, E)
         assert bool(block.shared) == want["shared"], block.name
@@ -214,8 +386,9 @@ def test_dense_family_anatomy(family):
     for layer in a.layers:
         assert (len(layer.attention), len(layer.mlp)) == (want["attn"], want["mlp"]), layer
     assert {lin.role for lin in a.linears} == {"attention", "mlp"}
-    assert size_report(model).linear_params == sum(p.numel() for n, p in model.named_parameters()
-                                                   if ".layers." in n and n.endswith("proj.weight"))
+    assert size_report(model).linear_params == sum(
+        p.numel() for n, p in model.named_parameters() if ".layers." in n and n.endswith("proj.weight")
+    )
 
 
 def test_tiny_moe_and_tied_embeddings():
@@ -253,7 +426,9 @@ class _OldMoeLayer(nn.Module):
 
 def test_per_expert_module_layout():
     model = nn.Module()
-    model.config = SimpleNamespace(num_hidden_layers=2, hidden_size=32, num_local_experts=3, num_experts_per_tok=2)
+    model.config = SimpleNamespace(
+        num_hidden_layers=2, hidden_size=32, num_local_experts=3, num_experts_per_tok=2
+    )
     model.model = nn.Module()
     model.model.layers = nn.ModuleList(_OldMoeLayer() for _ in range(2))
     a = anatomy(model)
@@ -263,7 +438,9 @@ def test_per_expert_module_layout():
     assert block.router.weight == "model.layers.1.block_sparse_moe.gate.weight"
     assert block.top_k_attrs == (("model.layers.1.block_sparse_moe", "top_k"),)
     assert {t.role for t in block.tensors} == {"gate", "up", "down"}
-    assert block.expert_weights(model, 2)["gate"] is model.model.layers[1].block_sparse_moe.experts[2].w1.weight
+    assert (
+        block.expert_weights(model, 2)["gate"] is model.model.layers[1].block_sparse_moe.experts[2].w1.weight
+    )
     roles = {lin.name: lin.role for lin in a.linears}
     assert roles["model.layers.0.block_sparse_moe.experts.2.w2"] == "expert"
     assert roles["model.layers.0.self_attn.q_proj"] == "attention"
@@ -296,7 +473,9 @@ def test_rtn_quantizes_fused_experts_along_each_experts_input_and_size_counts_th
         expected += packed_bytes((E * t.out_features, t.in_features), bits, group, False)
     for _, t in a.expert_tensors(biases=True):
         if t.is_bias:
-            assert torch.equal(model.get_parameter(t.name), q.get_parameter(t.name))  # biases stay as they were
+            assert torch.equal(
+                model.get_parameter(t.name), q.get_parameter(t.name)
+            )  # biases stay as they were
     for lin in a.linears:
         expected += packed_bytes((lin.out_features, lin.in_features), bits, group, False)
     rep = size_report(q)

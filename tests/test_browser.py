@@ -52,8 +52,11 @@ def chromium() -> Iterator[object]:
         # A missing browser must not turn `make test` green without its browser test.
         if os.environ.get("WORKBENCH_SKIP_BROWSER") == "1":
             pytest.skip(f"{CHROMIUM} is missing and WORKBENCH_SKIP_BROWSER=1")
-        pytest.fail(f"{CHROMIUM} is missing: run `make browser` (Debian's chromium package), or set "
-                    "WORKBENCH_SKIP_BROWSER=1 to skip the browser tests on purpose.", pytrace=False)
+        pytest.fail(
+            f"{CHROMIUM} is missing: run `make browser` (Debian's chromium package), or set "
+            "WORKBENCH_SKIP_BROWSER=1 to skip the browser tests on purpose.",
+            pytrace=False,
+        )
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
@@ -165,8 +168,12 @@ def test_workbench_in_jupyterlab(chromium, workspace) -> None:
             _run_all_until_app_shows(page)
             outputs = page.locator(".jp-OutputArea-output")
             # (1) the library: the baseline is recorded and the runs table rendered as markdown.
-            expect(outputs.filter(has_text=re.compile(r"run \d+: done"))).to_have_count(1, timeout=UI_TIMEOUT_MS)
-            expect(outputs.locator("table").filter(has_text="baseline").first).to_be_visible(timeout=UI_TIMEOUT_MS)
+            expect(outputs.filter(has_text=re.compile(r"run \d+: done"))).to_have_count(
+                1, timeout=UI_TIMEOUT_MS
+            )
+            expect(outputs.locator("table").filter(has_text="baseline").first).to_be_visible(
+                timeout=UI_TIMEOUT_MS
+            )
             # (2) the app: model bar and tabs.
             app = outputs.filter(has=page.locator(".widget-tab")).first
             expect(app).to_be_visible(timeout=RUN_TIMEOUT_MS)
@@ -215,12 +222,22 @@ def test_workbench_in_jupyterlab(chromium, workspace) -> None:
                     break
                 page.wait_for_timeout(100)
             if recorded_s is None:
-                _fail(page, server, f"the quantize plot did not gain a point (still {points.count()})",
-                      "lab-fail-plot")
+                _fail(
+                    page,
+                    server,
+                    f"the quantize plot did not gain a point (still {points.count()})",
+                    "lab-fail-plot",
+                )
             # Timings are printed, not asserted (a shared machine is noisy); the order is behaviour.
-            print(f"slider point in the browser: first estimate {first_estimate_s} s, recorded {recorded_s:.1f} s")
-            (base / "lab-slider-point.txt").write_text(f"first_estimate_s={first_estimate_s}\nrecorded_s={recorded_s}\n")
-            assert first_estimate_s is not None and first_estimate_s < recorded_s, "no provisional estimate was drawn"
+            print(
+                f"slider point in the browser: first estimate {first_estimate_s} s, recorded {recorded_s:.1f} s"
+            )
+            (base / "lab-slider-point.txt").write_text(
+                f"first_estimate_s={first_estimate_s}\nrecorded_s={recorded_s}\n"
+            )
+            assert first_estimate_s is not None and first_estimate_s < recorded_s, (
+                "no provisional estimate was drawn"
+            )
             expect(app.get_by_text(re.compile(r"Run \d+ · .*evaluated and recorded"))).to_be_visible()
             # Notes drawn on the plot before it had runs are gone once it has them.
             expect(plot.get_by_text("Reading the registry")).to_have_count(0)
@@ -231,7 +248,9 @@ def test_workbench_in_jupyterlab(chromium, workspace) -> None:
             # A sweep over every width RTN takes (3 bits is found in the registry), then a second method.
             status = app.locator(".widget-html").filter(has_text=re.compile(r"running: |queued"))
             _button(app, "Sweep all bits").click()
-            expect(app.get_by_text(re.compile(r"Queued \d+ bit widths of rtn"))).to_be_visible(timeout=UI_TIMEOUT_MS)
+            expect(app.get_by_text(re.compile(r"Queued \d+ bit widths of rtn"))).to_be_visible(
+                timeout=UI_TIMEOUT_MS
+            )
             expect(_button(app, "Cancel queue")).to_be_enabled()
             expect(status).to_have_count(0, timeout=RUN_TIMEOUT_MS)
             expect(points).to_have_count(7, timeout=UI_TIMEOUT_MS)  # rtn at 2..8 bits
@@ -257,7 +276,10 @@ def test_workbench_in_jupyterlab(chromium, workspace) -> None:
             # The plot fills its panel (it used to stay at plotly's 700 px fallback in a wide window).
             panel_box = app.locator(".widget-tab").first.bounding_box()
             plot_box = compare_plot.bounding_box()
-            assert plot_box and panel_box and plot_box["width"] > 0.8 * panel_box["width"], (plot_box, panel_box)
+            assert plot_box and panel_box and plot_box["width"] > 0.8 * panel_box["width"], (
+                plot_box,
+                panel_box,
+            )
             _shot(page, "lab-08-compare")
             # A run's continuations (prompt, base, this run), another run beside it.
             app.get_by_label("Run", exact=True).select_option(index=1)
@@ -288,7 +310,9 @@ def test_workbench_in_jupyterlab(chromium, workspace) -> None:
             assert download.suggested_filename == name, download.suggested_filename
             saved = base / "downloaded.csv"
             download.save_as(str(saved))
-            assert saved.read_bytes() == csv_path.read_bytes(), "the downloaded CSV differs from the exported file"
+            assert saved.read_bytes() == csv_path.read_bytes(), (
+                "the downloaded CSV differs from the exported file"
+            )
 
             text = _visible_output_text(page)
             assert TRACEBACK not in text, f"a raw traceback is visible:\n{text[-3000:]}"
@@ -337,13 +361,17 @@ def test_dashboard_in_voila(chromium, workspace, tmp_path) -> None:
             plot = page.locator(".js-plotly-plot:visible").first
             # The baseline is a labelled reference line; the plot is a drawn figure (white template, titled
             # axes), not plotly's empty default.
-            expect(plot.locator(".annotation-text", has_text="baseline")).to_have_count(1, timeout=RUN_TIMEOUT_MS)
+            expect(plot.locator(".annotation-text", has_text="baseline")).to_have_count(
+                1, timeout=RUN_TIMEOUT_MS
+            )
             expect(plot.locator(".xtitle")).to_have_text(re.compile(r"Bits per weight"))
             _shot(page, "voila-02-baseline-recorded")
             body = page.locator("body").inner_text()
             assert TRACEBACK not in body, f"a raw traceback is visible:\n{body[-3000:]}"
             # One quantized point (3 bits) so that the registry holds more than the baseline.
-            handle = page.locator(".widget-slider").filter(has_text="Bits").first.locator(".noUi-handle").first
+            handle = (
+                page.locator(".widget-slider").filter(has_text="Bits").first.locator(".noUi-handle").first
+            )
             handle.focus()
             handle.press("ArrowLeft")
             expect(plot.locator(".scatterlayer .point")).to_have_count(1, timeout=RUN_TIMEOUT_MS)

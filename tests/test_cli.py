@@ -43,7 +43,9 @@ def test_bad_input_prints_one_line_without_traceback(argv, needle, registry_url,
 
 def test_text_file_evaluation_uses_that_text(registry_url, tmp_path, capsys):
     text = tmp_path / "doc.txt"
-    text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog." * 3 for i in range(200)))
+    text.write_text(
+        "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog." * 3 for i in range(200))
+    )
     assert main(["eval", "--model", "tiny-llama", "--text", str(text), "--registry", registry_url]) == 0
     assert "baseline" in capsys.readouterr().out
 
@@ -77,8 +79,22 @@ def test_a_non_utf8_text_file_is_refused_before_the_model_loads(registry_url, tm
 
 
 def test_a_non_integer_bit_width_says_so(registry_url, capsys):
-    assert main(["run", "--model", "tiny-llama", "--technique", "rtn", "--param", "bits=abc",
-                 "--registry", registry_url]) == 2
+    assert (
+        main(
+            [
+                "run",
+                "--model",
+                "tiny-llama",
+                "--technique",
+                "rtn",
+                "--param",
+                "bits=abc",
+                "--registry",
+                registry_url,
+            ]
+        )
+        == 2
+    )
     assert "is not a whole number" in capsys.readouterr().err
 
 
@@ -90,7 +106,17 @@ def test_a_non_integer_bit_width_says_so(registry_url, capsys):
     [("bnb", ["8", "4"], ["int8", "nf4"]), ("quanto", ["8", "4", "2"], ["int8", "int4", "int2"])],
 )
 def test_sweep_runs_a_format_technique_at_its_widths(technique, bits, formats, registry_url, capsys):
-    argv = ["sweep", "--model", "tiny-llama", "--technique", technique, "--bits", *bits, "--registry", registry_url]
+    argv = [
+        "sweep",
+        "--model",
+        "tiny-llama",
+        "--technique",
+        technique,
+        "--bits",
+        *bits,
+        "--registry",
+        registry_url,
+    ]
     assert main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     for fmt in formats:
@@ -107,7 +133,18 @@ def test_sweep_runs_a_format_technique_at_its_widths(technique, bits, formats, r
 
 
 def test_sweep_refuses_a_width_the_technique_lacks_before_any_run(registry_url, capsys):
-    argv = ["sweep", "--model", "tiny-llama", "--technique", "bnb", "--bits", "8", "3", "--registry", registry_url]
+    argv = [
+        "sweep",
+        "--model",
+        "tiny-llama",
+        "--technique",
+        "bnb",
+        "--bits",
+        "8",
+        "3",
+        "--registry",
+        registry_url,
+    ]
     assert main(argv) == 2
     assert "takes 4 (nf4), 8 (int8) bits, not 3" in capsys.readouterr().err
     from workbench.registry import Registry
@@ -117,8 +154,20 @@ def test_sweep_refuses_a_width_the_technique_lacks_before_any_run(registry_url, 
 
 
 def test_sweep_refuses_a_group_size_the_model_cannot_take_before_any_run(registry_url, capsys):
-    argv = ["sweep", "--model", "tiny-llama", "--technique", "rtn", "--bits", "8", "4", "--param", "group_size=48",
-            "--registry", registry_url]
+    argv = [
+        "sweep",
+        "--model",
+        "tiny-llama",
+        "--technique",
+        "rtn",
+        "--bits",
+        "8",
+        "4",
+        "--param",
+        "group_size=48",
+        "--registry",
+        registry_url,
+    ]
     assert main(argv) == 2
     assert "does not divide" in capsys.readouterr().err
 

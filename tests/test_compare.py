@@ -24,8 +24,10 @@ from workbench.tables import (
 )
 
 LONG_MODEL = "/home/someone/models/SmolLM2-135M-Instruct (134.5M params, 538 MB f32)"
-GENERATIONS = [{"prompt": "def add(a, b):", "base": "\n    return a + b", "model": "\n    return a - b  # <wrong>"},
-               {"prompt": "The sky is", "base": " blue", "model": " blue today"}]
+GENERATIONS = [
+    {"prompt": "def add(a, b):", "base": "\n    return a + b", "model": "\n    return a - b  # <wrong>"},
+    {"prompt": "The sky is", "base": " blue", "model": " blue today"},
+]
 
 
 def _step(technique: str, **params) -> dict:
@@ -34,19 +36,70 @@ def _step(technique: str, **params) -> dict:
 
 # (pipeline steps, label, metrics, tags, notes)
 RUNS = [
-    ([], "baseline", {"ppl": 12.0, "kl_mean": 0.0, "top1_agree": 1.0, "bits_per_weight": 32.0,
-                      "bits_per_weight_linear": 32.0, "size_mb": 538.0, "decode_tok_s": 50.0, "peak_mem_mb": 900.0},
-     (), ""),
-    ([_step("rtn", bits=4, group_size=64, symmetric=True)], "rtn(bits=4, group_size=64, symmetric=True)",
-     {"ppl": 12.3456, "kl_mean": 0.01234, "top1_agree": 0.953, "bits_per_weight": 4.75,
-      "bits_per_weight_linear": 4.5, "size_mb": 96.4, "decode_tok_s": 45.0, "peak_mem_mb": 1500.0}, ("keep",),
-     "good enough <b>for</b> the report"),
-    ([_step("rtn", bits=8, group_size=32, symmetric=False)], "rtn(bits=8, group_size=32)",
-     {"ppl": 12.0001, "kl_mean": 7.718e-06, "top1_agree": 0.999, "bits_per_weight": 9.0,
-      "bits_per_weight_linear": 9.0, "size_mb": 160.0, "decode_tok_s": 44.0, "peak_mem_mb": 1600.0}, (), ""),
-    ([_step("bnb", mode="nf4", double_quant=True)], "bnb(mode=nf4, double_quant=True)",
-     {"ppl": 12.5, "kl_mean": 0.03, "top1_agree": 0.94, "bits_per_weight": 4.6, "bits_per_weight_linear": 4.3,
-      "size_mb": 92.0, "decode_tok_s": 20.0, "peak_mem_mb": 1200.0}, ("keep",), ""),
+    (
+        [],
+        "baseline",
+        {
+            "ppl": 12.0,
+            "kl_mean": 0.0,
+            "top1_agree": 1.0,
+            "bits_per_weight": 32.0,
+            "bits_per_weight_linear": 32.0,
+            "size_mb": 538.0,
+            "decode_tok_s": 50.0,
+            "peak_mem_mb": 900.0,
+        },
+        (),
+        "",
+    ),
+    (
+        [_step("rtn", bits=4, group_size=64, symmetric=True)],
+        "rtn(bits=4, group_size=64, symmetric=True)",
+        {
+            "ppl": 12.3456,
+            "kl_mean": 0.01234,
+            "top1_agree": 0.953,
+            "bits_per_weight": 4.75,
+            "bits_per_weight_linear": 4.5,
+            "size_mb": 96.4,
+            "decode_tok_s": 45.0,
+            "peak_mem_mb": 1500.0,
+        },
+        ("keep",),
+        "good enough <b>for</b> the report",
+    ),
+    (
+        [_step("rtn", bits=8, group_size=32, symmetric=False)],
+        "rtn(bits=8, group_size=32)",
+        {
+            "ppl": 12.0001,
+            "kl_mean": 7.718e-06,
+            "top1_agree": 0.999,
+            "bits_per_weight": 9.0,
+            "bits_per_weight_linear": 9.0,
+            "size_mb": 160.0,
+            "decode_tok_s": 44.0,
+            "peak_mem_mb": 1600.0,
+        },
+        (),
+        "",
+    ),
+    (
+        [_step("bnb", mode="nf4", double_quant=True)],
+        "bnb(mode=nf4, double_quant=True)",
+        {
+            "ppl": 12.5,
+            "kl_mean": 0.03,
+            "top1_agree": 0.94,
+            "bits_per_weight": 4.6,
+            "bits_per_weight_linear": 4.3,
+            "size_mb": 92.0,
+            "decode_tok_s": 20.0,
+            "peak_mem_mb": 1200.0,
+        },
+        ("keep",),
+        "",
+    ),
 ]
 
 
@@ -54,8 +107,17 @@ def _fill(url: str, suite: str = "quick") -> list[int]:
     ids = []
     with Registry.open(url) as reg:
         for steps, label, metrics, tags, notes in RUNS:
-            run_id = reg.start_run("fp-demo", LONG_MODEL, json.dumps(steps), label, f"{suite}-key", suite, {},
-                                   tags=tags, notes=notes)
+            run_id = reg.start_run(
+                "fp-demo",
+                LONG_MODEL,
+                json.dumps(steps),
+                label,
+                f"{suite}-key",
+                suite,
+                {},
+                tags=tags,
+                notes=notes,
+            )
             reg.finish_run(run_id, metrics, extras={"generations": GENERATIONS if steps else []})
             ids.append(run_id)
     return ids
@@ -87,10 +149,16 @@ def test_default_table_has_few_short_columns_in_one_unit_each(frame):
 def test_people_formats_show_each_metric_at_fixed_digits_and_exports_keep_values(frame, tmp_path):
     table = comparison_table(frame)
     md = export_table(table, "md")
-    assert "0.00000772" in md and "0.0123" in md and "e-06" not in md  # KL: 3 significant digits, no 7.718e-06
+    assert (
+        "0.00000772" in md and "0.0123" in md and "e-06" not in md
+    )  # KL: 3 significant digits, no 7.718e-06
     assert "12.35" in md and "99.9" in md and "96.4" in md
     shown = export_table(table, "html", headers=True)
-    assert "<th>KL mean</th>" in shown and "<th>top-1 same %</th>" in shown and "<th>decode ms/token</th>" in shown
+    assert (
+        "<th>KL mean</th>" in shown
+        and "<th>top-1 same %</th>" in shown
+        and "<th>decode ms/token</th>" in shown
+    )
     export_table(table, "csv", tmp_path / "t.csv")
     csv = pd.read_csv(tmp_path / "t.csv")
     assert csv["kl_mean"].tolist() == pytest.approx(table["kl_mean"].tolist())  # CSV keeps full values
@@ -124,8 +192,12 @@ def test_generations_side_by_side(registry_url):
         runs = [reg.get_run(ids[1]), reg.get_run(ids[3])]
         baseline = reg.get_run(ids[0])
     table = generations_table(runs)
-    assert list(table.columns) == ["prompt", "base", f"run {ids[1]}: rtn(bits=4, group_size=64, symmetric=True)",
-                                   f"run {ids[3]}: bnb(mode=nf4, double_quant=True)"]
+    assert list(table.columns) == [
+        "prompt",
+        "base",
+        f"run {ids[1]}: rtn(bits=4, group_size=64, symmetric=True)",
+        f"run {ids[3]}: bnb(mode=nf4, double_quant=True)",
+    ]
     assert table.loc[0, "prompt"] == "def add(a, b):" and table.loc[0, "base"] == "\n    return a + b"
     assert table.iloc[0, 2] == "\n    return a - b  # <wrong>"
     assert generations_table([baseline]).empty
@@ -165,7 +237,9 @@ def test_compare_colours_by_method_by_default_with_fixed_colours(compare):
     fig = compare.plot.figure
     colours = {t.name: t.marker.color for t in fig.data if t.customdata is not None}
     assert colours == {"rtn": technique_colour("rtn"), "bnb": technique_colour("bnb")}
-    assert max(max(t.x) for t in fig.data if t.x is not None) == 9.0  # the 32-bit baseline is a line, not a point
+    assert (
+        max(max(t.x) for t in fig.data if t.x is not None) == 9.0
+    )  # the 32-bit baseline is a line, not a point
     assert fig.layout.autosize is True and fig.layout.width is None
     compare.color.value = "metric_decode_ms_per_tok"
     bar = next(t for t in compare.plot.figure.data if t.marker.showscale).marker.colorbar.title.text
@@ -209,7 +283,10 @@ def test_compare_shows_continuations_of_one_run_and_two_side_by_side(compare):
     assert "def add(a, b):" in shown and "\n    return a + b" in shown  # line breaks kept (shown pre-wrap)
     assert "return a - b  # &lt;wrong&gt;" in shown and "<wrong>" not in shown  # model text is never markup
     compare.beside.value = ids[3]
-    assert f"run {ids[3]}: bnb" in compare.outputs_html.value and f"run {ids[1]}: rtn" in compare.outputs_html.value
+    assert (
+        f"run {ids[3]}: bnb" in compare.outputs_html.value
+        and f"run {ids[1]}: rtn" in compare.outputs_html.value
+    )
     compare.beside.value = None
     compare.select_run(ids[0])
     assert "No continuations stored" in compare.outputs_html.value

@@ -42,8 +42,15 @@ def test_every_grid_method_shares_the_same_fields_and_defaults():
         fields = {f.name: f.default for f in dataclasses.fields(cls)}
         assert set(SHARED) <= set(fields), name
         # Defaults as they always were: stored pipelines rely on them (mixed starts lower on purpose).
-        expected = {"bits": 3 if name == "mixed" else 4, "group_size": 32, "symmetric": False,
-                    "zero_point": "float", "include_embeddings": False, "include_head": False, "embedding_bits": 8}
+        expected = {
+            "bits": 3 if name == "mixed" else 4,
+            "group_size": 32,
+            "symmetric": False,
+            "zero_point": "float",
+            "include_embeddings": False,
+            "include_head": False,
+            "embedding_bits": 8,
+        }
         assert {k: fields[k] for k in SHARED} == expected, name
 
 
@@ -63,8 +70,11 @@ BAD_SHARED = [
 ]
 
 
-@pytest.mark.parametrize(("params", "message"), BAD_SHARED, ids=[next(iter(p)) + "=" + repr(next(iter(p.values())))
-                                                                 for p, _ in BAD_SHARED])
+@pytest.mark.parametrize(
+    ("params", "message"),
+    BAD_SHARED,
+    ids=[next(iter(p)) + "=" + repr(next(iter(p.values()))) for p, _ in BAD_SHARED],
+)
 def test_every_grid_method_refuses_a_bad_shared_value_with_the_same_message(params, message):
     texts = []
     for name in GRID_METHODS:
@@ -79,8 +89,16 @@ def test_every_grid_method_refuses_a_bad_shared_value_with_the_same_message(para
 
 def test_good_shared_values_are_accepted_by_every_grid_method():
     for name in GRID_METHODS:
-        config = make_config(name, bits=8, group_size=-1, symmetric=True, zero_point="int",
-                             include_embeddings=True, include_head=True, embedding_bits=2)
+        config = make_config(
+            name,
+            bits=8,
+            group_size=-1,
+            symmetric=True,
+            zero_point="int",
+            include_embeddings=True,
+            include_head=True,
+            embedding_bits=2,
+        )
         assert (config.bits, config.group_size, config.embedding_bits) == (8, -1, 2)
 
 
@@ -116,25 +134,75 @@ def test_a_config_naming_another_technique_is_refused_at_registration():
 
 
 STORED = [  # params exactly as registries hold them (all fields, JSON types)
-    {"technique": "rtn", "version": 1, "params": {"bits": 3, "group_size": 64, "symmetric": True,
-                                                  "zero_point": "float", "include_embeddings": False,
-                                                  "include_head": False, "embedding_bits": 8}},
-    {"technique": "gptq", "version": 1, "params": {"bits": 4, "group_size": 32, "symmetric": False,
-                                                   "zero_point": "int", "act_order": True, "damp": 0.01,
-                                                   "n_samples": 32, "seq_len": 256, "block_size": 128,
-                                                   "include_embeddings": False, "include_head": False,
-                                                   "embedding_bits": 8}},
-    {"technique": "awq", "version": 1, "params": {"bits": 4, "group_size": 64, "symmetric": False,
-                                                  "zero_point": "float", "n_samples": 64, "seq_len": 256,
-                                                  "n_grid": 20, "search_tokens": 512, "clip": True,
-                                                  "include_embeddings": False, "include_head": False,
-                                                  "embedding_bits": 8}},
-    {"technique": "mixed", "version": 1, "params": {"bits": 3, "group_size": 32, "symmetric": False,
-                                                    "zero_point": "float", "high_bits": 8,
-                                                    "high_precision": ["*.down_proj"], "include_embeddings": False,
-                                                    "include_head": False, "embedding_bits": 8}},
-    {"technique": "bnb", "version": 1, "params": {"mode": "nf4", "double_quant": False,
-                                                  "compute_dtype": "float32", "int8_threshold": 6.0}},
+    {
+        "technique": "rtn",
+        "version": 1,
+        "params": {
+            "bits": 3,
+            "group_size": 64,
+            "symmetric": True,
+            "zero_point": "float",
+            "include_embeddings": False,
+            "include_head": False,
+            "embedding_bits": 8,
+        },
+    },
+    {
+        "technique": "gptq",
+        "version": 1,
+        "params": {
+            "bits": 4,
+            "group_size": 32,
+            "symmetric": False,
+            "zero_point": "int",
+            "act_order": True,
+            "damp": 0.01,
+            "n_samples": 32,
+            "seq_len": 256,
+            "block_size": 128,
+            "include_embeddings": False,
+            "include_head": False,
+            "embedding_bits": 8,
+        },
+    },
+    {
+        "technique": "awq",
+        "version": 1,
+        "params": {
+            "bits": 4,
+            "group_size": 64,
+            "symmetric": False,
+            "zero_point": "float",
+            "n_samples": 64,
+            "seq_len": 256,
+            "n_grid": 20,
+            "search_tokens": 512,
+            "clip": True,
+            "include_embeddings": False,
+            "include_head": False,
+            "embedding_bits": 8,
+        },
+    },
+    {
+        "technique": "mixed",
+        "version": 1,
+        "params": {
+            "bits": 3,
+            "group_size": 32,
+            "symmetric": False,
+            "zero_point": "float",
+            "high_bits": 8,
+            "high_precision": ["*.down_proj"],
+            "include_embeddings": False,
+            "include_head": False,
+            "embedding_bits": 8,
+        },
+    },
+    {
+        "technique": "bnb",
+        "version": 1,
+        "params": {"mode": "nf4", "double_quant": False, "compute_dtype": "float32", "int8_threshold": 6.0},
+    },
     {"technique": "quanto", "version": 1, "params": {"weights": "int4", "group_size": None}},
 ]
 
@@ -153,10 +221,17 @@ def test_a_stored_config_loads_and_writes_back_the_same_json(stored):
 
 def test_every_field_of_every_registered_technique_has_help_text():
     # The techniques the package ships (other test modules register throw-away ones of their own).
-    shipped = [name for name in technique_names()
-               if get_technique(name).config_cls.__module__.startswith("workbench.techniques.")]
-    missing = [f"{name}.{info.name}" for name in shipped for info in describe_fields(name)
-               if len(info.help.strip()) < 10]
+    shipped = [
+        name
+        for name in technique_names()
+        if get_technique(name).config_cls.__module__.startswith("workbench.techniques.")
+    ]
+    missing = [
+        f"{name}.{info.name}"
+        for name in shipped
+        for info in describe_fields(name)
+        if len(info.help.strip()) < 10
+    ]
     assert not missing, f"fields without help text (add metadata={{'help': ...}}): {', '.join(missing)}"
 
 
@@ -164,7 +239,12 @@ def test_describe_fields_gives_type_default_help_and_choices_in_order():
     infos = describe_fields("bnb")
     assert [i.name for i in infos] == [f.name for f in dataclasses.fields(get_technique("bnb").config_cls)]
     mode = infos[0]
-    assert (mode.name, mode.type, mode.default, mode.choices) == ("mode", "str", "nf4", ("nf4", "fp4", "int8"))
+    assert (mode.name, mode.type, mode.default, mode.choices) == (
+        "mode",
+        "str",
+        "nf4",
+        ("nf4", "fp4", "int8"),
+    )
     assert "LLM.int8" in mode.help
     gs = {i.name: i for i in describe_fields("quanto")}["group_size"]
     assert gs.type == "int | None" and gs.default is None and gs.choices is None
@@ -205,7 +285,11 @@ def test_describe_fields_names_an_unknown_technique_and_refuses_a_non_config():
         ("rtn", {}, "rtn 4b g32"),
         ("rtn", {"bits": 4, "group_size": 64, "symmetric": True}, "rtn 4b g64 sym"),
         ("rtn", {"group_size": -1, "zero_point": "int"}, "rtn 4b per-channel int-zero"),
-        ("rtn", {"include_embeddings": True, "include_head": True, "embedding_bits": 6}, "rtn 4b g32 +emb+head6"),
+        (
+            "rtn",
+            {"include_embeddings": True, "include_head": True, "embedding_bits": 6},
+            "rtn 4b g32 +emb+head6",
+        ),
         ("gptq", {"bits": 3, "group_size": 64}, "gptq 3b g64"),
         ("gptq", {"bits": 3, "act_order": False, "damp": 0.1}, "gptq 3b g32 act_order=False damp=0.1"),
         ("awq", {"bits": 4, "clip": False}, "awq 4b g32 clip=False"),
@@ -225,9 +309,14 @@ def test_each_technique_labels_its_own_config(name, params, label):
 
 
 def test_different_settings_of_a_technique_get_different_labels():
-    configs = [make_config("rtn", bits=b, group_size=g, symmetric=s, zero_point=z)
-               for b in (2, 3, 4, 8) for g in (32, 64, -1) for s in (False, True) for z in ("float", "int")
-               if not (s and z == "int")]
+    configs = [
+        make_config("rtn", bits=b, group_size=g, symmetric=s, zero_point=z)
+        for b in (2, 3, 4, 8)
+        for g in (32, 64, -1)
+        for s in (False, True)
+        for z in ("float", "int")
+        if not (s and z == "int")
+    ]
     configs += [make_config("bnb", mode=m) for m in ("nf4", "fp4", "int8")]
     configs += [make_config("gptq", n_samples=n) for n in (16, 32, 64)]
     labels = [config_label(c) for c in configs]
@@ -255,7 +344,9 @@ def test_a_config_without_its_own_label_shows_its_changed_parameters():
     register("plain-test", PlainConfig)(lambda model, config, ctx: model)
     try:
         assert config_label(PlainConfig()) == "plain-test()"
-        assert describe_pipeline([PlainConfig(width=3), make_config("bnb")]) == "plain-test(width=3) → bnb nf4"
+        assert (
+            describe_pipeline([PlainConfig(width=3), make_config("bnb")]) == "plain-test(width=3) → bnb nf4"
+        )
     finally:  # the name table is global: leave it as the other tests expect it
         from workbench.techniques import base
 
@@ -275,17 +366,24 @@ def test_a_listed_module_that_breaks_on_import_is_an_import_error_naming_it(tmp_
     # A module of the package whose own import fails (a dependency it needs is not there).
     (tmp_path / "broken_method.py").write_text("import a_package_that_is_not_installed_here\n")
     monkeypatch.setattr(techniques, "__path__", [*techniques.__path__, str(tmp_path)])
-    with pytest.raises(ImportError, match=r"'workbench\.techniques\.broken_method' failed to import: No module "
-                                          r"named 'a_package_that_is_not_installed_here'"):
+    with pytest.raises(
+        ImportError,
+        match=r"'workbench\.techniques\.broken_method' failed to import: No module "
+        r"named 'a_package_that_is_not_installed_here'",
+    ):
         techniques._import_builtin(["broken_method"])
 
 
 def test_every_technique_file_is_listed_and_every_listed_one_registers():
     folder = Path(techniques.__file__).parent
     # A technique file registers at module level (a line starting with ``@register(``); docstrings indent it.
-    registering = sorted(p.stem for p in folder.glob("*.py") if re.search(r"^@register\(", p.read_text(), re.MULTILINE))
+    registering = sorted(
+        p.stem for p in folder.glob("*.py") if re.search(r"^@register\(", p.read_text(), re.MULTILINE)
+    )
     assert sorted(techniques.BUILTIN) == registering
-    assert {get_technique(n).apply.__module__.rsplit(".", 1)[-1] for n in technique_names()} >= set(registering)
+    assert {get_technique(n).apply.__module__.rsplit(".", 1)[-1] for n in technique_names()} >= set(
+        registering
+    )
 
 
 def test_an_optional_backend_that_is_missing_still_registers_its_technique():

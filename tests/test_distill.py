@@ -19,8 +19,9 @@ from workbench.techniques.distill import DistillConfig, checkpoint_root
 from workbench.techniques.prune_layers import PruneConfig
 from workbench.tiny import byte_tokenizer, tiny_llama
 
-TEXT = "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog, and {i * 7} more." * 3
-                   for i in range(60))
+TEXT = "\n\n".join(
+    f"Paragraph {i}: the quick brown fox jumps over the lazy dog, and {i * 7} more." * 3 for i in range(60)
+)
 TINY = {"batch_size": 2, "seq_len": 32, "warmup_steps": 1, "lr": 1e-3}
 
 
@@ -31,8 +32,12 @@ def home(tmp_path, monkeypatch):
 
 
 def _ctx(teacher, progress: Progress | None = None) -> ApplyContext:
-    return ApplyContext(tokenizer=byte_tokenizer(), corpus=split_paragraphs("fox", TEXT), base=teacher,
-                        progress=progress or Progress.null())
+    return ApplyContext(
+        tokenizer=byte_tokenizer(),
+        corpus=split_paragraphs("fox", TEXT),
+        base=teacher,
+        progress=progress or Progress.null(),
+    )
 
 
 def _state(model) -> dict[str, torch.Tensor]:
@@ -57,9 +62,15 @@ def test_distilling_a_pruned_student_lowers_its_loss_and_reports_its_work(home):
     assert evals["kl"][-1] < evals["kl"][0], evals
     assert out.config.num_hidden_layers == 2
     # The finished student stays as a model folder, and the same distillation again loads it instead of training.
-    assert ctx.extras["student_folder"].startswith(str(checkpoint_root())) and ctx.metrics["training_reused"] == 0
-    again = apply_(apply_(copy.deepcopy(teacher), PruneConfig(drop=1, samples=2, seq_len=32), _ctx(teacher)),
-                   config, ctx2 := _ctx(teacher))
+    assert (
+        ctx.extras["student_folder"].startswith(str(checkpoint_root()))
+        and ctx.metrics["training_reused"] == 0
+    )
+    again = apply_(
+        apply_(copy.deepcopy(teacher), PruneConfig(drop=1, samples=2, seq_len=32), _ctx(teacher)),
+        config,
+        ctx2 := _ctx(teacher),
+    )
     assert ctx2.metrics["training_reused"] == 1 and ctx2.extras["loss_curve"] == curve
     for k, v in out.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
@@ -76,7 +87,10 @@ def test_the_same_seed_repeats_the_run_and_the_hard_baseline_sees_the_same_batch
         runs.append(_state(student))
     for k in runs[0]:
         assert torch.equal(runs[0][k], runs[1][k]), k
-    kd, hard = TrainSettings(loss="forward_kl", batch_size=2, seed=3), TrainSettings(loss="hard", batch_size=2, seed=3)
+    kd, hard = (
+        TrainSettings(loss="forward_kl", batch_size=2, seed=3),
+        TrainSettings(loss="hard", batch_size=2, seed=3),
+    )
     for step in range(5):
         assert torch.equal(batch_rows(step, 0, 7, kd), batch_rows(step, 0, 7, hard))
     # every window once per epoch, whatever the batch size
@@ -150,8 +164,9 @@ def test_stored_teacher_targets_equal_the_live_teacher(home, kind):
         from workbench.distill.logit_store import _sample
 
         gen = torch.Generator().manual_seed(5)
-        expected = torch.cat([_sample(live[i:i + 2].reshape(-1, live.shape[-1]), 8, 2.0, gen)[0]
-                              for i in range(0, 3, 2)]).reshape(3, 12, 8)
+        expected = torch.cat(
+            [_sample(live[i : i + 2].reshape(-1, live.shape[-1]), 8, 2.0, gen)[0] for i in range(0, 3, 2)]
+        ).reshape(3, 12, 8)
         assert torch.equal(ids, expected)
         freq = torch.from_numpy(store.weights[:])
         torch.testing.assert_close(freq.sum(-1), torch.ones(3, 12))
@@ -183,15 +198,18 @@ def test_training_from_a_store_uses_it_and_records_its_size(home):
     assert ctx.extras["loss_curve"]["step"] == [1, 2]
 
 
-@pytest.mark.parametrize("params, match", [
-    ({"temperature": 0}, "temperature=0 must be > 0"),
-    ({"temperature": -1.0}, "must be > 0"),
-    ({"alpha": 1.5}, r"alpha=1.5 must be in \[0, 1\]"),
-    ({"alpha": -0.1}, r"must be in \[0, 1\]"),
-    ({"steps": 0}, "budget .* is zero"),
-    ({"loss": "reverse_kl", "teacher": "topk"}, "needs the full teacher distribution"),
-    ({"loss": "l2"}, "choose one of forward_kl"),
-])
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"temperature": 0}, "temperature=0 must be > 0"),
+        ({"temperature": -1.0}, "must be > 0"),
+        ({"alpha": 1.5}, r"alpha=1.5 must be in \[0, 1\]"),
+        ({"alpha": -0.1}, r"must be in \[0, 1\]"),
+        ({"steps": 0}, "budget .* is zero"),
+        ({"loss": "reverse_kl", "teacher": "topk"}, "needs the full teacher distribution"),
+        ({"loss": "l2"}, "choose one of forward_kl"),
+    ],
+)
 def test_bad_settings_are_refused_when_the_config_is_built(params, match):
     with pytest.raises(ConfigError, match=match):
         DistillConfig(**params)
@@ -229,11 +247,23 @@ def test_distill_without_a_teacher_says_how_to_run_it():
 
 
 def test_different_distillation_settings_get_different_labels():
-    configs = [DistillConfig(), DistillConfig(lr=1e-3), DistillConfig(seq_len=64), DistillConfig(loss="hard"),
-               DistillConfig(loss="jsd"), DistillConfig(loss="jsd", skew=0.5), DistillConfig(teacher="topk"),
-               DistillConfig(teacher="sampled", top_k=12), DistillConfig(steps=0, seconds=60),
-               DistillConfig(steps=10, tokens=1000), DistillConfig(bf16=True), DistillConfig(temperature=1.0)]
+    configs = [
+        DistillConfig(),
+        DistillConfig(lr=1e-3),
+        DistillConfig(seq_len=64),
+        DistillConfig(loss="hard"),
+        DistillConfig(loss="jsd"),
+        DistillConfig(loss="jsd", skew=0.5),
+        DistillConfig(teacher="topk"),
+        DistillConfig(teacher="sampled", top_k=12),
+        DistillConfig(steps=0, seconds=60),
+        DistillConfig(steps=10, tokens=1000),
+        DistillConfig(bf16=True),
+        DistillConfig(temperature=1.0),
+    ]
     labels = [c.label() for c in configs]
     assert len(set(labels)) == len(labels), labels
     assert DistillConfig().label() == "distill forward_kl T2 a0.5 50 steps"
-    assert DistillConfig(resume=False).label() == DistillConfig().label()  # resuming does not change the result
+    assert (
+        DistillConfig(resume=False).label() == DistillConfig().label()
+    )  # resuming does not change the result

@@ -37,8 +37,9 @@ def test_skew_kl_and_jsd_match_the_hand_values():
     assert float(soft_loss(s, t, "jsd", skew=0.5)) == pytest.approx(jsd, rel=1e-5)
     beta = 0.3
     m = [beta * p + (1 - beta) * q for p, q in zip(P, Q)]
-    assert float(soft_loss(s, t, "jsd", skew=beta)) == pytest.approx(beta * _kl(P, m) + (1 - beta) * _kl(Q, m),
-                                                                     rel=1e-5)
+    assert float(soft_loss(s, t, "jsd", skew=beta)) == pytest.approx(
+        beta * _kl(P, m) + (1 - beta) * _kl(Q, m), rel=1e-5
+    )
 
 
 @pytest.mark.parametrize("loss", ["forward_kl", "reverse_kl", "skew_kl", "jsd"])
@@ -79,4 +80,6 @@ def test_sparse_forward_kl_on_a_top_k_matches_the_hand_value():
 def test_sparse_targets_serve_forward_kl_only():
     s = torch.randn(1, 4)
     with pytest.raises(ValueError, match="reverse_kl needs the full teacher"):
-        distill_loss(s, torch.tensor([0]), loss="reverse_kl", sparse=(torch.tensor([[0]]), torch.tensor([[1.0]])))
+        distill_loss(
+            s, torch.tensor([0]), loss="reverse_kl", sparse=(torch.tensor([[0]]), torch.tensor([[1.0]]))
+        )

@@ -11,8 +11,15 @@ from workbench.evaluate import Suite
 from workbench.registry import Registry
 
 WAIT = 120
-SUITE = Suite("ui-test", n_tokens=256, context_length=64, n_generations=0, speed_prompt=16, speed_tokens=2,
-              speed_repeats=1)
+SUITE = Suite(
+    "ui-test",
+    n_tokens=256,
+    context_length=64,
+    n_generations=0,
+    speed_prompt=16,
+    speed_tokens=2,
+    speed_repeats=1,
+)
 SMALL = {"batch_size": 2, "seq_len": 32, "warmup_steps": 1, "lr": 1e-3}
 
 

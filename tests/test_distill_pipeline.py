@@ -53,8 +53,9 @@ def test_prune_distill_quantize_is_one_pipeline_with_stages_lineage_and_reuse(ho
     cache = PrefixCache()
     base = run_experiment(loaded, [], "quick", registry=url)
     prune, distill = PruneConfig(drop=1, samples=2, seq_len=32), DistillConfig(steps=3, **TINY)
-    student = run_experiment(loaded, [prune, distill], "quick", registry=url, prefix_cache=cache,
-                             parent_id=base.run_id)
+    student = run_experiment(
+        loaded, [prune, distill], "quick", registry=url, prefix_cache=cache, parent_id=base.run_id
+    )
     assert student.ok, student.error
     assert student.parent_id == base.run_id  # the teacher's run
     assert student.metrics["training_tokens"] == 3 * 2 * 31 and student.metrics["layers_dropped"] == 1
@@ -62,8 +63,9 @@ def test_prune_distill_quantize_is_one_pipeline_with_stages_lineage_and_reuse(ho
     assert [s["technique"] for s in student.extras["stages"]] == ["prune", "distill"]
     assert student.extras["loss_curve"]["step"] == [1, 2, 3]
 
-    q4 = run_experiment(loaded, [prune, distill, RTNConfig(bits=4, group_size=32)], "quick", registry=url,
-                        prefix_cache=cache)
+    q4 = run_experiment(
+        loaded, [prune, distill, RTNConfig(bits=4, group_size=32)], "quick", registry=url, prefix_cache=cache
+    )
     assert q4.ok, q4.error
     assert q4.parent_id == student.run_id  # the distilled student's run
     stages = q4.extras["stages"]
@@ -71,8 +73,9 @@ def test_prune_distill_quantize_is_one_pipeline_with_stages_lineage_and_reuse(ho
     assert stages[1]["metrics"]["training_tokens"] == 186 and not stages[2]["reused"]
 
     hits = cache.hits
-    q8 = run_experiment(loaded, [prune, distill, RTNConfig(bits=8, group_size=32)], "quick", registry=url,
-                        prefix_cache=cache)
+    q8 = run_experiment(
+        loaded, [prune, distill, RTNConfig(bits=8, group_size=32)], "quick", registry=url, prefix_cache=cache
+    )
     assert q8.ok and cache.hits == hits + 1  # only the quantization step ran again
     assert [s["reused"] for s in q8.extras["stages"]] == [True, True, False]
     assert q8.metrics["training_tokens"] == 186
@@ -89,13 +92,16 @@ def test_a_stopped_pipeline_is_recorded_interrupted_with_its_checkpoint(home):
     loaded = load_model("tiny-llama")
     progress = Progress()
     progress.on_partial = lambda m: progress.cancel() if m.get("distill_step") == 2 else None
-    res = run_experiment(loaded, [DistillConfig(steps=5, **TINY)], "quick", registry=url, progress=progress,
-                         prefix_cache=False)
+    res = run_experiment(
+        loaded, [DistillConfig(steps=5, **TINY)], "quick", registry=url, progress=progress, prefix_cache=False
+    )
     assert res.status == "interrupted" and "saved in" in res.error
     with Registry.open(url) as reg:
         frame = reg.runs_frame(status=None)
     row = frame[frame["run_id"] == res.run_id].iloc[0]
     assert row["status"] == "interrupted" and "distill_checkpoints" in str(row["error"])
-    again = run_experiment(loaded, [DistillConfig(steps=5, **TINY)], "quick", registry=url, prefix_cache=False)
+    again = run_experiment(
+        loaded, [DistillConfig(steps=5, **TINY)], "quick", registry=url, prefix_cache=False
+    )
     assert again.ok and again.metrics["resumed_from_step"] == 2
     assert copy.deepcopy(again.extras["loss_curve"]["step"]) == [1, 2, 3, 4, 5]

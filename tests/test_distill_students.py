@@ -80,10 +80,14 @@ def test_width_pruning_keeps_the_most_active_neurons_and_heads_with_their_weight
         kept = [int(torch.argmax(h[0:2])), 2 + int(torch.argmax(h[2:4]))]
         t_attn, s_attn = teacher.model.layers[i].self_attn, student.model.layers[i].self_attn
         for slot, head in enumerate(kept):
-            assert torch.equal(s_attn.q_proj.weight[slot * 16:(slot + 1) * 16],
-                               t_attn.q_proj.weight[head * 16:(head + 1) * 16])
-            assert torch.equal(s_attn.o_proj.weight[:, slot * 16:(slot + 1) * 16],
-                               t_attn.o_proj.weight[:, head * 16:(head + 1) * 16])
+            assert torch.equal(
+                s_attn.q_proj.weight[slot * 16 : (slot + 1) * 16],
+                t_attn.q_proj.weight[head * 16 : (head + 1) * 16],
+            )
+            assert torch.equal(
+                s_attn.o_proj.weight[:, slot * 16 : (slot + 1) * 16],
+                t_attn.o_proj.weight[:, head * 16 : (head + 1) * 16],
+            )
         assert torch.equal(s_attn.k_proj.weight, t_attn.k_proj.weight)
     assert student(ids).logits.shape == (4, 16, teacher.config.vocab_size)
 
@@ -118,12 +122,15 @@ def test_prune_technique_reports_what_it_dropped_and_the_preview_matches():
     assert PruneConfig(layers=(1, 3)).label() == "prune -L1,3"
 
 
-@pytest.mark.parametrize("config, match", [
-    ({"drop": 2}, "leaves none"),
-    ({"layers": (0, 5)}, "layers 0..1"),
-    ({"ffn_size": 500}, "FFN width is 128"),
-    ({"heads": 3}, "multiple of 2"),
-])
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"drop": 2}, "leaves none"),
+        ({"layers": (0, 5)}, "layers 0..1"),
+        ({"ffn_size": 500}, "FFN width is 128"),
+        ({"heads": 3}, "multiple of 2"),
+    ],
+)
 def test_bad_student_shapes_are_refused_before_work(config, match):
     with pytest.raises(ConfigError, match=match):
         check(tiny_llama(), PruneConfig(**config))
@@ -144,5 +151,7 @@ def test_a_different_tokenizer_is_refused_with_what_differs():
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     other = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
     check_same_tokenizer(byte_tokenizer(), byte_tokenizer())  # the same one passes
-    with pytest.raises(ConfigError, match=r"vocabulary size 257 \(teacher\) vs 96 \(student\).*ids of the probe"):
+    with pytest.raises(
+        ConfigError, match=r"vocabulary size 257 \(teacher\) vs 96 \(student\).*ids of the probe"
+    ):
         check_same_tokenizer(byte_tokenizer(), other)

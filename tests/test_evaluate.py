@@ -18,8 +18,17 @@ from workbench.errors import ConfigError, RunInterrupted
 from workbench.evaluation import base_cache
 from workbench.progress import Progress
 
-SMALL = ev.Suite("small", n_tokens=1024, context_length=128, scoring="full", batch_size=3, n_generations=1,
-                 speed_prompt=32, speed_tokens=4, speed_repeats=1)
+SMALL = ev.Suite(
+    "small",
+    n_tokens=1024,
+    context_length=128,
+    scoring="full",
+    batch_size=3,
+    n_generations=1,
+    speed_prompt=32,
+    speed_tokens=4,
+    speed_repeats=1,
+)
 FAST = dataclasses.replace(SMALL, speed=False, n_generations=0)
 
 
@@ -99,8 +108,18 @@ def test_kl_is_zero_for_the_base_itself_and_matches_a_plain_computation_for_a_pe
     assert m["kl_mean"] == pytest.approx(float(kl.double().mean()), rel=1e-4)
     assert m["kl_max"] == pytest.approx(float(kl.max()), rel=1e-4)
     assert m["top1_agree"] == pytest.approx(float(agree.double().mean()), abs=2e-3)
-    for name in ("prefill_tok_s", "decode_tok_s", "peak_mem_mb", "size_mb", "bits_per_weight", "eval_tok_s",
-                 "n_params", "size_bytes", "bits_per_weight_linear", "eval_seconds"):
+    for name in (
+        "prefill_tok_s",
+        "decode_tok_s",
+        "peak_mem_mb",
+        "size_mb",
+        "bits_per_weight",
+        "eval_tok_s",
+        "n_params",
+        "size_bytes",
+        "bits_per_weight_linear",
+        "eval_seconds",
+    ):
         assert m[name] > 0, name
     assert 0 <= m["work_mem_mb"] <= m["peak_mem_mb"]
     assert other.generations and set(other.generations[0]) == {"prompt", "base", "model"}
@@ -140,7 +159,9 @@ def test_stored_base_outputs_give_the_exact_kl_within_1_percent(tiny_llama, byte
     assert float(approx.mean()) == pytest.approx(float(ev.kl_divergence(lp, lq).mean()), rel=0.01)
 
 
-def test_base_outputs_are_computed_once_and_reused_from_disk(tiny_llama, byte_tokenizer, tmp_path, monkeypatch):
+def test_base_outputs_are_computed_once_and_reused_from_disk(
+    tiny_llama, byte_tokenizer, tmp_path, monkeypatch
+):
     monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
     calls = []
     model = _perturbed(tiny_llama)  # copied before the hook, so only the base's forward passes are counted
@@ -152,8 +173,13 @@ def test_base_outputs_are_computed_once_and_reused_from_disk(tiny_llama, byte_to
         ev.clear_memory_cache()  # force the disk copy to be used, as in a new process
         second = ev.evaluate(model, byte_tokenizer, suite, base_model=tiny_llama, base_fingerprint="fp-test")
         # Speed settings do not change the base outputs: the same entry serves this suite too.
-        third = ev.evaluate(model, byte_tokenizer, dataclasses.replace(suite, speed_repeats=3), base_model=tiny_llama,
-                            base_fingerprint="fp-test")
+        third = ev.evaluate(
+            model,
+            byte_tokenizer,
+            dataclasses.replace(suite, speed_repeats=3),
+            base_model=tiny_llama,
+            base_fingerprint="fp-test",
+        )
     finally:
         handle.remove()
     assert n_first == 3 and len(calls) == n_first  # 8 chunks in batches of 3, then nothing more
@@ -164,7 +190,9 @@ def test_base_outputs_are_computed_once_and_reused_from_disk(tiny_llama, byte_to
     assert (entries[0] / "hidden.npy").stat().st_size < 8 * 127 * 64 * 4 + 1024
 
 
-def test_an_entry_published_by_another_process_first_is_kept(tiny_llama, byte_tokenizer, tmp_path, monkeypatch):
+def test_an_entry_published_by_another_process_first_is_kept(
+    tiny_llama, byte_tokenizer, tmp_path, monkeypatch
+):
     monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
     suite = dataclasses.replace(FAST, name="race-test")
     out = ev.base_outputs(tiny_llama, byte_tokenizer, suite, base_fingerprint="fp-race")
@@ -240,8 +268,9 @@ def test_suites_have_stable_keys_and_bad_names_are_refused():
 
 def test_bfloat16_compute_is_close_to_float32_but_not_equal(tiny_llama, byte_tokenizer):
     fp32 = ev.evaluate(tiny_llama, byte_tokenizer, FAST, base_model=tiny_llama)
-    bf16 = ev.evaluate(tiny_llama, byte_tokenizer, dataclasses.replace(FAST, compute_dtype="bfloat16"),
-                       base_model=tiny_llama)
+    bf16 = ev.evaluate(
+        tiny_llama, byte_tokenizer, dataclasses.replace(FAST, compute_dtype="bfloat16"), base_model=tiny_llama
+    )
     assert fp32.metrics["kl_mean"] == 0.0
     assert 0 < bf16.metrics["kl_mean"] < 1e-2
     assert bf16.metrics["ppl"] == pytest.approx(fp32.metrics["ppl"], rel=0.01)
@@ -260,8 +289,14 @@ def test_demo_perplexity_equals_a_plain_transformers_loop():
 
     loaded = load_model("demo")
     for scoring in ("full", "second_half"):
-        suite = ev.Suite(f"demo-{scoring}", n_tokens=1024, context_length=512, scoring=scoring, speed=False,
-                         n_generations=0)
+        suite = ev.Suite(
+            f"demo-{scoring}",
+            n_tokens=1024,
+            context_length=512,
+            scoring=scoring,
+            speed=False,
+            n_generations=0,
+        )
         res = ev.evaluate(loaded.model, loaded.tokenizer, suite)
         chunks = ev.suite_chunks(loaded.tokenizer, suite)
         ref = _plain_nll(loaded.model, chunks, suite.score_start)
@@ -273,10 +308,13 @@ def test_provisional_metrics_arrive_per_batch_and_do_not_change_the_result(tiny_
     # A plot shows a first estimate after the first batch; listening must not move the final numbers.
     other = _perturbed(tiny_llama)
     partials: list[dict] = []
-    heard = ev.evaluate(other, byte_tokenizer, FAST, base_model=tiny_llama,
-                        progress=Progress(on_partial=partials.append))
+    heard = ev.evaluate(
+        other, byte_tokenizer, FAST, base_model=tiny_llama, progress=Progress(on_partial=partials.append)
+    )
     quiet = ev.evaluate(other, byte_tokenizer, FAST, base_model=tiny_llama)
-    assert heard.metrics["ppl"] == quiet.metrics["ppl"] and heard.metrics["kl_mean"] == quiet.metrics["kl_mean"]
+    assert (
+        heard.metrics["ppl"] == quiet.metrics["ppl"] and heard.metrics["kl_mean"] == quiet.metrics["kl_mean"]
+    )
     n_batches = -(-(FAST.n_tokens // FAST.context_length) // FAST.batch_size)
     assert len(partials) == n_batches - 1  # after every batch but the last (the result itself follows)
     fractions = [p["provisional"] for p in partials]
@@ -298,5 +336,7 @@ def test_iterated_steps_report_the_time_left(monkeypatch):
     assert seen[0] == "gptq layer 1/4"  # no pace yet
     assert seen[1] == "gptq layer 2/4 · about 30 s left"  # 10 s for one layer, three to go
     assert seen[2] == "gptq layer 3/4 · about 20 s left"
-    assert seen[3] == "gptq layer 4/4 · about 3 min left"  # a slow third layer: 600 s / 3 per layer, one to go
+    assert (
+        seen[3] == "gptq layer 4/4 · about 3 min left"
+    )  # a slow third layer: 600 s / 3 per layer, one to go
     assert seen[-1] == "gptq layer"

@@ -106,7 +106,9 @@ def test_bad_input_is_refused_before_anything_is_recorded(registry_url):
     with pytest.raises(ConfigError, match="blow up"):
         run_experiment("tiny-llama", [_ScaleConfig(11.0)], "quick", registry=registry_url)
     with pytest.raises(ConfigError, match="Unknown technique"):
-        run_experiment("tiny-llama", [{"technique": "gtpq", "version": 1, "params": {}}], registry=registry_url)
+        run_experiment(
+            "tiny-llama", [{"technique": "gtpq", "version": 1, "params": {}}], registry=registry_url
+        )
     with pytest.raises(ConfigError):
         run_experiment("tiny-llama", [], "no-such-suite", registry=registry_url)
     assert Registry.open(registry_url).runs_frame(status=None).empty
@@ -115,8 +117,13 @@ def test_bad_input_is_refused_before_anything_is_recorded(registry_url):
 def test_lineage_tags_and_notes_are_stored(registry_url):
     parent = run_experiment("tiny-llama", [], "quick", registry=registry_url)
     child = run_experiment(
-        "tiny-llama", [_ScaleConfig(0.95)], "quick", registry=registry_url,
-        parent_id=parent.run_id, tags=("team-a", "sweep"), notes="first try",
+        "tiny-llama",
+        [_ScaleConfig(0.95)],
+        "quick",
+        registry=registry_url,
+        parent_id=parent.run_id,
+        tags=("team-a", "sweep"),
+        notes="first try",
     )
     run = Registry.open(registry_url).get_run(child.run_id)
     assert run.parent_id == parent.run_id

@@ -30,7 +30,9 @@ def _ctx():
     return ApplyContext(tokenizer=byte_tokenizer(), corpus=get_corpus("python-docs"))
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "gpt_oss", "deepseek_v3", "dbrx", "afmoe", "llama4_text"])
+@pytest.mark.parametrize(
+    "family", ["qwen2_moe", "mixtral", "gpt_oss", "deepseek_v3", "dbrx", "afmoe", "llama4_text"]
+)
 def test_pruned_model_runs_is_smaller_and_reloads(family, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -56,7 +56,12 @@ def test_spec_parse_accepts_strings_and_specs_and_rejects_bad_values():
     spec = ModelSpec.parse("  tiny-llama ")
     assert spec == ModelSpec("tiny-llama")
     assert (spec.dtype, spec.device, spec.revision, spec.trust_remote_code, spec.allow_pickle) == (
-        "float32", "cpu", None, False, False)
+        "float32",
+        "cpu",
+        None,
+        False,
+        False,
+    )
     built = ModelSpec("demo", dtype="bfloat16")
     assert ModelSpec.parse(built) is built
     with pytest.raises(ConfigError, match="string or ModelSpec"):
@@ -306,13 +311,17 @@ def test_size_report_counts_real_packed_backends_from_their_tensors():
     n_linear = size_report(base).linear_params
     cases = [
         (make_config("bnb", mode="int8"), lambda n, o: n + 4 * o),
-        (make_config("bnb", mode="nf4", double_quant=True),
-         lambda n, o: n // 2 + n // 64 + 4 * -(-(n // 64) // 256) + 4),  # code tables are constants, not counted
+        (
+            make_config("bnb", mode="nf4", double_quant=True),
+            lambda n, o: n // 2 + n // 64 + 4 * -(-(n // 64) // 256) + 4,
+        ),  # code tables are constants, not counted
         (make_config("quanto", weights="int8"), lambda n, o: n + 4 * o),
     ]
     for config, rule in cases:
         q = apply_(copy.deepcopy(base), config)
-        linears = [m for name, m in q.named_modules() if ".layers." in name and hasattr(m, "wb_storage_bytes")]
+        linears = [
+            m for name, m in q.named_modules() if ".layers." in name and hasattr(m, "wb_storage_bytes")
+        ]
         assert len(linears) == 14, config
         for m in linears:
             del m.wb_storage_bytes  # count from the backend's own tensors
@@ -409,12 +418,18 @@ def test_demo_tokenizer_splits_digits_like_smollm2_and_keeps_it_on_disk():
 def test_demo_copy_has_the_gguf_logits_and_the_unfixed_tokenizer_differs():
     gguf = models._find_demo_gguf(models.demo_home())
     model, tokenizer = models.load_gguf_model(gguf)
-    assert tokenizer("  2024")["input_ids"] != _vocab_ids(tokenizer, DIGIT_CASES["  2024"])  # why the fix exists
+    assert tokenizer("  2024")["input_ids"] != _vocab_ids(
+        tokenizer, DIGIT_CASES["  2024"]
+    )  # why the fix exists
     models.fix_smollm2_tokenizer(tokenizer)
     loaded = load_model("demo")
     ids = tokenizer("def add(a, b):\n    return a + b  # 2024", return_tensors="pt")["input_ids"]
-    assert ids.tolist() == loaded.tokenizer("def add(a, b):\n    return a + b  # 2024", return_tensors="pt")[
-        "input_ids"].tolist()
+    assert (
+        ids.tolist()
+        == loaded.tokenizer("def add(a, b):\n    return a + b  # 2024", return_tensors="pt")[
+            "input_ids"
+        ].tolist()
+    )
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded.model(ids).logits)
     assert fingerprint(model) == loaded.fingerprint
@@ -438,7 +453,9 @@ def test_size_report_of_a_bnb_model_equals_the_tensors_bitsandbytes_saves(params
         # Codes, absmax or row scales as saved; the nested offset (one fp32) travels inside the packed
         # quant_state entry; the 16/256-entry code tables (quant_map) are constants bitsandbytes rebuilds.
         parts = ["weight", "weight.absmax", "weight.nested_absmax", "SCB"]
-        own = sum(sd[f"{name}.{p}"].numel() * sd[f"{name}.{p}"].element_size() for p in parts if f"{name}.{p}" in sd)
+        own = sum(
+            sd[f"{name}.{p}"].numel() * sd[f"{name}.{p}"].element_size() for p in parts if f"{name}.{p}" in sd
+        )
         own += 4 * (f"{name}.weight.nested_absmax" in sd)
         assert module.wb_storage_bytes == own == storage_bytes(module), name
         del module.wb_storage_bytes  # size accounting must find the same from the tensors alone

@@ -62,7 +62,9 @@ def test_carved_block_layout(carved):
     assert block.shared_expert.gate_proj.out_features == 16
     # Every neuron of the dense MLP sits in exactly one place: its gate row is in the shared part or one expert.
     dense_rows = carved[0].model.layers[0].mlp.gate_proj.weight
-    rows = torch.cat([block.shared_expert.gate_proj.weight, block.experts.gate_up_proj[:, :28].reshape(-1, 64)])
+    rows = torch.cat(
+        [block.shared_expert.gate_proj.weight, block.experts.gate_up_proj[:, :28].reshape(-1, 64)]
+    )
     assert rows.shape == dense_rows.shape
     assert torch.equal(torch.sort(rows.sum(1)).values, torch.sort(dense_rows.sum(1)).values)
 
@@ -148,13 +150,16 @@ def test_upcycled_uniform_router_reproduces_the_dense_model(tiny_llama):
     block = model.model.layers[0].mlp
     assert tuple(block.experts.gate_up_proj.shape) == (4, 256, 64)  # E whole copies of the 128-neuron MLP
     assert block.shared_expert is None
-    assert moefy.active_counts(model)["active_ffn_fraction"] == pytest.approx(4.0)  # k copies of the dense MLP
+    assert moefy.active_counts(model)["active_ffn_fraction"] == pytest.approx(
+        4.0
+    )  # k copies of the dense MLP
 
 
 def test_upcycled_random_router_mixes_identical_copies(tiny_llama):
     """A random router changes which copies run, and their weights still sum to 1: still the dense output."""
-    model = apply_(copy.deepcopy(tiny_llama), make_config("moefy", mode="upcycle", n_experts=4, top_k=2,
-                                                          router_std=0.5))
+    model = apply_(
+        copy.deepcopy(tiny_llama), make_config("moefy", mode="upcycle", n_experts=4, top_k=2, router_std=0.5)
+    )
     assert model.model.layers[0].mlp.gate.weight.abs().sum() > 0
     assert (_logits(model) - _logits(tiny_llama)).abs().max().item() < 1e-4
 
@@ -214,16 +219,20 @@ def test_demo_moe_builds_caches_and_matches_the_dense_demo_at_k_equal_e():
     an = anatomy(loaded.model)
     assert an.is_moe and len(an.experts) == 30 and {b.top_k for b in an.experts} == {8}
     dense = load_model("demo")
-    suite = Suite("moe-test", n_tokens=1024, context_length=512, scoring="second_half", speed=False,
-                  n_generations=0)
-    full = evaluate(loaded.model, loaded.tokenizer, suite, base_model=dense.model,
-                    base_fingerprint=dense.fingerprint).metrics
+    suite = Suite(
+        "moe-test", n_tokens=1024, context_length=512, scoring="second_half", speed=False, n_generations=0
+    )
+    full = evaluate(
+        loaded.model, loaded.tokenizer, suite, base_model=dense.model, base_fingerprint=dense.fingerprint
+    ).metrics
     ref = evaluate(dense.model, dense.tokenizer, suite).metrics
     assert full["ppl"] == pytest.approx(ref["ppl"], rel=1e-4), (full["ppl"], ref["ppl"])
     assert full["kl_mean"] < 1e-6
     model = copy.deepcopy(loaded.model)
     moefy.set_top_k_(model, 4)
-    half = evaluate(model, loaded.tokenizer, suite, base_model=dense.model, base_fingerprint=dense.fingerprint).metrics
+    half = evaluate(
+        model, loaded.tokenizer, suite, base_model=dense.model, base_fingerprint=dense.fingerprint
+    ).metrics
     assert torch.isfinite(torch.tensor(half["ppl"])) and half["ppl"] > ref["ppl"] and half["kl_mean"] > 1e-3
     # A second load reads the cache (no rebuild) and gives the same weights.
     clear_cache()

@@ -82,10 +82,16 @@ def test_notebook_runs_headless_without_errors(path: Path, tmp_path: Path) -> No
         if cell.cell_type == "code" and cell.source.strip():
             assert cell.execution_count is not None, f"{path.name} cell {i} did not run"
     text = _text_outputs(nb)
-    assert "Traceback (most recent call last)" not in text, f"{path.name} printed a traceback:\n{text[-3000:]}"
+    assert "Traceback (most recent call last)" not in text, (
+        f"{path.name} printed a traceback:\n{text[-3000:]}"
+    )
     # A notebook runs clean: no warning box (deprecations, library chatter) in front of the reader.
-    warnings = [o.get("text", "") for c in nb.cells for o in c.get("outputs", [])
-                if o.get("name") == "stderr" and "Warning" in o.get("text", "")]
+    warnings = [
+        o.get("text", "")
+        for c in nb.cells
+        for o in c.get("outputs", [])
+        if o.get("name") == "stderr" and "Warning" in o.get("text", "")
+    ]
     assert not warnings, f"{path.name} printed warnings:\n" + "\n".join(w[-800:] for w in warnings)
     if path.name == "00_quickstart.ipynb":
         _check_quickstart(nb, registry_url)
@@ -107,4 +113,6 @@ def _check_quickstart(nb: nbformat.NotebookNode, registry_url: str) -> None:
     assert f"run {int(runs['run_id'].iloc[0])}: done" in text
     assert "| run_id" in text and "baseline" in text, "the registry table is missing"
     last = [c for c in nb.cells if c.cell_type == "code"][-1]
-    assert any(WIDGET_MIME in o.get("data", {}) for o in last.outputs), "the Workbench did not display as a widget"
+    assert any(WIDGET_MIME in o.get("data", {}) for o in last.outputs), (
+        "the Workbench did not display as a widget"
+    )

@@ -9,8 +9,16 @@ from workbench.evaluate import Suite
 
 WAIT = 60
 # 4 chunks in batches of 1: three provisional estimates before the result.
-SUITE = Suite("provisional-test", n_tokens=256, context_length=64, batch_size=1, n_generations=0,
-              speed_prompt=16, speed_tokens=2, speed_repeats=1)
+SUITE = Suite(
+    "provisional-test",
+    n_tokens=256,
+    context_length=64,
+    batch_size=1,
+    n_generations=0,
+    speed_prompt=16,
+    speed_tokens=2,
+    speed_repeats=1,
+)
 
 
 @pytest.fixture()
@@ -28,8 +36,13 @@ def test_a_new_point_is_drawn_provisionally_then_replaced_by_the_recorded_one(ap
 
     def spy():
         refresh()
-        seen.append([(t.name, list(t.x), list(t.y), t.hovertext[0]) for t in panel.plot.figure.data
-                     if t.name == "provisional"])
+        seen.append(
+            [
+                (t.name, list(t.x), list(t.y), t.hovertext[0])
+                for t in panel.plot.figure.data
+                if t.name == "provisional"
+            ]
+        )
 
     panel.plot.refresh = spy
     app.run_baseline()

@@ -42,7 +42,9 @@ def test_a_model_pushed_onto_a_grid_is_detected(tiny_llama, bits, group, symmetr
     assert report.form == ("symmetric" if symmetric else "asymmetric")
     assert f"{bits}-bit grid (groups of {group}" in report.message
     assert "reproduces it exactly, which says nothing about the method" in report.message
-    assert report.finer_bits() == ([] if symmetric else [b for b in range(bits + 1, 9) if (2**b - 1) % (2**bits - 1) == 0])
+    assert report.finer_bits() == (
+        [] if symmetric else [b for b in range(bits + 1, 9) if (2**b - 1) % (2**bits - 1) == 0]
+    )
 
 
 def test_a_q4_1_grid_gets_the_warning_that_names_what_to_compare_instead(tiny_llama):

@@ -45,7 +45,9 @@ def _real_bytes(module: nn.Module) -> int:
         scb = w.SCB if w.SCB is not None else module.state.SCB  # moved to the state on the first forward
         return w.numel() + scb.numel() * scb.element_size()
     data = w.data
-    parts = [getattr(data, n) for n in data.__tensor_flatten__()[0]]  # quanto: _data (maybe packed), _scale, ...
+    parts = [
+        getattr(data, n) for n in data.__tensor_flatten__()[0]
+    ]  # quanto: _data (maybe packed), _scale, ...
     flat = []
     for t in parts:
         flat += [getattr(t, n) for n in t.__tensor_flatten__()[0]] if type(t) is not torch.Tensor else [t]
@@ -89,17 +91,23 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("backend", "params", "cls", "code_dtype", "kl_ceiling"), CASES,
-                         ids=[f"{c[0]}-{'-'.join(map(str, c[1].values()))}" for c in CASES])
-def test_backend_stores_packed_codes_and_stays_close_to_base(tiny_llama, ids, backend, params, cls, code_dtype,
-                                                            kl_ceiling):
+@pytest.mark.parametrize(
+    ("backend", "params", "cls", "code_dtype", "kl_ceiling"),
+    CASES,
+    ids=[f"{c[0]}-{'-'.join(map(str, c[1].values()))}" for c in CASES],
+)
+def test_backend_stores_packed_codes_and_stays_close_to_base(
+    tiny_llama, ids, backend, params, cls, code_dtype, kl_ceiling
+):
     from workbench.models import size_report
 
     config = make_config(backend, **params)
     q = apply_(copy.deepcopy(tiny_llama), config)
-    linears = list(decoder_linears(q)) if backend == "quanto" else [
-        (n, m) for n, m in q.named_modules() if ".layers." in n and type(m).__name__ == cls
-    ]
+    linears = (
+        list(decoder_linears(q))
+        if backend == "quanto"
+        else [(n, m) for n, m in q.named_modules() if ".layers." in n and type(m).__name__ == cls]
+    )
     assert len(linears) == 14, [n for n, _ in linears]  # 2 layers x (q, k, v, o, gate, up, down)
     total = 0
     for name, lin in linears:
@@ -107,7 +115,9 @@ def test_backend_stores_packed_codes_and_stays_close_to_base(tiny_llama, ids, ba
         assert type(lin).__module__.split(".")[0] in ("bitsandbytes", "optimum"), type(lin).__module__
         out, inp = lin.out_features, lin.in_features
         codes = lin.weight.data if backend == "bnb" else lin.weight._data
-        codes = codes if type(codes) is torch.Tensor else codes._data  # quanto packs int4/int2 in a PackedTensor
+        codes = (
+            codes if type(codes) is torch.Tensor else codes._data
+        )  # quanto packs int4/int2 in a PackedTensor
         assert codes.dtype == code_dtype, name
         assert codes.numel() * codes.element_size() == out * inp * config.bits // 8, name  # really packed
         assert lin.wb_storage_bytes == _real_bytes(lin), name
@@ -132,15 +142,19 @@ def test_bnb_returns_a_new_model_and_leaves_the_input_as_it_was(tiny_llama):
 
 
 def test_bnb_quality_orders_int8_before_the_4_bit_modes(tiny_llama, ids):
-    kl = {m: _kl(apply_(copy.deepcopy(tiny_llama), make_config("bnb", mode=m)), tiny_llama, ids)
-          for m in ("int8", "nf4", "fp4")}
+    kl = {
+        m: _kl(apply_(copy.deepcopy(tiny_llama), make_config("bnb", mode=m)), tiny_llama, ids)
+        for m in ("int8", "nf4", "fp4")
+    }
     assert kl["int8"] < kl["nf4"] / 10 and kl["int8"] < kl["fp4"] / 10, kl
     assert 1 / 4 < kl["nf4"] / kl["fp4"] < 4, kl  # the two 4-bit grids are of the same quality
 
 
 def test_quanto_quality_orders_with_bits(tiny_llama, ids):
-    kl = [_kl(apply_(copy.deepcopy(tiny_llama), make_config("quanto", weights=w)), tiny_llama, ids)
-          for w in ("int8", "int4", "int2")]
+    kl = [
+        _kl(apply_(copy.deepcopy(tiny_llama), make_config("quanto", weights=w)), tiny_llama, ids)
+        for w in ("int8", "int4", "int2")
+    ]
     assert kl[0] < kl[1] < kl[2], kl
 
 
@@ -149,8 +163,10 @@ def test_int8_threshold_keeps_outlier_features_in_higher_precision(tiny_llama, i
     with torch.no_grad():
         for layer in model.model.layers:  # a few large hidden features, the case LLM.int8 was made for
             layer.post_attention_layernorm.weight[:4] = 20.0
-    kl = {th: _kl(apply_(copy.deepcopy(model), make_config("bnb", mode="int8", int8_threshold=th)), model, ids)
-          for th in (0.0, 6.0)}
+    kl = {
+        th: _kl(apply_(copy.deepcopy(model), make_config("bnb", mode="int8", int8_threshold=th)), model, ids)
+        for th in (0.0, 6.0)
+    }
     assert kl[6.0] < kl[0.0], kl
 
 
@@ -248,23 +264,30 @@ def test_quantized_model_goes_where_the_model_lives(device, spread, expected):
 
 @pytest.mark.parametrize(
     ("name", "params"),
-    [("bnb", {"mode": "fp4", "double_quant": True, "compute_dtype": "bfloat16"}),
-     ("bnb", {"mode": "int8", "int8_threshold": 4.0}),
-     ("quanto", {"weights": "int2", "group_size": 32}),
-     ("quanto", {"weights": "int4"})],
+    [
+        ("bnb", {"mode": "fp4", "double_quant": True, "compute_dtype": "bfloat16"}),
+        ("bnb", {"mode": "int8", "int8_threshold": 4.0}),
+        ("quanto", {"weights": "int2", "group_size": 32}),
+        ("quanto", {"weights": "int4"}),
+    ],
 )
 def test_backend_configs_round_trip(name, params):
     config = make_config(name, **params)
     assert config_from_dict(config_to_dict(config)) == config
 
 
-@pytest.mark.parametrize("params", [{"weights": "int4"}, {"weights": "int2"}, {"weights": "int8"}],
-                         ids=["quanto-int4", "quanto-int2", "quanto-int8"])
+@pytest.mark.parametrize(
+    "params",
+    [{"weights": "int4"}, {"weights": "int2"}, {"weights": "int8"}],
+    ids=["quanto-int4", "quanto-int2", "quanto-int8"],
+)
 def test_packed_quanto_models_evaluate_through_run_experiment(params, tmp_path):
     # quanto's 4/2-bit weights are tensor subclasses whose matmul makes views: under torch.inference_mode that
     # failed with "Cannot set version_counter for inference tensor"; evaluation must pick no_grad for them.
     from workbench.experiment import run_experiment
 
-    res = run_experiment("tiny-llama", [make_config("quanto", **params)], registry=f"sqlite:///{tmp_path / 'r.db'}")
+    res = run_experiment(
+        "tiny-llama", [make_config("quanto", **params)], registry=f"sqlite:///{tmp_path / 'r.db'}"
+    )
     assert res.status == "done", res.error
     assert res.metrics["kl_mean"] >= 0 and res.metrics["decode_tok_s"] > 0 and res.generations

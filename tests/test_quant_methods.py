@@ -208,7 +208,9 @@ def test_rtn_reproduces_weights_already_on_a_q4_1_grid():
     # Every 4-bit level is an 8-bit level (255 = 15 x 17): 8-bit group 32 misses only by its fp16 scale's rounding.
     step = scale.expand(8, 2, 32).reshape(8, 64)
     assert ((fake_quantize(w, 8, 32) - w).abs() / step).max() < 0.1
-    assert ((fake_quantize(w, 8, 64) - w).abs() / step).max() > 0.05  # one scale across two Q4_1 groups: off the grid
+    assert (
+        (fake_quantize(w, 8, 64) - w).abs() / step
+    ).max() > 0.05  # one scale across two Q4_1 groups: off the grid
     assert not torch.allclose(fake_quantize(w, 4, 32, symmetric=False, zero_point="int"), w, atol=1e-6)
 
 

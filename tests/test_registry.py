@@ -490,7 +490,10 @@ def _count_from_another_process(url: str) -> int:
     """How many runs ``workbench runs`` sees from a fresh process (which opens and closes the registry)."""
     out = subprocess.run(
         [sys.executable, "-m", "workbench.cli", "runs", "--registry", url, "--format", "csv"],
-        capture_output=True, text=True, timeout=120, check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     return len(out.stdout.strip().splitlines()) - 1
 

@@ -10,8 +10,15 @@ from workbench.errors import ConfigError
 from workbench.evaluate import Suite
 
 WAIT = 120
-SUITE = Suite("ui-test", n_tokens=256, context_length=64, n_generations=0, speed_prompt=16, speed_tokens=2,
-              speed_repeats=1)
+SUITE = Suite(
+    "ui-test",
+    n_tokens=256,
+    context_length=64,
+    n_generations=0,
+    speed_prompt=16,
+    speed_tokens=2,
+    speed_repeats=1,
+)
 
 
 def _app(registry_url, model):

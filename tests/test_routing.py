@@ -295,7 +295,9 @@ def _hot_expert_0(model, strength: float = 4.0):
 
         return hook
 
-    hooks = [model.get_submodule(b.router.name).register_forward_hook(keep(b.name)) for b in anatomy(model).experts]
+    hooks = [
+        model.get_submodule(b.router.name).register_forward_hook(keep(b.name)) for b in anatomy(model).experts
+    ]
     with torch.no_grad():
         model(IDS)
     for h in hooks:

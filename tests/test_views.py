@@ -42,7 +42,12 @@ def _runs() -> pd.DataFrame:
 
 def test_pareto_front_keeps_only_undominated_runs():
     info = tradeoff_info(_runs())
-    assert sorted(info.front["run_id"]) == [1, 2, 4, 5]  # run 3 (rtn 3-bit) is beaten by gptq at the same size
+    assert sorted(info.front["run_id"]) == [
+        1,
+        2,
+        4,
+        5,
+    ]  # run 3 (rtn 3-bit) is beaten by gptq at the same size
     assert list(info.front["metric_bits_per_weight"]) == sorted(info.front["metric_bits_per_weight"])
 
 
@@ -111,15 +116,25 @@ def test_log_quality_axis_and_a_baseline_at_zero_kl():
 
 
 def test_points_are_labelled_with_their_setting_and_plots_follow_the_container_width():
-    runs = _runs().assign(param_bits=[None, 4, 3, 3, 2], param_group_size=[None, 64, 64, 32, 64],
-                          param_symmetric=[None, True, False, False, False])
+    runs = _runs().assign(
+        param_bits=[None, 4, 3, 3, 2],
+        param_group_size=[None, 64, 64, 32, 64],
+        param_symmetric=[None, True, False, False, False],
+    )
     fig = tradeoff_figure(runs)
     rtn = next(t for t in fig.data if t.name == "rtn")
     assert list(rtn.text) == ["4b g64 sym", "3b g64", "2b g64"] and "text" in rtn.mode
-    assert setting_labels(pd.DataFrame({"technique": ["bnb", "quanto", "baseline"], "param_mode": ["nf4", None, None],
-                                        "param_double_quant": [True, None, None],
-                                        "param_weights": [None, "int4", None],
-                                        "param_group_size": [None, 64, None]})) == ["nf4 dq", "int4 g64", "float"]
+    assert setting_labels(
+        pd.DataFrame(
+            {
+                "technique": ["bnb", "quanto", "baseline"],
+                "param_mode": ["nf4", None, None],
+                "param_double_quant": [True, None, None],
+                "param_weights": [None, "int4", None],
+                "param_group_size": [None, 64, None],
+            }
+        )
+    ) == ["nf4 dq", "int4 g64", "float"]
     for figure in (fig, bits_figure(runs), tradeoff_figure(pd.DataFrame())):
         assert figure.layout.autosize is True and figure.layout.width is None and figure.layout.height
     many = pd.concat([runs] * 20, ignore_index=True).assign(run_id=range(100))
@@ -127,8 +142,11 @@ def test_points_are_labelled_with_their_setting_and_plots_follow_the_container_w
 
 
 def test_simulated_latency_is_marked_in_axis_colour_and_hover():
-    runs = with_display_metrics(_runs().assign(technique=["baseline", "rtn", "rtn", "bnb", "rtn"],
-                                               notes=["", "", "", "packed <nf4>", ""]))
+    runs = with_display_metrics(
+        _runs().assign(
+            technique=["baseline", "rtn", "rtn", "bnb", "rtn"], notes=["", "", "", "packed <nf4>", ""]
+        )
+    )
     assert simulated_latency(runs).tolist() == [False, True, True, False, True]
     fig = tradeoff_figure(runs, x="metric_decode_ms_per_tok", color="metric_decode_tok_s")
     assert fig.layout.xaxis.title.text == "Decode latency (ms/token; simulated for rtn)"
@@ -137,15 +155,24 @@ def test_simulated_latency_is_marked_in_axis_colour_and_hover():
     assert "Decode tokens/s: 60 (simulated)" in hover[2] and "(simulated)" not in hover[4]
     assert "notes: packed &lt;nf4&gt;" in hover[4]
     # A stacked pipeline is simulated when any step is, whatever its first step.
-    stacked = pd.DataFrame({"technique": ["bnb", "bnb"], "pipeline_json": [
-        json.dumps([{"technique": "bnb"}]), json.dumps([{"technique": "bnb"}, {"technique": "gptq"}])]})
+    stacked = pd.DataFrame(
+        {
+            "technique": ["bnb", "bnb"],
+            "pipeline_json": [
+                json.dumps([{"technique": "bnb"}]),
+                json.dumps([{"technique": "bnb"}, {"technique": "gptq"}]),
+            ],
+        }
+    )
     assert simulated_latency(stacked).tolist() == [False, True]
 
 
 def test_short_model_names():
     assert short_model_name("SmolLM2-135M-Instruct (134.5M params, 538 MB f32)") == "SmolLM2-135M-Instruct"
-    assert short_model_name("/home/me/models/llama-3.2-1b-instruct-q4 (1236.0M params, 4944 MB f32)") == \
-        "llama-3.2-1b-instruct-q4"
+    assert (
+        short_model_name("/home/me/models/llama-3.2-1b-instruct-q4 (1236.0M params, 4944 MB f32)")
+        == "llama-3.2-1b-instruct-q4"
+    )
     assert short_model_name("HuggingFaceTB/SmolLM2-360M") == "SmolLM2-360M"
     assert len(short_model_name("x" * 80)) == 32 and short_model_name(None) == ""
 
@@ -167,8 +194,11 @@ def test_higher_is_better_on_the_x_axis_too():
     info = tradeoff_info(_runs(), x="metric_decode_tok_s", y="metric_kl_mean")
     # 1 has the lowest KL, 5 is the fastest; 3 is beaten by 4 (as fast, less KL).
     assert sorted(info.front["run_id"]) == [1, 2, 4, 5]
-    info = tradeoff_info(_runs().assign(metric_decode_tok_s=[50.0, 60.0, 61.0, 59.0, 62.0]),
-                         x="metric_decode_tok_s", y="metric_kl_mean")
+    info = tradeoff_info(
+        _runs().assign(metric_decode_tok_s=[50.0, 60.0, 61.0, 59.0, 62.0]),
+        x="metric_decode_tok_s",
+        y="metric_kl_mean",
+    )
     assert sorted(info.front["run_id"]) == [1, 2, 3, 5]  # 4 is now slower than 2 and has more KL
 
 
@@ -202,23 +232,70 @@ def test_bits_figure_draws_one_line_per_method_sorted_by_bits_with_latency_in_ho
 def test_bits_figure_draws_one_line_per_grid_and_one_per_format_method():
     # The frame's param_* columns (first step's parameters): rtn at two group sizes, symmetric and not, an
     # integer zero point, per-channel; gptq; quanto and bnb, whose widths are formats (one line each).
-    runs = pd.DataFrame({
-        "run_id": list(range(1, 13)),
-        "technique": ["baseline", "rtn", "rtn", "rtn", "rtn", "rtn", "rtn", "rtn", "gptq", "quanto", "quanto",
-                      "bnb"],
-        "param_bits": [None, 4, 3, 4, 3, 4, 4, 4, 4, None, None, None],
-        "param_group_size": [None, 32, 32, 64, 64, 32, 32, -1, 32, 64, None, None],
-        "param_symmetric": [None, False, False, False, False, True, False, False, False, None, None, None],
-        "param_zero_point": [None, "float", "float", "float", "float", "float", "int", "float", "float", None,
-                             None, None],
-        "metric_bits_per_weight_linear": [32.0, 5.0, 4.0, 4.5, 3.5, 4.5, 4.75, 4.01, 5.0, 4.5, 8.0, 4.1],
-        "metric_kl_mean": [0.0, 0.05, 0.2, 0.07, 0.3, 0.06, 0.05, 0.2, 0.03, 0.1, 0.01, 0.08],
-        "metric_decode_tok_s": [50.0] * 12,
-    })
+    runs = pd.DataFrame(
+        {
+            "run_id": list(range(1, 13)),
+            "technique": [
+                "baseline",
+                "rtn",
+                "rtn",
+                "rtn",
+                "rtn",
+                "rtn",
+                "rtn",
+                "rtn",
+                "gptq",
+                "quanto",
+                "quanto",
+                "bnb",
+            ],
+            "param_bits": [None, 4, 3, 4, 3, 4, 4, 4, 4, None, None, None],
+            "param_group_size": [None, 32, 32, 64, 64, 32, 32, -1, 32, 64, None, None],
+            "param_symmetric": [
+                None,
+                False,
+                False,
+                False,
+                False,
+                True,
+                False,
+                False,
+                False,
+                None,
+                None,
+                None,
+            ],
+            "param_zero_point": [
+                None,
+                "float",
+                "float",
+                "float",
+                "float",
+                "float",
+                "int",
+                "float",
+                "float",
+                None,
+                None,
+                None,
+            ],
+            "metric_bits_per_weight_linear": [32.0, 5.0, 4.0, 4.5, 3.5, 4.5, 4.75, 4.01, 5.0, 4.5, 8.0, 4.1],
+            "metric_kl_mean": [0.0, 0.05, 0.2, 0.07, 0.3, 0.06, 0.05, 0.2, 0.03, 0.1, 0.01, 0.08],
+            "metric_decode_tok_s": [50.0] * 12,
+        }
+    )
     fig = bits_figure(runs, x="metric_bits_per_weight_linear")
     names = [t.name for t in fig.data]
-    assert names == ["bnb", "gptq g32", "quanto", "rtn g32", "rtn g32 int-zero", "rtn g32 sym",
-                     "rtn g64", "rtn per-channel"]
+    assert names == [
+        "bnb",
+        "gptq g32",
+        "quanto",
+        "rtn g32",
+        "rtn g32 int-zero",
+        "rtn g32 sym",
+        "rtn g64",
+        "rtn per-channel",
+    ]
     lines = {t.name: t for t in fig.data}
     assert list(lines["rtn g32"].x) == [4.0, 5.0] and list(lines["rtn g32"].customdata) == [3, 2]
     assert list(lines["rtn g64"].x) == [3.5, 4.5]
@@ -245,28 +322,45 @@ def test_hover_text_is_built_for_every_run_in_a_large_registry():
 
     n = 3000
     rng = np.random.default_rng(0)
-    runs = pd.DataFrame({"run_id": np.arange(n), "pipeline": ["rtn(bits=3)"] * n, "technique": ["rtn"] * n,
-                         "metric_bits_per_weight": rng.uniform(2, 8, n), "metric_kl_mean": rng.uniform(0, 1, n),
-                         "tags": [""] * n})
+    runs = pd.DataFrame(
+        {
+            "run_id": np.arange(n),
+            "pipeline": ["rtn(bits=3)"] * n,
+            "technique": ["rtn"] * n,
+            "metric_bits_per_weight": rng.uniform(2, 8, n),
+            "metric_kl_mean": rng.uniform(0, 1, n),
+            "tags": [""] * n,
+        }
+    )
     info = tradeoff_info(runs)
     assert len(info.points) == n and info.points["hover"].str.startswith("<b>run ").all()
     # The front of random points is a staircase: sorted by x, KL strictly falls.
     front = info.front
-    assert (np.diff(front["metric_bits_per_weight"]) >= 0).all() and (np.diff(front["metric_kl_mean"]) < 0).all()
+    assert (np.diff(front["metric_bits_per_weight"]) >= 0).all() and (
+        np.diff(front["metric_kl_mean"]) < 0
+    ).all()
 
 
 def test_many_baseline_runs_draw_one_reference_line_per_model():
     import time
 
     n = 2000
-    runs = pd.DataFrame({"run_id": range(n), "technique": ["baseline"] * (n - 1) + ["rtn"],
-                         "model": [f"m{i % 2} (1M params)" for i in range(n)],
-                         "model_fingerprint": [f"fp{i % 2}" for i in range(n)],
-                         "metric_bits_per_weight": [32.0] * (n - 1) + [4.5],
-                         "metric_kl_mean": [0.0] * (n - 1) + [0.1]})
+    runs = pd.DataFrame(
+        {
+            "run_id": range(n),
+            "technique": ["baseline"] * (n - 1) + ["rtn"],
+            "model": [f"m{i % 2} (1M params)" for i in range(n)],
+            "model_fingerprint": [f"fp{i % 2}" for i in range(n)],
+            "metric_bits_per_weight": [32.0] * (n - 1) + [4.5],
+            "metric_kl_mean": [0.0] * (n - 1) + [0.1],
+        }
+    )
     start = time.perf_counter()
     fig = tradeoff_figure(runs)
     assert time.perf_counter() - start < 2.0
     labels = sorted(a.text for a in fig.layout.annotations)
-    assert len(fig.layout.shapes) == 2 and labels[0].startswith("baseline · m0") and labels[1].startswith(
-        "baseline · m1")
+    assert (
+        len(fig.layout.shapes) == 2
+        and labels[0].startswith("baseline · m0")
+        and labels[1].startswith("baseline · m1")
+    )

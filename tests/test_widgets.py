@@ -28,8 +28,15 @@ from workbench.techniques import base as tbase
 
 WAIT = 60
 # A small custom suite (given to the app like "quick"): every metric, a fraction of the tokens.
-SUITE = Suite("ui-test", n_tokens=256, context_length=64, n_generations=0, speed_prompt=16, speed_tokens=2,
-              speed_repeats=1)
+SUITE = Suite(
+    "ui-test",
+    n_tokens=256,
+    context_length=64,
+    n_generations=0,
+    speed_prompt=16,
+    speed_tokens=2,
+    speed_repeats=1,
+)
 
 
 @pytest.fixture()
@@ -294,7 +301,9 @@ def test_a_measured_point_answers_at_once_while_the_queue_is_busy(app, registry_
     assert len(_done_runs(registry_url)) == n_runs
 
 
-def test_the_group_dropdown_offers_what_the_loaded_model_takes_and_other_sizes_are_refused_at_once(app, registry_url):
+def test_the_group_dropdown_offers_what_the_loaded_model_takes_and_other_sizes_are_refused_at_once(
+    app, registry_url
+):
     panel = app.quantize
     assert [v for _, v in panel.group_size.options] == [32, 64, 128, -1]  # no model yet: the generic choices
     app.load()
@@ -402,7 +411,9 @@ def test_tabs_come_from_the_panel_files_and_a_real_panel_replaces_its_placeholde
     finally:
         bench.close()
     real = panels._TABS.get(("route", False))  # the Route experts panel, put back afterwards
-    panels.register_tab(panels.Tab("Route experts", attr="route", order=20, build=lambda host: W.HTML("real")))
+    panels.register_tab(
+        panels.Tab("Route experts", attr="route", order=20, build=lambda host: W.HTML("real"))
+    )
     try:
         bench = Workbench(registry_url, model="tiny-llama", poll_interval=0)
         assert bench.route.value == "real" and bench.tabs.titles[1] == "Route experts"
@@ -498,8 +509,13 @@ def test_exports_write_the_table_and_plot_with_download_links(compare, tmp_path)
     links = compare.export_links.value
     assert "files/exports/" not in links and str(plot.resolve()) in links
     # Each link carries its file as a data: URI with the format's MIME type, and names the file to save.
-    mimes = {"csv": "text/csv", "md": "text/markdown", "html": "text/html", "tex": "application/x-latex",
-             "json": "application/json"}
+    mimes = {
+        "csv": "text/csv",
+        "md": "text/markdown",
+        "html": "text/html",
+        "tex": "application/x-latex",
+        "json": "application/json",
+    }
     for fmt, path in [*written.items(), ("html", plot)]:
         mime, data = _link_data(links, path.name)
         assert mime == mimes[fmt] and data == path.read_bytes(), path.name
@@ -536,12 +552,20 @@ def test_plot_follows_runs_written_by_another_process(registry_url):
         assert bench.watcher.running
         before = bench.compare.plot.refreshes
         other = Registry.open(registry_url)  # another writer: its own engine and connections
-        run_id = other.start_run(model_fingerprint="f" * 16, model_description="other model",
-                                 pipeline_json="[]", pipeline_label="baseline", suite_key="quick-x",
-                                 suite_name="quick", environment={})
+        run_id = other.start_run(
+            model_fingerprint="f" * 16,
+            model_description="other model",
+            pipeline_json="[]",
+            pipeline_label="baseline",
+            suite_key="quick-x",
+            suite_name="quick",
+            environment={},
+        )
         other.finish_run(run_id, {"kl_mean": 0.0, "bits_per_weight": 16.0, "ppl": 10.0})
         other.close()
-        assert _until(lambda: bench.compare.plot.refreshes > before and bench.first_run.layout.display == "none")
+        assert _until(
+            lambda: bench.compare.plot.refreshes > before and bench.first_run.layout.display == "none"
+        )
         assert list(bench.compare.frame["run_id"]) == [run_id]
         assert len(bench.compare.plot.figure.layout.shapes) == 2  # a lone baseline: its reference lines
     finally:
@@ -565,11 +589,27 @@ def test_a_long_export_link_says_its_size_and_still_downloads(compare, monkeypat
 
 def _add_run_of_another_suite(url: str, fingerprint: str) -> int:
     with Registry.open(url) as reg:
-        run_id = reg.start_run(model_fingerprint=fingerprint, model_description="tiny-llama", pipeline_json="[]",
-                               pipeline_label="baseline", suite_key="standard-0123456789ab", suite_name="standard",
-                               environment={})
-        reg.finish_run(run_id, {"kl_mean": 0.0, "bits_per_weight": 32.0, "ppl": 9.0, "decode_tok_s": 40.0,
-                                "top1_agree": 1.0, "size_mb": 20.0, "eval_loss_only": 1.0})
+        run_id = reg.start_run(
+            model_fingerprint=fingerprint,
+            model_description="tiny-llama",
+            pipeline_json="[]",
+            pipeline_label="baseline",
+            suite_key="standard-0123456789ab",
+            suite_name="standard",
+            environment={},
+        )
+        reg.finish_run(
+            run_id,
+            {
+                "kl_mean": 0.0,
+                "bits_per_weight": 32.0,
+                "ppl": 9.0,
+                "decode_tok_s": 40.0,
+                "top1_agree": 1.0,
+                "size_mb": 20.0,
+                "eval_loss_only": 1.0,
+            },
+        )
     return run_id
 
 
@@ -589,7 +629,10 @@ def test_compare_shows_the_apps_suite_unless_asked_for_all(compare):
     compare.refresh()
     # Default: the app's (custom) suite, matched by its key; the registry's other suite is offered by name.
     assert compare.suite.value == app.suite_filter == SUITE.key
-    assert ("standard", "standard") in compare.suite.options and compare.suite.options[0] == ("All suites", "")
+    assert ("standard", "standard") in compare.suite.options and compare.suite.options[0] == (
+        "All suites",
+        "",
+    )
     assert set(compare.frame["run_id"]) == ours and set(compare.table["run_id"]) == ours
     assert _variant_points(compare) == 2 and _baselines_drawn(compare) == 1
     assert "metric_eval_loss_only" not in compare.frame.columns  # only the other suite's run has it
@@ -613,9 +656,15 @@ def test_compare_shows_the_apps_suite_unless_asked_for_all(compare):
 def test_display_metrics_latency_and_top_token_percent():
     from workbench.views import direction, title, tradeoff_info, with_display_metrics
 
-    runs = pd.DataFrame({"run_id": [1, 2, 3, 4], "technique": ["baseline", "rtn", "rtn", "rtn"],
-                         "metric_decode_tok_s": [50.0, 100.0, 25.0, 0.0], "metric_prefill_tok_s": [1e3, 2e3, 500, 1e3],
-                         "metric_top1_agree": [1.0, 0.9, 0.95, 0.5]})
+    runs = pd.DataFrame(
+        {
+            "run_id": [1, 2, 3, 4],
+            "technique": ["baseline", "rtn", "rtn", "rtn"],
+            "metric_decode_tok_s": [50.0, 100.0, 25.0, 0.0],
+            "metric_prefill_tok_s": [1e3, 2e3, 500, 1e3],
+            "metric_top1_agree": [1.0, 0.9, 0.95, 0.5],
+        }
+    )
     shown = with_display_metrics(runs)
     assert "metric_decode_ms_per_tok" not in runs.columns  # the input frame is left as it was
     assert shown["metric_decode_ms_per_tok"].tolist()[:3] == pytest.approx([20.0, 10.0, 40.0])
@@ -632,8 +681,12 @@ def test_display_metrics_latency_and_top_token_percent():
 
 def test_compare_offers_quality_against_latency_and_linear_bits(compare):
     assert [v for _, v in compare.y.options] == ["metric_ppl", "metric_kl_mean", "metric_top1_agree_pct"]
-    assert [v for _, v in compare.x.options][:4] == ["metric_size_mb", "metric_bits_per_weight",
-                                                     "metric_bits_per_weight_linear", "metric_decode_ms_per_tok"]
+    assert [v for _, v in compare.x.options][:4] == [
+        "metric_size_mb",
+        "metric_bits_per_weight",
+        "metric_bits_per_weight_linear",
+        "metric_decode_ms_per_tok",
+    ]
     assert "metric_decode_ms_per_tok" in [v for _, v in compare.color.options]
     compare.x.value = "metric_decode_ms_per_tok"
     compare.y.value = "metric_top1_agree_pct"
@@ -644,7 +697,9 @@ def test_compare_offers_quality_against_latency_and_linear_bits(compare):
     compare.x.value = "metric_bits_per_weight_linear"
     assert compare.plot.figure.layout.xaxis.title.text == "Bits per weight (decoder linears)"
     assert _variant_points(compare) == 2
-    assert "metric_decode_ms_per_tok" not in _done_runs(compare.app.registry_url.value).columns  # display only
+    assert (
+        "metric_decode_ms_per_tok" not in _done_runs(compare.app.registry_url.value).columns
+    )  # display only
 
 
 # ---- jobs ---------------------------------------------------------------------------------------------------

@@ -141,8 +141,12 @@ def test_field_help_reads_metadata_first_then_the_docstring():
         delta: bool = False
 
     helps = {f.name: f.help for f in field_help(Cfg)}
-    assert helps == {"alpha": "from the docstring, continued here.", "beta": "from metadata",
-                     "gamma": "shared text.", "delta": ""}
+    assert helps == {
+        "alpha": "from the docstring, continued here.",
+        "beta": "from metadata",
+        "gamma": "shared text.",
+        "delta": "",
+    }
     rtn = {f.name: f for f in field_help("rtn")}
     assert "per-channel" in rtn["group_size"].help and rtn["bits"].default == 4
     assert "nf4" in parameter_space("bnb").help["mode"]

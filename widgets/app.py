@@ -74,50 +74,88 @@ class Workbench(W.VBox):
     ) -> None:
         from workbench.workspace import NO_REGISTRY, Workspace
 
-        self.workspace = Workspace(NO_REGISTRY, model=model, suite=suite, runner=runner, loader=loader,
-                                   queue=Jobs())
+        self.workspace = Workspace(
+            NO_REGISTRY, model=model, suite=suite, runner=runner, loader=loader, queue=Jobs()
+        )
 
         # Settings row: the one place for registry, suite and export folder.
         self.settings_errors = ErrorArea()
-        self.registry_url = W.Text(description="Registry", layout=W.Layout(width="420px"),
-                                   tooltip="SQLAlchemy URL or file path of the run registry")
-        self.open_registry_button = W.Button(description="Open", tooltip="Open this registry",
-                                             layout=W.Layout(width="70px"))
+        self.registry_url = W.Text(
+            description="Registry",
+            layout=W.Layout(width="420px"),
+            tooltip="SQLAlchemy URL or file path of the run registry",
+        )
+        self.open_registry_button = W.Button(
+            description="Open", tooltip="Open this registry", layout=W.Layout(width="70px")
+        )
         self.open_registry_button.on_click(lambda _b: self.open_registry(self.registry_url.value))
-        self.suite_picker = W.Dropdown(options=_suite_options(suite), value=suite, description="Suite",
-                                       tooltip="Evaluation suite used by every run",
-                                       layout=W.Layout(width="200px"))
-        self.export_dir = W.Text(value=str(export_dir), description="Exports", layout=W.Layout(width="260px"),
-                                 tooltip="Folder where Compare writes tables and plots")
-        settings = W.VBox([W.HBox([self.registry_url, self.open_registry_button, self.suite_picker,
-                                   self.export_dir]), self.settings_errors])
+        self.suite_picker = W.Dropdown(
+            options=_suite_options(suite),
+            value=suite,
+            description="Suite",
+            tooltip="Evaluation suite used by every run",
+            layout=W.Layout(width="200px"),
+        )
+        self.export_dir = W.Text(
+            value=str(export_dir),
+            description="Exports",
+            layout=W.Layout(width="260px"),
+            tooltip="Folder where Compare writes tables and plots",
+        )
+        settings = W.VBox(
+            [
+                W.HBox([self.registry_url, self.open_registry_button, self.suite_picker, self.export_dir]),
+                self.settings_errors,
+            ]
+        )
 
         # Model bar.
-        self.model_box = W.Combobox(value=model, options=DEFAULT_MODELS, description="Model",
-                                    placeholder="demo, tiny-llama, org/name, a folder or a .gguf file",
-                                    ensure_option=False, layout=W.Layout(width="420px"))
-        self.load_button = W.Button(description="Load", icon="download", button_style="primary",
-                                    layout=W.Layout(width="90px"))
+        self.model_box = W.Combobox(
+            value=model,
+            options=DEFAULT_MODELS,
+            description="Model",
+            placeholder="demo, tiny-llama, org/name, a folder or a .gguf file",
+            ensure_option=False,
+            layout=W.Layout(width="420px"),
+        )
+        self.load_button = W.Button(
+            description="Load", icon="download", button_style="primary", layout=W.Layout(width="90px")
+        )
         self.load_button.on_click(lambda _b: self.load())
         self.model_info = W.HTML(render_note("No model loaded yet: press Load (runs load it too)."))
         self.model_progress = ProgressBar()
         self.model_errors = ErrorArea()
-        model_bar = W.VBox([W.HBox([self.model_box, self.load_button, self.model_progress]), self.model_info,
-                            self.model_errors])
+        model_bar = W.VBox(
+            [
+                W.HBox([self.model_box, self.load_button, self.model_progress]),
+                self.model_info,
+                self.model_errors,
+            ]
+        )
 
         # First-run box: one click records the baseline every comparison needs.
-        self.baseline_button = W.Button(description="Run baseline", icon="play", button_style="success",
-                                        tooltip="Evaluate the unmodified model and record it",
-                                        layout=W.Layout(width="220px", height="48px"))
+        self.baseline_button = W.Button(
+            description="Run baseline",
+            icon="play",
+            button_style="success",
+            tooltip="Evaluate the unmodified model and record it",
+            layout=W.Layout(width="220px", height="48px"),
+        )
         self.baseline_button.on_click(lambda _b: self.run_baseline())
         self.baseline_progress = ProgressBar()
         self.baseline_errors = ErrorArea()
-        self.first_run = W.VBox([
-            W.HTML("<h3 style='margin:4px 0'>Welcome: the registry has no runs yet</h3>"
-                   "<p>Start with the baseline: the unmodified model evaluated on the suite. Every quantized "
-                   "variant is then measured against it (KL divergence, same top token).</p>"),
-            W.HBox([self.baseline_button, self.baseline_progress]), self.baseline_errors,
-        ], layout=W.Layout(border="2px solid #2e7d32", padding="8px", margin="6px 0"))
+        self.first_run = W.VBox(
+            [
+                W.HTML(
+                    "<h3 style='margin:4px 0'>Welcome: the registry has no runs yet</h3>"
+                    "<p>Start with the baseline: the unmodified model evaluated on the suite. Every quantized "
+                    "variant is then measured against it (KL divergence, same top token).</p>"
+                ),
+                W.HBox([self.baseline_button, self.baseline_progress]),
+                self.baseline_errors,
+            ],
+            layout=W.Layout(border="2px solid #2e7d32", padding="8px", margin="6px 0"),
+        )
 
         self.status = W.HTML("")
         self.jobs.on_change(self._show_status)
@@ -127,7 +165,8 @@ class Workbench(W.VBox):
         self.suite_picker.observe(self._on_suite, names="value")
 
         self.watcher = RegistryWatcher(
-            lambda: self.workspace.registry if self.workspace.has_registry else None, interval=poll_interval)
+            lambda: self.workspace.registry if self.workspace.has_registry else None, interval=poll_interval
+        )
         self.watcher.on_error = lambda err: self.settings_errors.show(err)
         self.watcher.subscribe(self._update_first_run)
 
@@ -148,8 +187,16 @@ class Workbench(W.VBox):
         self.tabs = W.Tab(children=list(self.panels.values()))
         self.tabs.titles = tuple(tab.title for tab in tabs())
 
-        super().__init__([W.HTML("<h2 style='margin:4px 0'>Efficiency Workbench</h2>"), settings, model_bar,
-                          self.first_run, self.status, self.tabs])
+        super().__init__(
+            [
+                W.HTML("<h2 style='margin:4px 0'>Efficiency Workbench</h2>"),
+                settings,
+                model_bar,
+                self.first_run,
+                self.status,
+                self.tabs,
+            ]
+        )
         fit_narrow_windows(self)
         self.suite_picker.observe(lambda _c: self.watcher.notify(), names="value")
         self.refresh()
@@ -257,8 +304,9 @@ class Workbench(W.VBox):
             if job.error is not None and job.status != "cancelled":
                 self.model_errors.show(job.error, None if _user_error(job.error) else job.traceback)
 
-        return self.workspace.submit_load(on_done=done, on_start=self.model_progress.attach,
-                                          on_progress=self.model_progress.report)
+        return self.workspace.submit_load(
+            on_done=done, on_start=self.model_progress.attach, on_progress=self.model_progress.report
+        )
 
     # ---- runs -----------------------------------------------------------------------------------------
 
@@ -300,14 +348,21 @@ class Workbench(W.VBox):
                 on_result(job)
             self.watcher.poke()
 
-        return self.workspace.submit_run(pipeline, label=label, tags=tags, on_done=done,
-                                         on_start=bar.attach if bar is not None else None,
-                                         on_progress=bar.report if bar is not None else None,
-                                         on_partial=on_partial)
+        return self.workspace.submit_run(
+            pipeline,
+            label=label,
+            tags=tags,
+            on_done=done,
+            on_start=bar.attach if bar is not None else None,
+            on_progress=bar.report if bar is not None else None,
+            on_partial=on_partial,
+        )
 
     def run_baseline(self) -> Job:
         """The first-run button: evaluate the unmodified model and record it."""
-        return self.run([], label="baseline", progress_bar=self.baseline_progress, errors=self.baseline_errors)
+        return self.run(
+            [], label="baseline", progress_bar=self.baseline_progress, errors=self.baseline_errors
+        )
 
     # ---- refresh and status ---------------------------------------------------------------------------
 

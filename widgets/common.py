@@ -28,12 +28,18 @@ class ProgressBar(W.HBox):
     """A bar, a short message and a Stop button bound to the job that is running (Stop calls ``cancel``)."""
 
     def __init__(self, description: str = "") -> None:
-        self.bar = W.FloatProgress(value=0.0, min=0.0, max=1.0, description=description,
-                                   layout=W.Layout(width="320px"))
+        self.bar = W.FloatProgress(
+            value=0.0, min=0.0, max=1.0, description=description, layout=W.Layout(width="320px")
+        )
         self.label = W.HTML("")
-        self.stop = W.Button(description="Stop", icon="stop", button_style="danger", disabled=True,
-                             tooltip="Stop the running job (it is recorded as interrupted)",
-                             layout=W.Layout(width="90px"))
+        self.stop = W.Button(
+            description="Stop",
+            icon="stop",
+            button_style="danger",
+            disabled=True,
+            tooltip="Stop the running job (it is recorded as interrupted)",
+            layout=W.Layout(width="90px"),
+        )
         self.stop.on_click(self._on_stop)
         self._job: Job | None = None
         self._last_report = 0.0
@@ -121,8 +127,10 @@ def _first_line(text: str) -> str:
 def render_error(message: str, details: str | None = None) -> str:
     body = f'<div class="wb-error" style="color:#b00020"><b>⚠</b> {html.escape(message)}</div>'
     if details:
-        body += ('<details><summary>Details</summary><pre style="font-size:11px;white-space:pre-wrap">'
-                 f"{html.escape(details)}</pre></details>")
+        body += (
+            '<details><summary>Details</summary><pre style="font-size:11px;white-space:pre-wrap">'
+            f"{html.escape(details)}</pre></details>"
+        )
     return body
 
 
@@ -256,8 +264,15 @@ def _placeholder_figure() -> go.Figure:
     from workbench.views import TEMPLATE
 
     fig = go.Figure()
-    fig.add_annotation(text="Reading the registry…", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
-                       font={"size": 14, "color": "#888"})
+    fig.add_annotation(
+        text="Reading the registry…",
+        showarrow=False,
+        x=0.5,
+        y=0.5,
+        xref="paper",
+        yref="paper",
+        font={"size": 14, "color": "#888"},
+    )
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     return fig.update_layout(height=420, template=TEMPLATE)
@@ -273,7 +288,9 @@ class LivePlot(W.VBox):
     instead of vanishing in a thread.
     """
 
-    def __init__(self, figure_fn: Callable[[], go.Figure], *, on_click: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self, figure_fn: Callable[[], go.Figure], *, on_click: Callable[[int], None] | None = None
+    ) -> None:
         self._figure_fn = figure_fn
         # Until the first refresh draws the real figure, a blank white frame (an empty FigureWidget would show
         # plotly's grey default axes, which look like a broken plot).

@@ -97,8 +97,10 @@ class ExpertTensor:
         A view, never a copy; transposed layouts give a non-contiguous one. Not for biases or per-expert modules.
         """
         if self.is_bias or self.layout == "modules":
-            raise ValueError(f"{self.name}: matrices() applies to fused expert weights, not a {self.role} "
-                             f"in layout {self.layout!r}.")
+            raise ValueError(
+                f"{self.name}: matrices() applies to fused expert weights, not a {self.role} "
+                f"in layout {self.layout!r}."
+            )
         if self.layout == "flattened":
             rows = tensor.shape[0] // self.n_experts
             view = tensor.view(self.n_experts, rows, tensor.shape[-1])
@@ -129,7 +131,9 @@ class MoEBlock:
     def expert_weights(self, model: nn.Module, e: int) -> dict[str, torch.Tensor]:
         """Expert ``e``'s weights by role: (out, in) views of the stored tensors (biases: their row)."""
         if not 0 <= e < self.n_experts:
-            raise IndexError(f"{self.name}: expert {e} does not exist; it has {self.n_experts} (0..{self.n_experts - 1}).")
+            raise IndexError(
+                f"{self.name}: expert {e} does not exist; it has {self.n_experts} (0..{self.n_experts - 1})."
+            )
         out: dict[str, torch.Tensor] = {}
         for t in self.tensors:
             if self.layout == "modules":
@@ -213,8 +217,12 @@ def anatomy(model: nn.Module) -> ModelAnatomy:
     names = {id(m): n for n, m in model.named_modules()}
     emb = _call(model, "get_input_embeddings")
     head = _call(model, "get_output_embeddings")
-    tied = (emb is not None and head is not None and getattr(head, "weight", None) is not None
-            and head.weight is getattr(emb, "weight", None))
+    tied = (
+        emb is not None
+        and head is not None
+        and getattr(head, "weight", None) is not None
+        and head.weight is getattr(emb, "weight", None)
+    )
     hidden = getattr(text_config, "hidden_size", None) or getattr(text_config, "d_model", None)
     layers_name, layer_list = _find_layers(model, text_config)
     layers: list[LayerInfo] = []
@@ -228,13 +236,15 @@ def anatomy(model: nn.Module) -> ModelAnatomy:
         blocks += layer_blocks
         shared += layer_shared
         linears += layer_linears
-        layers.append(LayerInfo(
-            index=i,
-            name=prefix,
-            attention=tuple(lin.name for lin in layer_linears if lin.role == "attention"),
-            mlp=tuple(lin.name for lin in layer_linears if lin.role != "attention"),
-            moe=tuple(b.name for b in layer_blocks),
-        ))
+        layers.append(
+            LayerInfo(
+                index=i,
+                name=prefix,
+                attention=tuple(lin.name for lin in layer_linears if lin.role == "attention"),
+                mlp=tuple(lin.name for lin in layer_linears if lin.role != "attention"),
+                moe=tuple(b.name for b in layer_blocks),
+            )
+        )
     return ModelAnatomy(
         model_type=str(getattr(text_config, "model_type", "") or type(model).__name__),
         layers_name=layers_name,
@@ -313,7 +323,9 @@ def logical_weights(module: nn.Module) -> int | None:
 
 def _is_linear(module: nn.Module) -> bool:
     """nn.Linear and the modules that replace it (bitsandbytes, quanto, HQQ, ...)."""
-    return isinstance(module, nn.Linear) or (logical_weights(module) is not None and hasattr(module, "weight"))
+    return isinstance(module, nn.Linear) or (
+        logical_weights(module) is not None and hasattr(module, "weight")
+    )
 
 
 def _join(prefix: str, name: str) -> str:
@@ -399,9 +411,13 @@ def _describe_layer(
     router_roots = [r[1] for r in routers]
     # -- shared experts: in a block or directly in the layer
     shared_roots = [
-        n for n, m in modules.items()
-        if n and n.rpartition(".")[2].startswith(SHARED_PREFIXES) and n.rpartition(".")[2] != SHARED_GATE
-        and not _is_linear(m) and not _within(n.rpartition(".")[0], router_roots)
+        n
+        for n, m in modules.items()
+        if n
+        and n.rpartition(".")[2].startswith(SHARED_PREFIXES)
+        and n.rpartition(".")[2] != SHARED_GATE
+        and not _is_linear(m)
+        and not _within(n.rpartition(".")[0], router_roots)
     ]
     shared_roots = [n for n in shared_roots if not _within(n.rpartition(".")[0], shared_roots)]
     gates = [n for n, m in modules.items() if n.rpartition(".")[2] == SHARED_GATE and _is_linear(m)]
@@ -420,49 +436,61 @@ def _describe_layer(
                 full = _join(mod_name, tname)
                 if full == _join(router_name, wname):
                     continue
-                axis = 0 if t.dim() and t.shape[0] == n_experts else (t.dim() - 1 if t.dim() and t.shape[-1] == n_experts else None)
+                axis = (
+                    0
+                    if t.dim() and t.shape[0] == n_experts
+                    else (t.dim() - 1 if t.dim() and t.shape[-1] == n_experts else None)
+                )
                 if axis is not None:
                     extra.append((_join(prefix, full), axis))
         k_holders = [
-            n for n in [*(n for n in modules if _within(n, [router_name])), block_name]
+            n
+            for n in [*(n for n in modules if _within(n, [router_name])), block_name]
             if isinstance(getattr(modules[n], "top_k", None), int) and not isinstance(modules[n].top_k, bool)
         ]
         top_k_attrs = tuple((_join(prefix, n), "top_k") for n in k_holders)
         top_k = modules[k_holders[0]].top_k if k_holders else _config_top_k(config)
         fixed = _FIXED_TOP_K.get(type(router).__name__)
         counts = tuple(
-            (_join(prefix, n), a) for n in modules if _within(n, [block_name]) and not _within(n, shared_roots)
+            (_join(prefix, n), a)
+            for n in modules
+            if _within(n, [block_name]) and not _within(n, shared_roots)
             for a in _COUNT_ATTRS
             if isinstance(getattr(modules[n], a, None), int) and getattr(modules[n], a) == n_experts
         )
         in_block = [s for s in shared_roots if _within(s, [block_name])]
         # A shared MLP beside the block in the layer (GraniteMoE-Shared) belongs to it too.
         beside = [s for s in shared_roots if s.rpartition(".")[0] == block_name.rpartition(".")[0]]
-        blocks.append(MoEBlock(
-            layer=index,
-            name=_join(prefix, block_name),
-            experts=_join(prefix, owner),
-            layout=layout,
-            n_experts=n_experts,
-            tensors=tuple(
-                ExpertTensor(**{**t, "name": _join(prefix, t["name"])}) for t in tensors
-            ),
-            router=RouterInfo(
-                name=_join(prefix, router_name), layer=index, weight=_join(prefix, _join(router_name, wname)),
-                n_experts=n_experts, per_expert=tuple(extra),
-            ),
-            top_k=int(fixed if fixed is not None else top_k) if top_k is not None else None,
-            top_k_attrs=top_k_attrs,
-            top_k_settable=fixed is None,
-            count_attrs=counts,
-            shared=tuple(_join(prefix, s) for s in dict.fromkeys(in_block + beside)),
-        ))
+        blocks.append(
+            MoEBlock(
+                layer=index,
+                name=_join(prefix, block_name),
+                experts=_join(prefix, owner),
+                layout=layout,
+                n_experts=n_experts,
+                tensors=tuple(ExpertTensor(**{**t, "name": _join(prefix, t["name"])}) for t in tensors),
+                router=RouterInfo(
+                    name=_join(prefix, router_name),
+                    layer=index,
+                    weight=_join(prefix, _join(router_name, wname)),
+                    n_experts=n_experts,
+                    per_expert=tuple(extra),
+                ),
+                top_k=int(fixed if fixed is not None else top_k) if top_k is not None else None,
+                top_k_attrs=top_k_attrs,
+                top_k_settable=fixed is None,
+                count_attrs=counts,
+                shared=tuple(_join(prefix, s) for s in dict.fromkeys(in_block + beside)),
+            )
+        )
     shared = [
         SharedExpert(
             name=_join(prefix, s),
             layer=index,
             linears=tuple(_join(prefix, n) for n, m in modules.items() if _within(n, [s]) and _is_linear(m)),
-            gate=next((_join(prefix, g) for g in gates if g.rpartition(".")[0] == s.rpartition(".")[0]), None),
+            gate=next(
+                (_join(prefix, g) for g in gates if g.rpartition(".")[0] == s.rpartition(".")[0]), None
+            ),
         )
         for s in shared_roots
     ]
@@ -478,14 +506,22 @@ def _describe_layer(
         elif any(word in part for part in name.lower().split(".") for word in ATTENTION_WORDS):
             role = "attention"
         elif _within(name, [b for b, *_ in routers]) or name.split(".")[0] in (
-            "mlp", "feed_forward", "ffn", "block_sparse_moe", "moe"
+            "mlp",
+            "feed_forward",
+            "ffn",
+            "block_sparse_moe",
+            "moe",
         ):
             role = "mlp"
         else:
             role = "other"
         w = getattr(m, "weight", None)
-        inf = getattr(m, "in_features", None) or (w.shape[1] if isinstance(w, torch.Tensor) and w.dim() == 2 else 0)
-        outf = getattr(m, "out_features", None) or (w.shape[0] if isinstance(w, torch.Tensor) and w.dim() == 2 else 0)
+        inf = getattr(m, "in_features", None) or (
+            w.shape[1] if isinstance(w, torch.Tensor) and w.dim() == 2 else 0
+        )
+        outf = getattr(m, "out_features", None) or (
+            w.shape[0] if isinstance(w, torch.Tensor) and w.dim() == 2 else 0
+        )
         linears.append(LinearInfo(_join(prefix, name), index, role, int(inf), int(outf)))
     return blocks, shared, linears
 
@@ -530,11 +566,17 @@ def _expert_tensors(
             first = m[0]
             for sub, lin in first.named_modules():
                 if sub and _is_linear(lin):
-                    found.append({
-                        "name": f"{name}.{{e}}.{sub}.weight", "role": _role(sub), "shape": tuple(lin.weight.shape),
-                        "n_experts": n_experts, "out_features": int(lin.out_features),
-                        "in_features": int(lin.in_features), "layout": "modules",
-                    })
+                    found.append(
+                        {
+                            "name": f"{name}.{{e}}.{sub}.weight",
+                            "role": _role(sub),
+                            "shape": tuple(lin.weight.shape),
+                            "n_experts": n_experts,
+                            "out_features": int(lin.out_features),
+                            "in_features": int(lin.in_features),
+                            "layout": "modules",
+                        }
+                    )
             continue
         if _is_linear(m):
             continue
@@ -547,37 +589,66 @@ def _expert_tensors(
                 transposed = _transposed(m, role, tuple(t.shape), hidden)
                 out_f, in_f = (t.shape[2], t.shape[1]) if transposed else (t.shape[1], t.shape[2])
                 interleaved = role == "gate_up" and getattr(m, "is_concatenated", True) is False
-                found.append({
-                    "name": path, "role": role, "shape": tuple(t.shape), "n_experts": n_experts,
-                    "out_features": int(out_f), "in_features": int(in_f),
-                    "layout": "fused_transposed" if transposed else "fused", "transposed": transposed,
-                    "interleaved": interleaved,
-                })
+                found.append(
+                    {
+                        "name": path,
+                        "role": role,
+                        "shape": tuple(t.shape),
+                        "n_experts": n_experts,
+                        "out_features": int(out_f),
+                        "in_features": int(in_f),
+                        "layout": "fused_transposed" if transposed else "fused",
+                        "transposed": transposed,
+                        "interleaved": interleaved,
+                    }
+                )
                 owners.append(name)
             elif t.dim() == 2 and t.shape[0] == n_experts and role.endswith("_bias"):
-                found.append({
-                    "name": path, "role": role, "shape": tuple(t.shape), "n_experts": n_experts,
-                    "out_features": int(t.shape[1]), "in_features": 0, "layout": "fused",
-                    "interleaved": role == "gate_up_bias" and getattr(m, "is_concatenated", True) is False,
-                })
-            elif (t.dim() == 2 and t.shape[0] % n_experts == 0 and t.shape[0] > n_experts
-                  and "expert" in type(m).__name__.lower()):
+                found.append(
+                    {
+                        "name": path,
+                        "role": role,
+                        "shape": tuple(t.shape),
+                        "n_experts": n_experts,
+                        "out_features": int(t.shape[1]),
+                        "in_features": 0,
+                        "layout": "fused",
+                        "interleaved": role == "gate_up_bias"
+                        and getattr(m, "is_concatenated", True) is False,
+                    }
+                )
+            elif (
+                t.dim() == 2
+                and t.shape[0] % n_experts == 0
+                and t.shape[0] > n_experts
+                and "expert" in type(m).__name__.lower()
+            ):
                 # DBRX: (E*F, H), expert e = view(E, F, H)[e]; w2 is used as x @ w2[e], so (in, out).
                 rows = t.shape[0] // n_experts
                 transposed = role == "down"
-                found.append({
-                    "name": path, "role": role, "shape": tuple(t.shape), "n_experts": n_experts,
-                    "out_features": int(t.shape[1] if transposed else rows),
-                    "in_features": int(rows if transposed else t.shape[1]),
-                    "layout": "flattened", "transposed": transposed,
-                })
+                found.append(
+                    {
+                        "name": path,
+                        "role": role,
+                        "shape": tuple(t.shape),
+                        "n_experts": n_experts,
+                        "out_features": int(t.shape[1] if transposed else rows),
+                        "in_features": int(rows if transposed else t.shape[1]),
+                        "layout": "flattened",
+                        "transposed": transposed,
+                    }
+                )
                 owners.append(name)
     weights = [t for t in found if not t["role"].endswith("_bias")]
     if not weights:
         return ()
     if layout != "modules":
         kinds = {t["layout"] for t in weights}
-        layout = "flattened" if "flattened" in kinds else ("fused_transposed" if "fused_transposed" in kinds else "fused")
+        layout = (
+            "flattened"
+            if "flattened" in kinds
+            else ("fused_transposed" if "fused_transposed" in kinds else "fused")
+        )
         for t in found:
             t["layout"] = layout if not t["role"].endswith("_bias") else t["layout"]
     owner = _common_prefix(owners) if owners else block

@@ -79,7 +79,9 @@ class _Bar:
     def __init__(self, desc: str) -> None:
         from tqdm.auto import tqdm
 
-        self._bar = tqdm(total=1000, desc=desc, leave=False, file=sys.stderr, bar_format="{l_bar}{bar}| {postfix}")
+        self._bar = tqdm(
+            total=1000, desc=desc, leave=False, file=sys.stderr, bar_format="{l_bar}{bar}| {postfix}"
+        )
 
     def __call__(self, fraction: float, message: str) -> None:
         self._bar.n = int(fraction * 1000)
@@ -100,8 +102,9 @@ def _workspace(args: argparse.Namespace) -> Any:
 def _run_one(ws: Any, args: argparse.Namespace, pipeline: list[Any]) -> Any:
     bar = _Bar("run")
     try:
-        return ws.run_now(pipeline, progress=bar, tags=tuple(args.tag or ()), notes=args.notes or "",
-                          reuse=not args.force)
+        return ws.run_now(
+            pipeline, progress=bar, tags=tuple(args.tag or ()), notes=args.notes or "", reuse=not args.force
+        )
     finally:
         bar.close()
 
@@ -178,9 +181,11 @@ def technique_help(name: str) -> str:
         return "\n".join(lines)
     lines += ["", f"  sweep --bits: {space.widths_text()}"]
     if space.group_sizes:
-        lines.append("  group sizes offered: " + ", ".join("per-channel" if g == -1 else str(g)
-                                                          for g in space.group_sizes)
-                     + " (a loaded model narrows these to the ones every layer takes)")
+        lines.append(
+            "  group sizes offered: "
+            + ", ".join("per-channel" if g == -1 else str(g) for g in space.group_sizes)
+            + " (a loaded model narrows these to the ones every layer takes)"
+        )
     return "\n".join(lines)
 
 
@@ -263,14 +268,32 @@ def cmd_lab(args: argparse.Namespace) -> int:
     if args.dashboard:
         # port_retries=0: a busy port fails with the server's message instead of moving to another port than the
         # URL printed below.
-        cmd = [sys.executable, "-m", "voila", str(root / args.notebook), "--no-browser", f"--port={args.port}",
-               "--Voila.ip=127.0.0.1", "--Voila.port_retries=0", f"--token={args.token}",
-               "--strip_sources=True"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "voila",
+            str(root / args.notebook),
+            "--no-browser",
+            f"--port={args.port}",
+            "--Voila.ip=127.0.0.1",
+            "--Voila.port_retries=0",
+            f"--token={args.token}",
+            "--strip_sources=True",
+        ]
         url = f"http://127.0.0.1:{args.port}/?token={args.token}"
     else:
-        cmd = [sys.executable, "-m", "jupyter", "lab", f"--notebook-dir={root}", "--no-browser",
-               "--ip=127.0.0.1", f"--port={args.port}", "--ServerApp.port_retries=0",
-               f"--IdentityProvider.token={args.token}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "jupyter",
+            "lab",
+            f"--notebook-dir={root}",
+            "--no-browser",
+            "--ip=127.0.0.1",
+            f"--port={args.port}",
+            "--ServerApp.port_retries=0",
+            f"--IdentityProvider.token={args.token}",
+        ]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             cmd.append("--allow-root")
         url = f"http://127.0.0.1:{args.port}/lab?token={args.token}"
@@ -293,7 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default="demo", help="demo, a Hugging Face id, a folder or a .gguf file")
         p.add_argument("--suite", default="quick", help="quick (seconds) or standard (~20k tokens)")
         p.add_argument("--text", help="evaluate on this local text file instead of the suite's corpus")
-        p.add_argument("--registry", default=None, help="SQLAlchemy URL (default $WORKBENCH_REGISTRY or ./workbench-runs.db)")
+        p.add_argument(
+            "--registry",
+            default=None,
+            help="SQLAlchemy URL (default $WORKBENCH_REGISTRY or ./workbench-runs.db)",
+        )
         p.add_argument("--tag", action="append", help="tag the run (repeatable)")
         p.add_argument("--notes", default="", help="free-text notes stored with the run")
         p.add_argument("--force", action="store_true", help="recompute even if the registry has this run")
@@ -306,16 +333,27 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--technique", help="e.g. rtn, gptq, awq, bnb, quanto (`workbench techniques` lists them)")
     p.add_argument("--param", action="append", metavar="NAME=VALUE", help="technique parameter (repeatable)")
-    p.add_argument("--help-technique", metavar="NAME", help="list the technique's fields with their help and exit")
+    p.add_argument(
+        "--help-technique", metavar="NAME", help="list the technique's fields with their help and exit"
+    )
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("sweep", help="run a technique at several bit widths (its parameter space)")
     common(p)
     p.add_argument("--technique", required=True)
-    p.add_argument("--bits", type=int, nargs="+", default=None,
-                   help="bit widths (default: every width the technique takes, widest first)")
-    p.add_argument("--param", action="append", metavar="NAME=VALUE",
-                   help="fixed for every run, e.g. group_size=64 or symmetric=true")
+    p.add_argument(
+        "--bits",
+        type=int,
+        nargs="+",
+        default=None,
+        help="bit widths (default: every width the technique takes, widest first)",
+    )
+    p.add_argument(
+        "--param",
+        action="append",
+        metavar="NAME=VALUE",
+        help="fixed for every run, e.g. group_size=64 or symmetric=true",
+    )
     p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("techniques", help="list techniques, or one technique's fields with their help")
@@ -344,7 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lab", help="open the workbench in JupyterLab (or as a dashboard)")
     p.add_argument("--dashboard", action="store_true", help="serve the app alone with Voila")
     p.add_argument("--notebooks", default="notebooks")
-    p.add_argument("--notebook", default="dashboard.ipynb", help="the notebook --dashboard serves (the app alone)")
+    p.add_argument(
+        "--notebook", default="dashboard.ipynb", help="the notebook --dashboard serves (the app alone)"
+    )
     p.add_argument("--port", type=int, default=int(os.environ.get("WORKBENCH_PORT", "8888")))
     p.add_argument("--token", default=os.environ.get("WORKBENCH_TOKEN", "workbench"))
     p.set_defaults(fn=cmd_lab)

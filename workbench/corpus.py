@@ -100,8 +100,10 @@ def split_paragraphs(name: str, text: str) -> Corpus:
 def _parse_hf(spec: str) -> tuple[str, str | None, str]:
     fields = spec[len("hf:") :].split(":")
     if not fields[0] or len(fields) > 3:
-        raise ConfigError(f"Corpus {spec!r}: write it as 'hf:<dataset>[:<config>][:<split>]', e.g. "
-                          "'hf:wikitext:wikitext-2-raw-v1:test'.")
+        raise ConfigError(
+            f"Corpus {spec!r}: write it as 'hf:<dataset>[:<config>][:<split>]', e.g. "
+            "'hf:wikitext:wikitext-2-raw-v1:test'."
+        )
     config = fields[1] if len(fields) > 1 and fields[1] else None
     split = fields[2] if len(fields) > 2 and fields[2] else "train"
     return fields[0], config, split
@@ -113,8 +115,10 @@ def _hf_dataset(spec: str) -> Corpus:
     try:
         import datasets  # type: ignore[import-not-found]  # optional: only this corpus kind needs it
     except ImportError:
-        raise ConfigError(f"Corpus {spec!r} needs the 'datasets' package: pip install 'efficiency-workbench[hf]' "
-                          "(or pip install datasets).") from None
+        raise ConfigError(
+            f"Corpus {spec!r} needs the 'datasets' package: pip install 'efficiency-workbench[hf]' "
+            "(or pip install datasets)."
+        ) from None
     try:
         ds = datasets.load_dataset(dataset, config, split=split)
     except Exception as err:  # noqa: BLE001  # network, unknown dataset or split, ...: one line for the user
@@ -123,7 +127,9 @@ def _hf_dataset(spec: str) -> Corpus:
             "Check the name and the network, or use 'python-docs' or a local text file."
         ) from None
     if "text" not in ds.column_names:
-        raise ConfigError(f"Dataset {dataset!r} has no 'text' column (columns: {', '.join(ds.column_names)}).")
+        raise ConfigError(
+            f"Dataset {dataset!r} has no 'text' column (columns: {', '.join(ds.column_names)})."
+        )
     return split_paragraphs(spec, "\n\n".join(t for t in ds["text"] if t and t.strip()))
 
 

@@ -127,8 +127,11 @@ def score_tokens(
             if progress.wants_partial and b + suite.batch_size < n_chunks:
                 # A first estimate from the chunks scored so far (cheap: sums over at most `total` floats).
                 done = slice(0, offset)
-                partial = summarize(TokenScores(nll[done], None if kl is None else kl[done],
-                                                None if agree is None else agree[done]))
+                partial = summarize(
+                    TokenScores(
+                        nll[done], None if kl is None else kl[done], None if agree is None else agree[done]
+                    )
+                )
                 progress.partial({**partial, "provisional": offset / total})
     progress.update(1.0, "evaluated")
     return TokenScores(nll=nll, kl=kl, agree=agree)
@@ -189,8 +192,13 @@ def evaluate(
         base = None
         t_eval = time.perf_counter()
         if base_model is not None:
-            base = base_outputs(base_model, tokenizer, suite, base_fingerprint=base_fingerprint,
-                                progress=progress.span(0.0, 0.8 if model_is_base else 0.45))
+            base = base_outputs(
+                base_model,
+                tokenizer,
+                suite,
+                base_fingerprint=base_fingerprint,
+                progress=progress.span(0.0, 0.8 if model_is_base else 0.45),
+            )
         if model_is_base:
             assert base is not None
             nll = torch.from_numpy(np.array(base.nll, dtype=np.float32))
@@ -208,8 +216,11 @@ def evaluate(
             progress.update(0.8, "measuring speed")
             with autocast(device, suite.compute_dtype):
                 metrics["prefill_tok_s"], metrics["decode_tok_s"] = measure_speed(
-                    model, chunks[0, : suite.speed_prompt], new_tokens=suite.speed_tokens,
-                    repeats=suite.speed_repeats, check=progress.check,
+                    model,
+                    chunks[0, : suite.speed_prompt],
+                    new_tokens=suite.speed_tokens,
+                    repeats=suite.speed_repeats,
+                    check=progress.check,
                 )
         if suite.n_generations:
             progress.update(0.95, "generating samples")

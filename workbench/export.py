@@ -82,9 +82,7 @@ def _text_cells(
         pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c]) for c in df.columns
     ]
     per_column = [(digits or {}).get(str(c)) for c in df.columns]
-    rows = [
-        [_cell(v, d) for v, d in zip(row, per_column)] for row in df.itertuples(index=False, name=None)
-    ]
+    rows = [[_cell(v, d) for v, d in zip(row, per_column)] for row in df.itertuples(index=False, name=None)]
     return header, rows, numeric
 
 

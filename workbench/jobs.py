@@ -114,13 +114,22 @@ class JobQueue:
     ) -> Job:
         with self._lock:
             if self._closed:
-                raise RuntimeError("This job queue was closed; create a new one (a new Workspace or Workbench).")
+                raise RuntimeError(
+                    "This job queue was closed; create a new one (a new Workspace or Workbench)."
+                )
             if key is not None:
                 for job in ([self._current] if self._current else []) + list(self._queue):
                     if job.key == key and not job.cancelled:
                         return job
-            job = Job(fn, label=label, key=key, on_done=on_done, on_progress=on_progress, on_start=on_start,
-                      on_partial=on_partial)
+            job = Job(
+                fn,
+                label=label,
+                key=key,
+                on_done=on_done,
+                on_progress=on_progress,
+                on_start=on_start,
+                on_partial=on_partial,
+            )
             self._queue.append(job)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
@@ -181,8 +190,11 @@ class JobQueue:
         """Stop the running job and drop the queued ones (each still finishes as ``cancelled`` and calls its
         ``on_done``, so whoever waits on it hears); returns the jobs cancelled."""
         with self._lock:
-            jobs = [job for job in ([self._current] if self._current else []) + list(self._queue)
-                    if not job.cancelled]
+            jobs = [
+                job
+                for job in ([self._current] if self._current else []) + list(self._queue)
+                if not job.cancelled
+            ]
         for job in jobs:
             job.cancel()
         self._changed()

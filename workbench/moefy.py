@@ -60,7 +60,9 @@ class MoEfyRouter(nn.Module):
     weight 1, since they are parts of one sum.
     """
 
-    def __init__(self, hidden: int, n_experts: int, top_k: int, scoring: str, act_fn: nn.Module | None = None):
+    def __init__(
+        self, hidden: int, n_experts: int, top_k: int, scoring: str, act_fn: nn.Module | None = None
+    ):
         super().__init__()
         self.scoring = scoring
         self.top_k = int(top_k)
@@ -136,8 +138,17 @@ class MoEfiedMLP(nn.Module):
     an expert) skips the pair.
     """
 
-    def __init__(self, hidden: int, n_experts: int, width: int, n_shared: int, top_k: int, scoring: str,
-                 act_fn: nn.Module, source: str = "carve"):
+    def __init__(
+        self,
+        hidden: int,
+        n_experts: int,
+        width: int,
+        n_shared: int,
+        top_k: int,
+        scoring: str,
+        act_fn: nn.Module,
+        source: str = "carve",
+    ):
         super().__init__()
         self.source = source  # "carve" or "upcycle": how it was made (for descriptions)
         self.gate = MoEfyRouter(hidden, n_experts, top_k, scoring, copy.deepcopy(act_fn))
@@ -198,16 +209,24 @@ def dense_ffns(model: nn.Module, what: str = "moefy") -> list[DenseFFN]:
     """Every decoder layer's gate/up/down MLP; a :class:`ConfigError` naming the first layer without one."""
     layers_name, layers = decoder_layer_list(model)
     if not layers_name or not len(layers):
-        raise ConfigError(f"{what}: {type(model).__name__} has no list of decoder layers, so it has no feed-forward "
-                          "blocks to convert. Use a Llama-style decoder (Llama, Mistral, Qwen2, SmolLM, ...).")
+        raise ConfigError(
+            f"{what}: {type(model).__name__} has no list of decoder layers, so it has no feed-forward "
+            "blocks to convert. Use a Llama-style decoder (Llama, Mistral, Qwen2, SmolLM, ...)."
+        )
     found = []
     for i, layer in enumerate(layers):
         mlp = getattr(layer, "mlp", None)
         if isinstance(mlp, MoEfiedMLP):
-            raise ConfigError(f"{what}: layer {i} is already a Mixture-of-Experts block (converted before). Change "
-                              "its active experts with the 'route' technique instead of converting again.")
+            raise ConfigError(
+                f"{what}: layer {i} is already a Mixture-of-Experts block (converted before). Change "
+                "its active experts with the 'route' technique instead of converting again."
+            )
         parts = [getattr(mlp, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
-        if mlp is None or not all(isinstance(p, nn.Linear) for p in parts) or not callable(getattr(mlp, "act_fn", None)):
+        if (
+            mlp is None
+            or not all(isinstance(p, nn.Linear) for p in parts)
+            or not callable(getattr(mlp, "act_fn", None))
+        ):
             kind = type(mlp).__name__ if mlp is not None else "no 'mlp'"
             raise ConfigError(
                 f"{what}: layer {i} of {type(model).__name__} has {kind}, not a Llama-style MLP (nn.Linear "
@@ -216,17 +235,22 @@ def dense_ffns(model: nn.Module, what: str = "moefy") -> list[DenseFFN]:
             )
         gate, up, down = parts
         if any(p.bias is not None for p in parts):
-            raise ConfigError(f"{what}: layer {i}'s MLP has biases (mlp_bias=True); only bias-free gate/up/down "
-                              "MLPs are supported.")
+            raise ConfigError(
+                f"{what}: layer {i}'s MLP has biases (mlp_bias=True); only bias-free gate/up/down "
+                "MLPs are supported."
+            )
         if gate.weight.shape != up.weight.shape or down.weight.shape != gate.weight.shape[::-1]:
-            raise ConfigError(f"{what}: layer {i}'s MLP shapes do not match (gate {tuple(gate.weight.shape)}, up "
-                              f"{tuple(up.weight.shape)}, down {tuple(down.weight.shape)}).")
+            raise ConfigError(
+                f"{what}: layer {i}'s MLP shapes do not match (gate {tuple(gate.weight.shape)}, up "
+                f"{tuple(up.weight.shape)}, down {tuple(down.weight.shape)})."
+            )
         found.append(DenseFFN(i, f"{layers_name}.{i}.mlp", int(gate.in_features), int(gate.out_features)))
     return found
 
 
-def shared_count(intermediate: int, n_experts: int, n_shared: int | None, shared_fraction: float,
-                 what: str = "moefy") -> int:
+def shared_count(
+    intermediate: int, n_experts: int, n_shared: int | None, shared_fraction: float, what: str = "moefy"
+) -> int:
     """The number of always-on neurons: ``n_shared`` as given (the rest must split evenly into the experts), or
     ``shared_fraction`` of the neurons, rounded up so that the rest splits evenly."""
     if n_shared is None:
@@ -234,8 +258,10 @@ def shared_count(intermediate: int, n_experts: int, n_shared: int | None, shared
         n_shared += (intermediate - n_shared) % n_experts
     routed = intermediate - n_shared
     if routed < n_experts:
-        raise ConfigError(f"{what}: with {n_shared} shared neurons, only {routed} of the {intermediate} neurons are "
-                          f"left for {n_experts} experts. Use fewer shared neurons or fewer experts.")
+        raise ConfigError(
+            f"{what}: with {n_shared} shared neurons, only {routed} of the {intermediate} neurons are "
+            f"left for {n_experts} experts. Use fewer shared neurons or fewer experts."
+        )
     if routed % n_experts:
         lower = n_shared + routed % n_experts
         raise ConfigError(
@@ -249,14 +275,17 @@ def shared_count(intermediate: int, n_experts: int, n_shared: int | None, shared
 # ---- statistics and clustering ------------------------------------------------------------------------------
 
 
-def _mlp_inputs(model: nn.Module, ids: torch.Tensor, ffns: list[DenseFFN], batch_size: int = 8,
-                progress: Any = None) -> list[torch.Tensor]:
+def _mlp_inputs(
+    model: nn.Module, ids: torch.Tensor, ffns: list[DenseFFN], batch_size: int = 8, progress: Any = None
+) -> list[torch.Tensor]:
     """The input rows ``(N, H)`` of every converted MLP on ``ids`` (one pass of the dense model)."""
     store: list[list[torch.Tensor]] = [[] for _ in ffns]
     handles = []
     for j, ffn in enumerate(ffns):
+
         def grab(_m: nn.Module, args: tuple, j: int = j) -> None:
             store[j].append(args[0].detach().reshape(-1, args[0].shape[-1]))
+
         handles.append(model.get_submodule(ffn.name).register_forward_pre_hook(grab))
     device = next(model.parameters()).device
     try:
@@ -264,7 +293,7 @@ def _mlp_inputs(model: nn.Module, ids: torch.Tensor, ffns: list[DenseFFN], batch
             for start in range(0, ids.shape[0], batch_size):
                 if progress is not None:
                     progress.check()
-                model(input_ids=ids[start:start + batch_size].to(device), use_cache=False)
+                model(input_ids=ids[start : start + batch_size].to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -286,9 +315,15 @@ def _balanced_kmeans(features: torch.Tensor, n_clusters: int, gen: torch.Generat
     dist = (sq - 2 * features @ centers[0] + centers[0] @ centers[0]).clamp_min(0)
     for _ in range(1, n_clusters):
         total = float(dist.sum())
-        pick = int(torch.multinomial(dist / total, 1, generator=gen)) if total > 0 else int(torch.randint(n, (1,), generator=gen))
+        pick = (
+            int(torch.multinomial(dist / total, 1, generator=gen))
+            if total > 0
+            else int(torch.randint(n, (1,), generator=gen))
+        )
         centers.append(features[pick])
-        dist = torch.minimum(dist, (sq - 2 * features @ features[pick] + features[pick] @ features[pick]).clamp_min(0))
+        dist = torch.minimum(
+            dist, (sq - 2 * features @ features[pick] + features[pick] @ features[pick]).clamp_min(0)
+        )
     c = torch.stack(centers)  # (E, d)
     labels = torch.full((n,), -1, dtype=torch.long)
     for _ in range(KMEANS_ITERATIONS):
@@ -322,8 +357,9 @@ class Carving:
     router: dict[str, torch.Tensor]
 
 
-def carve_block(mlp: nn.Module, x: torch.Tensor, n_experts: int, n_shared: int, router: str,
-                gen: torch.Generator) -> Carving:
+def carve_block(
+    mlp: nn.Module, x: torch.Tensor, n_experts: int, n_shared: int, router: str, gen: torch.Generator
+) -> Carving:
     """Split one dense MLP's neurons by their activations on ``x (N, H)`` and build its router."""
     with torch.no_grad():
         wg, wu, wd = mlp.gate_proj.weight.float(), mlp.up_proj.weight.float(), mlp.down_proj.weight.float()
@@ -352,9 +388,9 @@ def carve_block(mlp: nn.Module, x: torch.Tensor, n_experts: int, n_shared: int, 
             tensors["up_weight"] = wu[reps].clone()
         elif router == "regression":
             # Target: each expert's share of the block's routed output norm per token, fitted linearly on x.
-            target = torch.stack([
-                (act[:, experts[e]] @ wd[:, experts[e]].T).norm(dim=1) for e in range(n_experts)
-            ], dim=1)  # (N, E)
+            target = torch.stack(
+                [(act[:, experts[e]] @ wd[:, experts[e]].T).norm(dim=1) for e in range(n_experts)], dim=1
+            )  # (N, E)
             target = target / target.sum(1, keepdim=True).clamp_min(1e-12)
             design = torch.cat([xf, torch.ones(n_tok, 1)], dim=1)  # (N, H + 1)
             gram = design.T @ design
@@ -385,7 +421,9 @@ def carved_block(mlp: nn.Module, carving: Carving, top_k: int, router: str) -> M
     return block
 
 
-def upcycled_block(mlp: nn.Module, n_experts: int, top_k: int, router_std: float, gen: torch.Generator) -> MoEfiedMLP:
+def upcycled_block(
+    mlp: nn.Module, n_experts: int, top_k: int, router_std: float, gen: torch.Generator
+) -> MoEfiedMLP:
     """E copies of ``mlp`` and a softmax router (zero weights: uniform; else N(0, router_std))."""
     wg, wu, wd = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
     inter, hidden = wg.shape
@@ -414,21 +452,44 @@ class Plan:
     width: tuple[int, ...]  # neurons per expert, per block
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "n_experts": self.n_experts, "top_k": self.top_k, "router": self.router,
-                "n_shared": list(self.n_shared), "width": list(self.width)}
+        return {
+            "mode": self.mode,
+            "n_experts": self.n_experts,
+            "top_k": self.top_k,
+            "router": self.router,
+            "n_shared": list(self.n_shared),
+            "width": list(self.width),
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
-        return cls(str(data["mode"]), int(data["n_experts"]), int(data["top_k"]), str(data["router"]),
-                   tuple(int(v) for v in data["n_shared"]), tuple(int(v) for v in data["width"]))
+        return cls(
+            str(data["mode"]),
+            int(data["n_experts"]),
+            int(data["top_k"]),
+            str(data["router"]),
+            tuple(int(v) for v in data["n_shared"]),
+            tuple(int(v) for v in data["width"]),
+        )
 
 
-def plan(model: nn.Module, *, mode: str, n_experts: int, top_k: int, router: str, n_shared: int | None,
-         shared_fraction: float, what: str = "moefy") -> Plan:
+def plan(
+    model: nn.Module,
+    *,
+    mode: str,
+    n_experts: int,
+    top_k: int,
+    router: str,
+    n_shared: int | None,
+    shared_fraction: float,
+    what: str = "moefy",
+) -> Plan:
     """Check that ``model`` can be converted so and say how (no weights touched)."""
     ffns = dense_ffns(model, what)
     if mode == "upcycle":
-        return Plan(mode, n_experts, top_k, "softmax", tuple(0 for _ in ffns), tuple(f.intermediate for f in ffns))
+        return Plan(
+            mode, n_experts, top_k, "softmax", tuple(0 for _ in ffns), tuple(f.intermediate for f in ffns)
+        )
     shared = [shared_count(f.intermediate, n_experts, n_shared, shared_fraction, what) for f in ffns]
     widths = [(f.intermediate - s) // n_experts for f, s in zip(ffns, shared, strict=True)]
     return Plan(mode, n_experts, top_k, router, tuple(shared), tuple(widths))
@@ -446,15 +507,31 @@ def build_structure_(model: nn.Module, recipe: Plan) -> nn.Module:
         w = mlp.gate_proj.weight
         scoring = recipe.router if recipe.mode == "carve" else "softmax"
         with torch.device(w.device):
-            block = MoEfiedMLP(ffn.hidden, recipe.n_experts, width, shared, recipe.top_k, scoring, mlp.act_fn,
-                               source=recipe.mode)
+            block = MoEfiedMLP(
+                ffn.hidden,
+                recipe.n_experts,
+                width,
+                shared,
+                recipe.top_k,
+                scoring,
+                mlp.act_fn,
+                source=recipe.mode,
+            )
         block.to(dtype=w.dtype)
         setattr(model.get_submodule(parent_name), leaf, block)
     return model
 
 
-def convert_(model: nn.Module, recipe: Plan, ids: torch.Tensor | None, *, seed: int = 0, router_std: float = 0.0,
-             progress: Any = None, report: Callable[[float, str], None] | None = None) -> nn.Module:
+def convert_(
+    model: nn.Module,
+    recipe: Plan,
+    ids: torch.Tensor | None,
+    *,
+    seed: int = 0,
+    router_std: float = 0.0,
+    progress: Any = None,
+    report: Callable[[float, str], None] | None = None,
+) -> nn.Module:
     """Convert every dense MLP of ``model`` in place as ``recipe`` says; ``ids`` is calibration text (carve)."""
     ffns = dense_ffns(model)
     gen = torch.Generator().manual_seed(seed)
@@ -524,7 +601,9 @@ def set_top_k_(model: nn.Module, k: int) -> None:
     for name, b in moe_blocks(model):
         n_exp = b.experts.gate_up_proj.shape[0]
         if not 1 <= k <= n_exp:
-            raise ConfigError(f"top_k={k} is out of range for {name}: it has {n_exp} experts; choose 1..{n_exp}.")
+            raise ConfigError(
+                f"top_k={k} is out of range for {name}: it has {n_exp} experts; choose 1..{n_exp}."
+            )
         b.gate.top_k = int(k)
 
 

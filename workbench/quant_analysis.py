@@ -71,8 +71,10 @@ class GridReport:
         if not finer:
             return ""
         widths = " and ".join(f"{b}-bit" for b in finer)
-        return (f"; {widths} group-{self.group_size} {self.form} RTN nearly does too (every {self.bits}-bit level "
-                f"is one of its levels, up to the rounding of its fp16 scale)")
+        return (
+            f"; {widths} group-{self.group_size} {self.form} RTN nearly does too (every {self.bits}-bit level "
+            f"is one of its levels, up to the rounding of its fp16 scale)"
+        )
 
 
 def _on_grid(w: torch.Tensor, bits: int, group: int, symmetric: bool) -> bool:

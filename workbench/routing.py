@@ -69,8 +69,10 @@ def probe_router(model: nn.Module, block: MoEBlock, k: int | None = None, n: int
         if hasattr(owner, param.name):
             extra.append(getattr(owner, param.name))
         elif param.default is param.empty:
-            raise ConfigError(f"{block.router.name}: cannot call this router on its own (it needs "
-                              f"{param.name!r}, which its block does not hold).")
+            raise ConfigError(
+                f"{block.router.name}: cannot call this router on its own (it needs "
+                f"{param.name!r}, which its block does not hold)."
+            )
         else:
             break
     holder = _holder(model, block) if block.top_k_attrs else None
@@ -87,7 +89,12 @@ def probe_router(model: nn.Module, block: MoEBlock, k: int | None = None, n: int
 
 def output_form(out: Any, n_experts: int) -> str:
     """The form of a router's output (see :func:`router_form`)."""
-    if isinstance(out, tuple) and len(out) == 3 and torch.is_tensor(out[2]) and not out[2].is_floating_point():
+    if (
+        isinstance(out, tuple)
+        and len(out) == 3
+        and torch.is_tensor(out[2])
+        and not out[2].is_floating_point()
+    ):
         return "standard"
     if isinstance(out, tuple) and len(out) == 2 and torch.is_tensor(out[0]) and out[0].shape[-1] == n_experts:
         return "scores"
@@ -161,7 +168,9 @@ def set_norm_(model: nn.Module, block: MoEBlock, renormalize: bool) -> None:
     """Turn the family's renormalisation switch on or off (DBRX: p-norm with p=1, i.e. divide by the sum)."""
     found = norm_flag(model, block)
     if found is None:
-        raise ConfigError(f"{block.name}: this router has no renormalisation switch; use renormalize='model'.")
+        raise ConfigError(
+            f"{block.name}: this router has no renormalisation switch; use renormalize='model'."
+        )
     attr, _ = found
     module = block.top_k_attrs[0][0]
     _save(model, module, attr)
@@ -281,8 +290,10 @@ class RoutingRecorder:
     def __init__(self, model: nn.Module, anat: ModelAnatomy | None = None) -> None:
         self.model = model
         self.anatomy = anat or anatomy(model)
-        self.blocks = [BlockCounts(b.name, b.layer, b.n_experts, torch.zeros(b.n_experts, dtype=torch.float64))
-                       for b in self.anatomy.experts]
+        self.blocks = [
+            BlockCounts(b.name, b.layer, b.n_experts, torch.zeros(b.n_experts, dtype=torch.float64))
+            for b in self.anatomy.experts
+        ]
         self._handles: list[Any] = []
 
     def __enter__(self) -> Self:
@@ -325,7 +336,8 @@ def _make_counter(form: str | None, owner: nn.Module, rec: BlockCounts) -> Any:
             picked = idx[on].long().cpu()
             rec.counts += torch.bincount(picked, minlength=rec.n_experts).to(torch.float64)
             rec.mass += torch.zeros(rec.n_experts, dtype=torch.float64).index_add_(
-                0, picked, w[on].detach().to(torch.float64).cpu())
+                0, picked, w[on].detach().to(torch.float64).cpu()
+            )
             rec.tokens += int(idx.shape[0])
 
     return hook
@@ -350,11 +362,13 @@ class RoutingStats:
 
     def metrics(self) -> dict[str, float]:
         """The flat numbers a run records (metric columns)."""
-        mean = (lambda xs: float(sum(xs) / len(xs)) if xs else 0.0)
+        mean = lambda xs: float(sum(xs) / len(xs)) if xs else 0.0
         return {
             "active_experts": mean(self.active_experts),
             "active_params": float(self.active_params),
-            "active_params_fraction": float(self.active_params / self.total_params) if self.total_params else 0.0,
+            "active_params_fraction": float(self.active_params / self.total_params)
+            if self.total_params
+            else 0.0,
             "flops_per_token": float(self.flops_per_token),
             "load_max_over_mean": mean(self.max_over_mean),
             "load_cv": mean(self.cv),
@@ -364,9 +378,16 @@ class RoutingStats:
 
     def extras(self) -> dict[str, Any]:
         """The load matrix and per-block numbers, for ``ctx.extras`` (JSON)."""
-        return {"layers": self.layers, "blocks": self.blocks, "load": self.load,
-                "active_experts": self.active_experts, "max_over_mean": self.max_over_mean, "cv": self.cv,
-                "entropy": self.entropy, "tokens": self.tokens}
+        return {
+            "layers": self.layers,
+            "blocks": self.blocks,
+            "load": self.load,
+            "active_experts": self.active_experts,
+            "max_over_mean": self.max_over_mean,
+            "cv": self.cv,
+            "entropy": self.entropy,
+            "tokens": self.tokens,
+        }
 
 
 def expert_params(model: nn.Module, block: MoEBlock, *, matrices_only: bool = False) -> int:
@@ -393,7 +414,9 @@ def load_imbalance(share: torch.Tensor) -> tuple[float, float, float]:
     return float(share.max() / mean), cv, entropy
 
 
-def routing_stats(model: nn.Module, blocks: Sequence[BlockCounts], anat: ModelAnatomy | None = None) -> RoutingStats:
+def routing_stats(
+    model: nn.Module, blocks: Sequence[BlockCounts], anat: ModelAnatomy | None = None
+) -> RoutingStats:
     """Loads and imbalance per block, mean active experts, active parameters and FLOPs per token.
 
     Active parameters per token = all parameters − Σ_blocks (E − a_b) · P_b, with a_b the measured mean experts
@@ -431,9 +454,16 @@ def routing_stats(model: nn.Module, blocks: Sequence[BlockCounts], anat: ModelAn
         head = int(w.numel()) if w is not None else 0
     tokens = max((rec.tokens for rec in blocks), default=0)
     return RoutingStats(
-        layers=[by_name[r.name].layer for r in blocks], blocks=[r.name for r in blocks], load=load,
-        active_experts=active, max_over_mean=mom, cv=cvs, entropy=ents, tokens=tokens,
-        active_params=float(total - inactive), total_params=int(total),
+        layers=[by_name[r.name].layer for r in blocks],
+        blocks=[r.name for r in blocks],
+        load=load,
+        active_experts=active,
+        max_over_mean=mom,
+        cv=cvs,
+        entropy=ents,
+        tokens=tokens,
+        active_params=float(total - inactive),
+        total_params=int(total),
         flops_per_token=2.0 * (dense_linears + flops_experts + routers + head),
     )
 

@@ -54,21 +54,44 @@ class TableColumn:
 
 COLUMNS: tuple[TableColumn, ...] = (
     TableColumn("run_id", "run", "run_id"),
-    TableColumn("model", "model", "model", help="the model's name (last path component), without its size note"),
+    TableColumn(
+        "model", "model", "model", help="the model's name (last path component), without its size note"
+    ),
     TableColumn("technique", "method", "technique", help="first step of the pipeline, or baseline"),
     TableColumn("setting", "setting", "", help="the first step's grid: bits, group size, symmetry or format"),
     TableColumn("ppl", "ppl", "metric_ppl", 4, "perplexity on the suite's evaluation text"),
     TableColumn("kl_mean", "KL mean", "metric_kl_mean", 3, "mean KL divergence from the base model's tokens"),
-    TableColumn("top1_agree_pct", "top-1 same %", "metric_top1_agree_pct", 3,
-                "share of positions whose most likely token is the base model's, in %"),
-    TableColumn("bits_per_weight", "bits/weight", "metric_bits_per_weight", 3, "all weights, scales included"),
-    TableColumn("bits_per_weight_linear", "bits/weight linears", "metric_bits_per_weight_linear", 3,
-                "the decoder's linear layers only: what a quantizer's bit width sets"),
+    TableColumn(
+        "top1_agree_pct",
+        "top-1 same %",
+        "metric_top1_agree_pct",
+        3,
+        "share of positions whose most likely token is the base model's, in %",
+    ),
+    TableColumn(
+        "bits_per_weight", "bits/weight", "metric_bits_per_weight", 3, "all weights, scales included"
+    ),
+    TableColumn(
+        "bits_per_weight_linear",
+        "bits/weight linears",
+        "metric_bits_per_weight_linear",
+        3,
+        "the decoder's linear layers only: what a quantizer's bit width sets",
+    ),
     TableColumn("size_mb", "size MB", "metric_size_mb", 3, "the variant's own stored weights"),
-    TableColumn("decode_ms_per_tok", "decode ms/token", "metric_decode_ms_per_tok", 3,
-                "greedy decoding latency per token (see the latency column)"),
-    TableColumn("latency", "latency", "", help="measured (runs packed) or simulated (float weights on a low-bit "
-                "grid: the float model's speed)"),
+    TableColumn(
+        "decode_ms_per_tok",
+        "decode ms/token",
+        "metric_decode_ms_per_tok",
+        3,
+        "greedy decoding latency per token (see the latency column)",
+    ),
+    TableColumn(
+        "latency",
+        "latency",
+        "",
+        help="measured (runs packed) or simulated (float weights on a low-bit grid: the float model's speed)",
+    ),
     TableColumn("tags", "tags", "tags"),
     # One choice away in the panel (MORE_COLUMNS).
     TableColumn("pipeline", "pipeline", "pipeline", help="every step with its parameters"),
@@ -79,29 +102,51 @@ COLUMNS: tuple[TableColumn, ...] = (
     TableColumn("prefill_ms_per_tok", "prefill ms/token", "metric_prefill_ms_per_tok", 3),
     TableColumn("decode_tok_s", "decode tokens/s", "metric_decode_tok_s", 3),
     TableColumn("prefill_tok_s", "prefill tokens/s", "metric_prefill_tok_s", 3),
-    TableColumn("peak_mem_mb", "process peak MB", "metric_peak_mem_mb", 4,
-                "resident peak of the whole process, the base model kept for KL included"),
+    TableColumn(
+        "peak_mem_mb",
+        "process peak MB",
+        "metric_peak_mem_mb",
+        4,
+        "resident peak of the whole process, the base model kept for KL included",
+    ),
     TableColumn("work_mem_mb", "eval working MB", "metric_work_mem_mb", 3, "what evaluating added on top"),
     TableColumn("notes", "notes", "notes"),
     TableColumn("created_at", "created", "created_at"),
 )
 COLUMNS_BY_KEY = {c.key: c for c in COLUMNS}
 # Seen first: who, what, how good, how small, how fast. Twelve columns read at a glance on a laptop screen.
-DEFAULT_COLUMNS: tuple[str, ...] = ("run_id", "model", "technique", "setting", "ppl", "kl_mean", "top1_agree_pct",
-                                    "bits_per_weight", "bits_per_weight_linear", "size_mb", "decode_ms_per_tok",
-                                    "latency", "tags")
+DEFAULT_COLUMNS: tuple[str, ...] = (
+    "run_id",
+    "model",
+    "technique",
+    "setting",
+    "ppl",
+    "kl_mean",
+    "top1_agree_pct",
+    "bits_per_weight",
+    "bits_per_weight_linear",
+    "size_mb",
+    "decode_ms_per_tok",
+    "latency",
+    "tags",
+)
 MORE_COLUMNS: tuple[str, ...] = tuple(c.key for c in COLUMNS if c.key not in DEFAULT_COLUMNS)
 
 
 def _check_columns(columns: Sequence[str]) -> None:
     unknown = [c for c in columns if c not in COLUMNS_BY_KEY]
     if unknown:
-        raise ConfigError(f"Unknown table column(s) {', '.join(map(repr, unknown))}. "
-                          f"Columns: {', '.join(COLUMNS_BY_KEY)}.")
+        raise ConfigError(
+            f"Unknown table column(s) {', '.join(map(repr, unknown))}. Columns: {', '.join(COLUMNS_BY_KEY)}."
+        )
 
 
-def comparison_table(frame: pd.DataFrame, sort_by: str = "run_id", descending: bool = False,
-                     columns: Sequence[str] | None = None) -> pd.DataFrame:
+def comparison_table(
+    frame: pd.DataFrame,
+    sort_by: str = "run_id",
+    descending: bool = False,
+    columns: Sequence[str] | None = None,
+) -> pd.DataFrame:
     """The runs as a report table: ``columns`` (keys of ``COLUMNS``; default ``DEFAULT_COLUMNS``) that the frame
     can fill, baseline rows first, then sorted by ``sort_by`` (a column key, or a runs-frame name such as
     ``metric_kl_mean``; an unknown one sorts by run).
@@ -132,13 +177,18 @@ def comparison_table(frame: pd.DataFrame, sort_by: str = "run_id", descending: b
     if table.empty:
         return table.reset_index(drop=True)
     if "latency" in table.columns and "decode_ms_per_tok" in table.columns:
-        table.loc[table["decode_ms_per_tok"].isna(), "latency"] = ""  # no latency measured: nothing to qualify
+        table.loc[table["decode_ms_per_tok"].isna(), "latency"] = (
+            ""  # no latency measured: nothing to qualify
+        )
     technique = shown["technique"].reset_index(drop=True) if "technique" in shown.columns else None
     key = _sort_key(sort_by, table.columns)
-    not_baseline = (technique != "baseline").astype(int) if technique is not None else pd.Series(0, table.index)
+    not_baseline = (
+        (technique != "baseline").astype(int) if technique is not None else pd.Series(0, table.index)
+    )
     table = table.assign(_not_baseline=not_baseline.to_numpy())
-    table = table.sort_values(["_not_baseline", key], ascending=[True, not descending], kind="stable",
-                              na_position="last")
+    table = table.sort_values(
+        ["_not_baseline", key], ascending=[True, not descending], kind="stable", na_position="last"
+    )
     table = table.drop(columns="_not_baseline").reset_index(drop=True)
     if "created_at" in table.columns:
         table["created_at"] = pd.to_datetime(table["created_at"], utc=True).dt.strftime("%Y-%m-%d %H:%M")
@@ -171,7 +221,10 @@ def _sort_key(sort_by: str, columns: Sequence[str]) -> str:
 
 def table_headers(table: pd.DataFrame) -> dict[str, str]:
     """Column key -> short heading with unit, for the columns of ``table``."""
-    return {c: COLUMNS_BY_KEY[c].header if c in COLUMNS_BY_KEY else str(c).replace("_", " ") for c in table.columns}
+    return {
+        c: COLUMNS_BY_KEY[c].header if c in COLUMNS_BY_KEY else str(c).replace("_", " ")
+        for c in table.columns
+    }
 
 
 def table_digits(table: pd.DataFrame) -> dict[str, int]:
@@ -179,7 +232,9 @@ def table_digits(table: pd.DataFrame) -> dict[str, int]:
     return {c: d for c in table.columns if (d := getattr(COLUMNS_BY_KEY.get(c), "digits", None)) is not None}
 
 
-def export_table(table: pd.DataFrame, fmt: str, path: str | Path | None = None, *, headers: bool = False) -> str:
+def export_table(
+    table: pd.DataFrame, fmt: str, path: str | Path | None = None, *, headers: bool = False
+) -> str:
     """``table`` (from :func:`comparison_table`) in ``fmt``, each metric at its fixed significant digits in the
     formats for people. ``headers`` replaces the column keys with the short headings (for the notebook; exports
     keep the keys, which scripts read)."""
@@ -194,8 +249,13 @@ def export_table(table: pd.DataFrame, fmt: str, path: str | Path | None = None, 
 # ---- filters ---------------------------------------------------------------------------------------------
 
 FILTER_NAMES = {"model": "Model", "technique": "Technique", "suite": "Suite", "tag": "Tag", "since": "Since"}
-_LOOSEN = {"model": 'pick "All models"', "technique": 'pick "All"', "suite": 'pick "All suites"',
-           "tag": "empty it", "since": "clear the date"}
+_LOOSEN = {
+    "model": 'pick "All models"',
+    "technique": 'pick "All"',
+    "suite": 'pick "All suites"',
+    "tag": "empty it",
+    "since": "clear the date",
+}
 
 
 def only_suite(frame: pd.DataFrame, suite: str) -> pd.DataFrame:
@@ -229,16 +289,21 @@ def filter_mask(frame: pd.DataFrame, filters: Mapping[str, Any]) -> pd.Series:
             tags = frame["tags"].fillna("").astype(str).str.split(",")
             mask &= tags.map(lambda t, v=str(value): v in t)
         elif name == "since":
-            since = pd.Timestamp(datetime.now(timezone.utc) - value if isinstance(value, timedelta) else value)
-            since = since.tz_localize("UTC") if since.tzinfo is None else since  # naive times are UTC, as stored
+            since = pd.Timestamp(
+                datetime.now(timezone.utc) - value if isinstance(value, timedelta) else value
+            )
+            since = (
+                since.tz_localize("UTC") if since.tzinfo is None else since
+            )  # naive times are UTC, as stored
             mask &= pd.to_datetime(frame["created_at"], utc=True) >= since
         else:
             raise ConfigError(f"Unknown filter {name!r}. Filters: {', '.join(FILTER_NAMES)}.")
     return mask
 
 
-def no_match_message(full: pd.DataFrame, filters: Mapping[str, Any],
-                     labels: Mapping[str, str] | None = None) -> str:
+def no_match_message(
+    full: pd.DataFrame, filters: Mapping[str, Any], labels: Mapping[str, str] | None = None
+) -> str:
     """What to say when ``filters`` leave no run of ``full`` (every run in the registry).
 
     An empty registry asks for a baseline; otherwise the message names the filters and, for each one, how many

@@ -67,7 +67,9 @@ def tiny_llama(seed: int = 0, *, hidden_size: int = 64, layers: int = 2) -> Llam
     return LlamaForCausalLM(config).eval()
 
 
-def tiny_moe(seed: int = 0, *, hidden_size: int = 64, layers: int = 2, experts: int = 8, top_k: int = 2) -> Qwen2MoeForCausalLM:
+def tiny_moe(
+    seed: int = 0, *, hidden_size: int = 64, layers: int = 2, experts: int = 8, top_k: int = 2
+) -> Qwen2MoeForCausalLM:
     """A 2-layer Qwen2-MoE with 8 routed experts (top-2) and a shared expert in each layer."""
     torch.manual_seed(seed)
     config = Qwen2MoeConfig(

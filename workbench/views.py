@@ -49,8 +49,14 @@ DERIVED_METRICS: dict[str, tuple[str, Any]] = {
     "metric_prefill_ms_per_tok": ("metric_prefill_tok_s", lambda v: 1000.0 / v),
     "metric_top1_agree_pct": ("metric_top1_agree", lambda v: 100.0 * v),
 }
-_HOVER_METRICS = ("metric_ppl", "metric_kl_mean", "metric_top1_agree", "metric_bits_per_weight", "metric_size_mb",
-                  "metric_decode_tok_s")
+_HOVER_METRICS = (
+    "metric_ppl",
+    "metric_kl_mean",
+    "metric_top1_agree",
+    "metric_bits_per_weight",
+    "metric_size_mb",
+    "metric_decode_tok_s",
+)
 
 
 def title(column: str) -> str:
@@ -66,8 +72,9 @@ def direction(column: str) -> str:
 # about a deployed low-bit model. bnb and quanto run packed kernels for real, so theirs is measured. A pipeline
 # is simulated when any of its steps is. Until variants run in a real runtime, plots and tables say so.
 SIMULATED_LATENCY = frozenset({"rtn", "gptq", "awq", "mixed"})
-LATENCY_METRICS = frozenset({"metric_decode_tok_s", "metric_prefill_tok_s", "metric_decode_ms_per_tok",
-                             "metric_prefill_ms_per_tok"})
+LATENCY_METRICS = frozenset(
+    {"metric_decode_tok_s", "metric_prefill_tok_s", "metric_decode_ms_per_tok", "metric_prefill_ms_per_tok"}
+)
 
 
 def _pipeline_simulated(pipeline_json: Any) -> bool:
@@ -86,8 +93,10 @@ def simulated_latency(runs: pd.DataFrame) -> pd.Series:
     """
     if "pipeline_json" in runs.columns:
         cache: dict[Any, bool] = {}
-        flags = [cache.setdefault(p, _pipeline_simulated(p)) if p not in cache else cache[p]
-                 for p in runs["pipeline_json"].tolist()]
+        flags = [
+            cache.setdefault(p, _pipeline_simulated(p)) if p not in cache else cache[p]
+            for p in runs["pipeline_json"].tolist()
+        ]
         return pd.Series(flags, index=runs.index, dtype=bool)
     if "technique" in runs.columns:
         return runs["technique"].isin(SIMULATED_LATENCY)
@@ -111,13 +120,25 @@ def axis_title(column: str, runs: pd.DataFrame | None = None) -> str:
 # One colour and one marker per technique, fixed, so that a method keeps its colour whatever else is plotted
 # (rtn stays orange when gptq appears). Names not listed get one from the spare palette by a stable hash.
 TECHNIQUE_COLOURS = {
-    "baseline": "#1f77b4", "rtn": "#ff7f0e", "gptq": "#2ca02c", "awq": "#9467bd", "mixed": "#8c564b",
-    "bnb": "#e377c2", "quanto": "#17becf", "hqq": "#bcbd22",
+    "baseline": "#1f77b4",
+    "rtn": "#ff7f0e",
+    "gptq": "#2ca02c",
+    "awq": "#9467bd",
+    "mixed": "#8c564b",
+    "bnb": "#e377c2",
+    "quanto": "#17becf",
+    "hqq": "#bcbd22",
 }
 _SPARE_COLOURS = ("#7f7f7f", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d")
 TECHNIQUE_SYMBOLS = {
-    "baseline": "star", "rtn": "circle", "gptq": "square", "awq": "diamond", "mixed": "cross",
-    "bnb": "triangle-up", "quanto": "triangle-down", "hqq": "pentagon",
+    "baseline": "star",
+    "rtn": "circle",
+    "gptq": "square",
+    "awq": "diamond",
+    "mixed": "cross",
+    "bnb": "triangle-up",
+    "quanto": "triangle-down",
+    "hqq": "pentagon",
 }
 _SPARE_SYMBOLS = ("hexagon", "x", "star-triangle-up", "hourglass", "bowtie", "circle-x")
 _DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
@@ -126,15 +147,30 @@ LABELS_UP_TO = 40  # points labelled with their setting; more labels than this o
 
 
 def technique_colour(technique: str) -> str:
-    return TECHNIQUE_COLOURS.get(technique) or _SPARE_COLOURS[zlib.crc32(technique.encode()) % len(_SPARE_COLOURS)]
+    return (
+        TECHNIQUE_COLOURS.get(technique)
+        or _SPARE_COLOURS[zlib.crc32(technique.encode()) % len(_SPARE_COLOURS)]
+    )
 
 
 def technique_symbol(technique: str) -> str:
-    return TECHNIQUE_SYMBOLS.get(technique) or _SPARE_SYMBOLS[zlib.crc32(technique.encode()) % len(_SPARE_SYMBOLS)]
+    return (
+        TECHNIQUE_SYMBOLS.get(technique)
+        or _SPARE_SYMBOLS[zlib.crc32(technique.encode()) % len(_SPARE_SYMBOLS)]
+    )
 
 
-def _setting(technique: str, bits: Any, group_size: Any, symmetric: Any, zero_point: Any, high_bits: Any,
-             mode: Any, double_quant: Any, weights: Any) -> str:
+def _setting(
+    technique: str,
+    bits: Any,
+    group_size: Any,
+    symmetric: Any,
+    zero_point: Any,
+    high_bits: Any,
+    mode: Any,
+    double_quant: Any,
+    weights: Any,
+) -> str:
     if technique == "baseline":
         return "float"
     parts: list[str] = []
@@ -162,14 +198,24 @@ def setting_labels(runs: pd.DataFrame) -> list[str]:
         return runs[name].tolist() if name in runs.columns else [None] * n
 
     techniques = [str(t) for t in column("technique")]
-    return [_setting(*row) for row in zip(techniques, column("param_bits"), column("param_group_size"),
-                                          column("param_symmetric"), column("param_zero_point"),
-                                          column("param_high_bits"), column("param_mode"),
-                                          column("param_double_quant"), column("param_weights"))]
+    return [
+        _setting(*row)
+        for row in zip(
+            techniques,
+            column("param_bits"),
+            column("param_group_size"),
+            column("param_symmetric"),
+            column("param_zero_point"),
+            column("param_high_bits"),
+            column("param_mode"),
+            column("param_double_quant"),
+            column("param_weights"),
+        )
+    ]
 
 
 def short_model_name(description: Any, width: int = 32) -> str:
-    """"SmolLM2-135M-Instruct" from "SmolLM2-135M-Instruct (134.5M params, 538 MB f32)" or from a long path:
+    """ "SmolLM2-135M-Instruct" from "SmolLM2-135M-Instruct (134.5M params, 538 MB f32)" or from a long path:
     the model's name without the size note, last path component only, cut to ``width`` characters."""
     if not isinstance(description, str) or not description:
         return ""
@@ -196,14 +242,26 @@ def with_display_metrics(runs: pd.DataFrame) -> pd.DataFrame:
 
 # A small white template, built once. plotly's "plotly_white" is a large object that every figure deep-copies
 # (~25 ms each); the plots only need a white background and light grid lines.
-TEMPLATE = go.layout.Template(layout={
-    "paper_bgcolor": "white",
-    "plot_bgcolor": "white",
-    "font": {"color": "#2a3f5f"},
-    "xaxis": {"gridcolor": "#ebf0f8", "linecolor": "#ebf0f8", "zerolinecolor": "#ebf0f8", "automargin": True},
-    "yaxis": {"gridcolor": "#ebf0f8", "linecolor": "#ebf0f8", "zerolinecolor": "#ebf0f8", "automargin": True},
-    "hoverlabel": {"align": "left"},
-})
+TEMPLATE = go.layout.Template(
+    layout={
+        "paper_bgcolor": "white",
+        "plot_bgcolor": "white",
+        "font": {"color": "#2a3f5f"},
+        "xaxis": {
+            "gridcolor": "#ebf0f8",
+            "linecolor": "#ebf0f8",
+            "zerolinecolor": "#ebf0f8",
+            "automargin": True,
+        },
+        "yaxis": {
+            "gridcolor": "#ebf0f8",
+            "linecolor": "#ebf0f8",
+            "zerolinecolor": "#ebf0f8",
+            "automargin": True,
+        },
+        "hoverlabel": {"align": "left"},
+    }
+)
 
 
 class TradeoffInfo(NamedTuple):
@@ -254,13 +312,23 @@ def hover_texts(points: pd.DataFrame) -> list[str]:
             if col in LATENCY_METRICS:
                 simulated = simulated_latency(points).tolist() if simulated is None else simulated
                 suffix = [" (simulated)" if s else "" for s in simulated]
-            columns.append([f"{name}: {v:.4g}{s}" if not math.isnan(v) else ""
-                            for v, s in zip(points[col].astype(float).tolist(), suffix)])
+            columns.append(
+                [
+                    f"{name}: {v:.4g}{s}" if not math.isnan(v) else ""
+                    for v, s in zip(points[col].astype(float).tolist(), suffix)
+                ]
+            )
     if "tags" in points.columns:
-        columns.append([f"tags: {html.escape(t)}" if t else "" for t in points["tags"].fillna("").astype(str)])
+        columns.append(
+            [f"tags: {html.escape(t)}" if t else "" for t in points["tags"].fillna("").astype(str)]
+        )
     if "notes" in points.columns:
-        columns.append([f"notes: {html.escape(_shorten(t))}" if t else ""
-                        for t in points["notes"].fillna("").astype(str)])
+        columns.append(
+            [
+                f"notes: {html.escape(_shorten(t))}" if t else ""
+                for t in points["notes"].fillna("").astype(str)
+            ]
+        )
     return ["<br>".join(part for part in parts if part) for parts in zip(*columns)]
 
 
@@ -275,8 +343,14 @@ def _is_baseline(runs: pd.DataFrame) -> pd.Series:
     return runs["technique"] == "baseline"
 
 
-def tradeoff_info(runs: pd.DataFrame, x: str = "metric_bits_per_weight", y: str = "metric_kl_mean",
-                  color: str | None = "metric_decode_tok_s", *, reference_baseline: bool = False) -> TradeoffInfo:
+def tradeoff_info(
+    runs: pd.DataFrame,
+    x: str = "metric_bits_per_weight",
+    y: str = "metric_kl_mean",
+    color: str | None = "metric_decode_tok_s",
+    *,
+    reference_baseline: bool = False,
+) -> TradeoffInfo:
     """Validate columns, drop runs lacking x or y, flag the Pareto front (direction per metric).
 
     With ``reference_baseline`` the baseline runs leave ``points`` (and the front) for ``baseline``: the figure
@@ -294,7 +368,9 @@ def tradeoff_info(runs: pd.DataFrame, x: str = "metric_bits_per_weight", y: str 
     if reference_baseline:
         is_base = _is_baseline(points)
         baseline, points = points[is_base].copy(), points[~is_base].copy()
-    points["pareto"] = pareto_mask(points[x].to_numpy(float), points[y].to_numpy(float), direction(x), direction(y))
+    points["pareto"] = pareto_mask(
+        points[x].to_numpy(float), points[y].to_numpy(float), direction(x), direction(y)
+    )
     points["hover"] = hover_texts(points)
     points["setting"] = setting_labels(points)
     front = points[points["pareto"]].sort_values(x)
@@ -307,7 +383,9 @@ def tradeoff_info(runs: pd.DataFrame, x: str = "metric_bits_per_weight", y: str 
 
 def _empty_figure(message: str) -> go.Figure:
     fig = go.Figure()
-    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.8, xref="paper", yref="paper", font={"size": 14})
+    fig.add_annotation(
+        text=message, showarrow=False, x=0.5, y=0.8, xref="paper", yref="paper", font={"size": 14}
+    )
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     return fig.update_layout(height=420, template=TEMPLATE, autosize=True)
@@ -316,8 +394,9 @@ def _empty_figure(message: str) -> go.Figure:
 BASELINES_DRAWN = 6  # reference lines at most: one per model and suite (the latest); more would be a thicket
 
 
-def _draw_baseline(fig: go.Figure, baseline: pd.DataFrame | None, points: pd.DataFrame, x: str, y: str,
-                   log_y: bool) -> None:
+def _draw_baseline(
+    fig: go.Figure, baseline: pd.DataFrame | None, points: pd.DataFrame, x: str, y: str, log_y: bool
+) -> None:
     """Each model's baseline as a dashed horizontal line at its quality, labelled "baseline"; and a vertical
     line at its size too when that lies near the other points (a 32-bit baseline beside 3-5 bit points is named
     in the label instead, so the axis keeps to the variants).
@@ -340,8 +419,11 @@ def _draw_baseline(fig: go.Figure, baseline: pd.DataFrame | None, points: pd.Dat
     notes: list[dict[str, Any]] = []
     font = {"size": 11, "color": "#555"}
     for row in baseline.to_dict("records"):
-        label = ("baseline" + (f" · {short_model_name(row.get('model'))}" if models > 1 else "")
-                 + (f" · {row.get('suite')}" if suites > 1 else ""))
+        label = (
+            "baseline"
+            + (f" · {short_model_name(row.get('model'))}" if models > 1 else "")
+            + (f" · {row.get('suite')}" if suites > 1 else "")
+        )
         bx, by = float(row[x]), float(row[y])
         vertical = xs.empty
         if not xs.empty:
@@ -353,20 +435,71 @@ def _draw_baseline(fig: go.Figure, baseline: pd.DataFrame | None, points: pd.Dat
         horizontal = not (log_y and by <= 0)  # KL 0 has no place on a log axis
         where = f"{title(x)} {bx:.4g}"
         if horizontal:
-            shapes.append({"type": "line", "xref": "x domain", "x0": 0, "x1": 1, "yref": "y", "y0": by, "y1": by,
-                           "line": _REFERENCE_LINE})
-            notes.append({"text": html.escape(label if vertical else f"{label} ({where})"), "showarrow": False,
-                          "xref": "x domain", "x": 0, "yref": "y", "y": by, "xanchor": "left",
-                          "yanchor": "bottom", "font": font})
+            shapes.append(
+                {
+                    "type": "line",
+                    "xref": "x domain",
+                    "x0": 0,
+                    "x1": 1,
+                    "yref": "y",
+                    "y0": by,
+                    "y1": by,
+                    "line": _REFERENCE_LINE,
+                }
+            )
+            notes.append(
+                {
+                    "text": html.escape(label if vertical else f"{label} ({where})"),
+                    "showarrow": False,
+                    "xref": "x domain",
+                    "x": 0,
+                    "yref": "y",
+                    "y": by,
+                    "xanchor": "left",
+                    "yanchor": "bottom",
+                    "font": font,
+                }
+            )
         if vertical:
-            shapes.append({"type": "line", "xref": "x", "x0": bx, "x1": bx, "yref": "y domain", "y0": 0, "y1": 1,
-                           "line": _REFERENCE_LINE})
+            shapes.append(
+                {
+                    "type": "line",
+                    "xref": "x",
+                    "x0": bx,
+                    "x1": bx,
+                    "yref": "y domain",
+                    "y0": 0,
+                    "y1": 1,
+                    "line": _REFERENCE_LINE,
+                }
+            )
             if not horizontal:
-                notes.append({"text": html.escape(label), "showarrow": False, "xref": "x", "x": bx,
-                              "yref": "y domain", "y": 1, "xanchor": "left", "yanchor": "top", "font": font})
+                notes.append(
+                    {
+                        "text": html.escape(label),
+                        "showarrow": False,
+                        "xref": "x",
+                        "x": bx,
+                        "yref": "y domain",
+                        "y": 1,
+                        "xanchor": "left",
+                        "yanchor": "top",
+                        "font": font,
+                    }
+                )
         if not horizontal and not vertical:
-            notes.append({"text": html.escape(f"{label}: {title(y)} {by:.4g}, {where}"), "showarrow": False,
-                          "x": 0, "y": 1.06, "xref": "paper", "yref": "paper", "xanchor": "left", "font": font})
+            notes.append(
+                {
+                    "text": html.escape(f"{label}: {title(y)} {by:.4g}, {where}"),
+                    "showarrow": False,
+                    "x": 0,
+                    "y": 1.06,
+                    "xref": "paper",
+                    "yref": "paper",
+                    "xanchor": "left",
+                    "font": font,
+                }
+            )
     fig.update_layout(shapes=[*fig.layout.shapes, *shapes], annotations=[*fig.layout.annotations, *notes])
 
 
@@ -375,9 +508,16 @@ def _technique_order(techniques: Sequence[str]) -> list[str]:
     return sorted(set(techniques), key=lambda t: (known.index(t) if t in known else len(known), t))
 
 
-def tradeoff_figure(runs: pd.DataFrame, x: str = "metric_bits_per_weight", y: str = "metric_kl_mean",
-                    color: str | None = "technique", *, log_y: bool = False, labels: bool = True,
-                    empty_message: str | None = None) -> go.Figure:
+def tradeoff_figure(
+    runs: pd.DataFrame,
+    x: str = "metric_bits_per_weight",
+    y: str = "metric_kl_mean",
+    color: str | None = "technique",
+    *,
+    log_y: bool = False,
+    labels: bool = True,
+    empty_message: str | None = None,
+) -> go.Figure:
     """Quality against size (or latency): one trace per technique (its fixed colour and marker), the Pareto front
     drawn, the baseline as reference lines.
 
@@ -395,35 +535,72 @@ def tradeoff_figure(runs: pd.DataFrame, x: str = "metric_bits_per_weight", y: st
     if pts.empty:
         groups: list[tuple[str, pd.DataFrame]] = []
     elif "technique" in pts.columns:
-        groups = [(t, pts[pts["technique"] == t]) for t in _technique_order(pts["technique"].astype(str).tolist())]
+        groups = [
+            (t, pts[pts["technique"] == t]) for t in _technique_order(pts["technique"].astype(str).tolist())
+        ]
     else:
         groups = [("runs", pts)]
     show_text = labels and len(pts) <= LABELS_UP_TO
     scale = None
     if info.color and info.color != "technique":
         values = pts[info.color].astype(float)
-        scale = {"colorscale": "Viridis", "cmin": float(values.min()), "cmax": float(values.max()),
-                 "colorbar": {"title": {"text": axis_title(info.color, pts)}}}
+        scale = {
+            "colorscale": "Viridis",
+            "cmin": float(values.min()),
+            "cmax": float(values.max()),
+            "colorbar": {"title": {"text": axis_title(info.color, pts)}},
+        }
     for i, (name, group) in enumerate(groups):
-        marker: dict[str, Any] = {"size": 11, "symbol": technique_symbol(name), "line": {"width": 1, "color": "#333"}}
+        marker: dict[str, Any] = {
+            "size": 11,
+            "symbol": technique_symbol(name),
+            "line": {"width": 1, "color": "#333"},
+        }
         if scale is not None:
             marker.update(scale, color=group[info.color], showscale=i == 0)
         elif info.color == "technique":
             marker["color"] = technique_colour(name)
         else:
             marker["color"] = "#4c78a8"
-        fig.add_trace(go.Scatter(x=group[x], y=group[y], mode="markers+text" if show_text else "markers", name=name,
-                                 text=group["setting"] if show_text else None, textposition="top center",
-                                 textfont={"size": 10, "color": "#555"}, marker=marker, legendgroup=name,
-                                 hovertext=group["hover"], hoverinfo="text", customdata=group["run_id"]))
+        fig.add_trace(
+            go.Scatter(
+                x=group[x],
+                y=group[y],
+                mode="markers+text" if show_text else "markers",
+                name=name,
+                text=group["setting"] if show_text else None,
+                textposition="top center",
+                textfont={"size": 10, "color": "#555"},
+                marker=marker,
+                legendgroup=name,
+                hovertext=group["hover"],
+                hoverinfo="text",
+                customdata=group["run_id"],
+            )
+        )
     if not pts.empty:
-        fig.add_trace(go.Scatter(x=info.front[x], y=info.front[y], mode="lines", name="Pareto front",
-                                 line={"color": "#333", "width": 2, "shape": "hv"}, opacity=0.6, hoverinfo="skip"))
+        fig.add_trace(
+            go.Scatter(
+                x=info.front[x],
+                y=info.front[y],
+                mode="lines",
+                name="Pareto front",
+                line={"color": "#333", "width": 2, "shape": "hv"},
+                opacity=0.6,
+                hoverinfo="skip",
+            )
+        )
     _draw_baseline(fig, info.baseline, pts, x, y, log_y)
     fig.update_yaxes(type="log" if log_y else "linear")
-    return fig.update_layout(xaxis_title=axis_title(x, pts), yaxis_title=title(y), template=TEMPLATE, height=460,
-                             autosize=True, legend={"orientation": "h", "y": -0.2, "title": {"text": "method"}},
-                             margin={"l": 60, "r": 20, "t": 30, "b": 60})
+    return fig.update_layout(
+        xaxis_title=axis_title(x, pts),
+        yaxis_title=title(y),
+        template=TEMPLATE,
+        height=460,
+        autosize=True,
+        legend={"orientation": "h", "y": -0.2, "title": {"text": "method"}},
+        margin={"l": 60, "r": 20, "t": 30, "b": 60},
+    )
 
 
 def _is_set(value: Any) -> bool:
@@ -453,20 +630,34 @@ def _bits_lines(data: pd.DataFrame, x: str) -> list[tuple[str, pd.DataFrame]]:
         return data[name].tolist() if name in data.columns else [None] * n
 
     names, order = [], {}
-    for t, b, g, s, z in zip(data["technique"].tolist(), column("param_bits"), column("param_group_size"),
-                             column("param_symmetric"), column("param_zero_point")):
+    for t, b, g, s, z in zip(
+        data["technique"].tolist(),
+        column("param_bits"),
+        column("param_group_size"),
+        column("param_symmetric"),
+        column("param_zero_point"),
+    ):
         name = _bits_line_name(str(t), g, s, z) if _is_set(b) else str(t)
         names.append(name)
         # Legend order: by technique, then group size as a number (g32 before g128, per-channel last).
         order[name] = (str(t), int(g) if _is_set(b) and _is_set(g) and int(g) > 0 else math.inf, name)
     keyed = data.assign(_line=names)
-    groups = {name: group.drop(columns="_line").sort_values(x, kind="stable")
-              for name, group in keyed.groupby("_line", sort=False)}
+    groups = {
+        name: group.drop(columns="_line").sort_values(x, kind="stable")
+        for name, group in keyed.groupby("_line", sort=False)
+    }
     return [(name, groups[name]) for name in sorted(groups, key=order.__getitem__)]
 
 
-def bits_figure(runs: pd.DataFrame, y: str = "metric_kl_mean", x: str = "metric_bits_per_weight", *,
-                log_y: bool = False, labels: bool = True, provisional: Mapping[str, Any] | None = None) -> go.Figure:
+def bits_figure(
+    runs: pd.DataFrame,
+    y: str = "metric_kl_mean",
+    x: str = "metric_bits_per_weight",
+    *,
+    log_y: bool = False,
+    labels: bool = True,
+    provisional: Mapping[str, Any] | None = None,
+) -> go.Figure:
     """Quality against bits per weight, one line per technique and grid (group size, symmetry); latency and the
     plotted size in the hover.
 
@@ -492,60 +683,112 @@ def bits_figure(runs: pd.DataFrame, y: str = "metric_kl_mean", x: str = "metric_
         hover = hover_texts(group)
         if x not in _HOVER_METRICS:  # e.g. bits per weight of the decoder linears: show the plotted value too
             hover = [f"{h}<br>{title(x)}: {v:.4g}" for h, v in zip(hover, group[x].astype(float).tolist())]
-        fig.add_trace(go.Scatter(x=group[x], y=group[y], mode="lines+markers+text" if show_text else "lines+markers",
-                                 name=name, hovertext=hover, hoverinfo="text", customdata=group["run_id"],
-                                 text=setting_labels(group) if show_text else None, textposition="top center",
-                                 textfont={"size": 10, "color": "#555"},
-                                 line={"color": technique_colour(technique), "dash": _DASHES[k % len(_DASHES)]},
-                                 marker={"size": 9, "symbol": technique_symbol(technique),
-                                         "color": technique_colour(technique)}))
+        fig.add_trace(
+            go.Scatter(
+                x=group[x],
+                y=group[y],
+                mode="lines+markers+text" if show_text else "lines+markers",
+                name=name,
+                hovertext=hover,
+                hoverinfo="text",
+                customdata=group["run_id"],
+                text=setting_labels(group) if show_text else None,
+                textposition="top center",
+                textfont={"size": 10, "color": "#555"},
+                line={"color": technique_colour(technique), "dash": _DASHES[k % len(_DASHES)]},
+                marker={
+                    "size": 9,
+                    "symbol": technique_symbol(technique),
+                    "color": technique_colour(technique),
+                },
+            )
+        )
     near = data
     if provisional is not None and provisional.get(x) is not None and provisional.get(y) is not None:
         px, py = float(provisional[x]), float(provisional[y])
         colour = technique_colour(str(provisional.get("technique", "")))
         share = 100.0 * float(provisional.get("provisional", 0.0))
         text = f"{provisional.get('label', 'running')} (provisional, {share:.0f}% of the text)"
-        fig.add_trace(go.Scatter(x=[px], y=[py], mode="markers", name="provisional", hoverinfo="text",
-                                 hovertext=[f"{html.escape(text)}<br>{title(y)}: {py:.4g}"],
-                                 marker={"size": 14, "symbol": "circle-open", "color": colour,
-                                         "line": {"width": 2}}))
+        fig.add_trace(
+            go.Scatter(
+                x=[px],
+                y=[py],
+                mode="markers",
+                name="provisional",
+                hoverinfo="text",
+                hovertext=[f"{html.escape(text)}<br>{title(y)}: {py:.4g}"],
+                marker={"size": 14, "symbol": "circle-open", "color": colour, "line": {"width": 2}},
+            )
+        )
         near = pd.concat([data[[x, y]], pd.DataFrame({x: [px], y: [py]})], ignore_index=True)
     _draw_baseline(fig, baseline, near, x, y, log_y)
     if near.empty:
-        fig.add_annotation(text="Only the baseline so far: move the bit-width slider to add quantized points.",
-                           showarrow=False, x=0.5, y=0.9, xref="paper", yref="paper", font={"size": 13})
+        fig.add_annotation(
+            text="Only the baseline so far: move the bit-width slider to add quantized points.",
+            showarrow=False,
+            x=0.5,
+            y=0.9,
+            xref="paper",
+            yref="paper",
+            font={"size": 13},
+        )
     fig.update_yaxes(type="log" if log_y else "linear")
-    return fig.update_layout(xaxis_title=title(x), yaxis_title=title(y), template=TEMPLATE, height=420,
-                             autosize=True, margin={"l": 60, "r": 20, "t": 30, "b": 50}, showlegend=True)
+    return fig.update_layout(
+        xaxis_title=title(x),
+        yaxis_title=title(y),
+        template=TEMPLATE,
+        height=420,
+        autosize=True,
+        margin={"l": 60, "r": 20, "t": 30, "b": 50},
+        showlegend=True,
+    )
 
 
 def sensitivity_figure(frame: pd.DataFrame, *, name: str = "name", value: str = "kl_mean") -> go.Figure:
     """Per-layer (or per-type) KL contribution as bars: the tall ones deserve more bits."""
     if frame.empty:
         return _empty_figure("No sensitivity scan yet.")
-    fig = go.Figure(go.Bar(x=frame[name], y=frame[value], marker={"color": frame[value], "colorscale": "Reds"}))
-    return fig.update_layout(xaxis_title="Quantized alone", yaxis_title="Mean KL divergence vs base",
-                             template=TEMPLATE, height=380)
+    fig = go.Figure(
+        go.Bar(x=frame[name], y=frame[value], marker={"color": frame[value], "colorscale": "Reds"})
+    )
+    return fig.update_layout(
+        xaxis_title="Quantized alone", yaxis_title="Mean KL divergence vs base", template=TEMPLATE, height=380
+    )
 
 
-def expert_load_figure(matrix: Sequence[Sequence[float]] | np.ndarray, *, title_text: str = "Expert load",
-                       layers: Sequence[int] | None = None) -> go.Figure:
+def expert_load_figure(
+    matrix: Sequence[Sequence[float]] | np.ndarray,
+    *,
+    title_text: str = "Expert load",
+    layers: Sequence[int] | None = None,
+) -> go.Figure:
     """Layers × experts heatmap of routed-token fractions: hot and cold experts at a glance.
 
     ``layers``: the decoder layer of each row (a model whose first layers are dense starts at layer 1, not 0);
     rows of a pruned model may have fewer experts than ``matrix``'s widest row and are padded with gaps."""
-    rows = [list(map(float, row)) for row in matrix] if not isinstance(matrix, np.ndarray) else matrix.tolist()
+    rows = (
+        [list(map(float, row)) for row in matrix] if not isinstance(matrix, np.ndarray) else matrix.tolist()
+    )
     if not rows or not any(len(r) for r in rows):
         return _empty_figure("No expert loads recorded.")
     width = max(len(r) for r in rows)
     arr = np.array([r + [np.nan] * (width - len(r)) for r in rows], dtype=float)
     names = list(layers) if layers is not None and len(layers) == len(rows) else list(range(len(rows)))
-    fig = go.Figure(go.Heatmap(z=arr, colorscale="Viridis", colorbar={"title": {"text": "share of tokens"}},
-                               x=[f"e{i}" for i in range(width)], y=[f"layer {i}" for i in names]))
+    fig = go.Figure(
+        go.Heatmap(
+            z=arr,
+            colorscale="Viridis",
+            colorbar={"title": {"text": "share of tokens"}},
+            x=[f"e{i}" for i in range(width)],
+            y=[f"layer {i}" for i in names],
+        )
+    )
     return fig.update_layout(title=title_text, xaxis_title="Expert", yaxis_title="Layer", template=TEMPLATE)
 
 
-def loss_curve_figure(steps: Sequence[int], losses: Sequence[float], *, name: str = "train loss") -> go.Figure:
+def loss_curve_figure(
+    steps: Sequence[int], losses: Sequence[float], *, name: str = "train loss"
+) -> go.Figure:
     if not len(steps):
         return _empty_figure("No training steps recorded.")
     fig = go.Figure(go.Scatter(x=list(steps), y=list(losses), mode="lines", name=name))

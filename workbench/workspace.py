@@ -107,8 +107,10 @@ class Workspace:
     def registry(self) -> Any:
         """The open :class:`~workbench.registry.Registry`; ConfigError when none is open."""
         if self._registry is None:
-            raise ConfigError("No registry is open. Enter a URL such as sqlite:///runs.db and press Open "
-                              "(in code: workspace.open_registry('sqlite:///runs.db')).")
+            raise ConfigError(
+                "No registry is open. Enter a URL such as sqlite:///runs.db and press Open "
+                "(in code: workspace.open_registry('sqlite:///runs.db'))."
+            )
         return self._registry
 
     @property
@@ -280,31 +282,65 @@ class Workspace:
 
         def work(progress: Any) -> Any:
             loaded = self.load(progress.span(0.0, 0.05))
-            result = self.runner(loaded, steps, suite, registry=registry, progress=progress.span(0.05, 1.0),
-                                 tags=tuple(tags))
+            result = self.runner(
+                loaded, steps, suite, registry=registry, progress=progress.span(0.05, 1.0), tags=tuple(tags)
+            )
             self.last_result = result
             return result
 
-        return self.queue.submit(work, label=label or _label(steps), key=self.run_key(steps), on_done=on_done,
-                                 on_start=on_start, on_progress=on_progress, on_partial=on_partial)
+        return self.queue.submit(
+            work,
+            label=label or _label(steps),
+            key=self.run_key(steps),
+            on_done=on_done,
+            on_start=on_start,
+            on_progress=on_progress,
+            on_partial=on_partial,
+        )
 
-    def submit_load(self, *, on_done: Callable[[Job], None] | None = None, on_start: Callable[[Job], None] | None
-                    = None, on_progress: Callable[[float, str], None] | None = None) -> Job:
+    def submit_load(
+        self,
+        *,
+        on_done: Callable[[Job], None] | None = None,
+        on_start: Callable[[Job], None] | None = None,
+        on_progress: Callable[[float, str], None] | None = None,
+    ) -> Job:
         """Queue loading ``model_spec`` (a load already queued for it returns that job)."""
         spec = self.model_spec.strip()
-        return self.queue.submit(self.load, label=f"load {spec}", key=("load", spec), on_done=on_done,
-                                 on_start=on_start, on_progress=on_progress)
+        return self.queue.submit(
+            self.load,
+            label=f"load {spec}",
+            key=("load", spec),
+            on_done=on_done,
+            on_start=on_start,
+            on_progress=on_progress,
+        )
 
-    def run_now(self, pipeline: Sequence[Any], *, progress: Any = None, tags: Sequence[str] = (), notes: str = "",
-                reuse: bool = True) -> Any:
+    def run_now(
+        self,
+        pipeline: Sequence[Any],
+        *,
+        progress: Any = None,
+        tags: Sequence[str] = (),
+        notes: str = "",
+        reuse: bool = True,
+    ) -> Any:
         """Run ``pipeline`` on the calling thread (the command line) and return its RunResult.
 
         The model goes to the runner as the loaded model when it is loaded, else as its spec, so the runner
         checks the suite's text before loading anything.
         """
         model = self.loaded_model() or self.model_spec.strip()
-        result = self.runner(model, list(pipeline), self.suite, registry=self.registry, progress=progress,
-                             tags=tuple(tags), notes=notes, reuse=reuse)
+        result = self.runner(
+            model,
+            list(pipeline),
+            self.suite,
+            registry=self.registry,
+            progress=progress,
+            tags=tuple(tags),
+            notes=notes,
+            reuse=reuse,
+        )
         self.last_result = result
         return result
 

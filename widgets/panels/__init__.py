@@ -42,9 +42,17 @@ class PanelHost(Protocol):
     watcher: Any
     export_dir: Any
 
-    def run(self, pipeline: Sequence[Any], *, label: str = "", progress_bar: Any = None, errors: Any = None,
-            on_result: Callable[[Any], None] | None = None, tags: Sequence[str] = (),
-            on_partial: Callable[[dict[str, Any]], None] | None = None) -> Any: ...
+    def run(
+        self,
+        pipeline: Sequence[Any],
+        *,
+        label: str = "",
+        progress_bar: Any = None,
+        errors: Any = None,
+        on_result: Callable[[Any], None] | None = None,
+        tags: Sequence[str] = (),
+        on_partial: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Any: ...
 
     def on_model_loaded(self, listener: Callable[[Any], None]) -> None: ...
 
@@ -83,7 +91,9 @@ _TABS: dict[tuple[str, bool], Tab] = {}
 def register_tab(tab: Tab) -> Tab:
     """Add ``tab`` to the app (called at import by each panel module); registering again replaces it."""
     if not tab.attr.isidentifier():
-        raise ValueError(f"Tab {tab.title!r}: attr={tab.attr!r} must be a Python identifier (app.{tab.attr}).")
+        raise ValueError(
+            f"Tab {tab.title!r}: attr={tab.attr!r} must be a Python identifier (app.{tab.attr})."
+        )
     _TABS[(tab.attr, tab.placeholder)] = tab
     return tab
 
@@ -111,5 +121,13 @@ from widgets.panels.quantize import QuantizePanel, build_config
 if ("compare", False) not in _TABS:
     register_tab(Tab("Compare", attr="compare", build=ComparePanel, order=90))
 
-__all__ = ["ComparePanel", "PanelHost", "PlaceholderPanel", "QuantizePanel", "Tab", "build_config", "register_tab",
-           "tabs"]
+__all__ = [
+    "ComparePanel",
+    "PanelHost",
+    "PlaceholderPanel",
+    "QuantizePanel",
+    "Tab",
+    "build_config",
+    "register_tab",
+    "tabs",
+]

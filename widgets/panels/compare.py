@@ -45,26 +45,45 @@ if TYPE_CHECKING:
 # Plot choices. Latency and top-token % are derived from the stored rates and fraction for display
 # (:func:`workbench.views.with_display_metrics`); ``workbench.views.METRICS`` says which direction is better.
 QUALITY = ("metric_ppl", "metric_kl_mean", "metric_top1_agree_pct")
-AGAINST = ("metric_size_mb", "metric_bits_per_weight", "metric_bits_per_weight_linear", "metric_decode_ms_per_tok",
-           "metric_prefill_ms_per_tok")
+AGAINST = (
+    "metric_size_mb",
+    "metric_bits_per_weight",
+    "metric_bits_per_weight_linear",
+    "metric_decode_ms_per_tok",
+    "metric_prefill_ms_per_tok",
+)
 # Colour by method first: the latency of simulated quantizers (rtn, gptq, awq, mixed) is the float model's, so
 # a latency colour would rank them by noise. Latency stays one choice away, marked simulated on the colour bar.
-COLOURS = ("technique", "metric_decode_ms_per_tok", "metric_prefill_ms_per_tok", "metric_decode_tok_s",
-           "metric_size_mb", "metric_peak_mem_mb", "metric_bits_per_weight")
+COLOURS = (
+    "technique",
+    "metric_decode_ms_per_tok",
+    "metric_prefill_ms_per_tok",
+    "metric_decode_tok_s",
+    "metric_size_mb",
+    "metric_peak_mem_mb",
+    "metric_bits_per_weight",
+)
 # Rows drawn in the notebook; exports hold every row. A longer HTML table only slows each redraw (about 0.3 ms a
 # row) and nobody scrolls a thousand rows: the sort order picks which runs come first.
 TABLE_ROWS_SHOWN = 100
 TABLE_FORMATS = (("CSV", "csv"), ("Markdown", "md"), ("HTML", "html"), ("LaTeX", "tex"), ("JSON", "json"))
 # MIME type of a download link's data, by file suffix (the plot export is .html).
-MIME_TYPES = {"csv": "text/csv", "md": "text/markdown", "html": "text/html", "tex": "application/x-latex",
-              "json": "application/json"}
+MIME_TYPES = {
+    "csv": "text/csv",
+    "md": "text/markdown",
+    "html": "text/html",
+    "tex": "application/x-latex",
+    "json": "application/json",
+}
 # A data link this long says its size next to it: the whole file travels to the browser inside the widget (a plot
 # with plotly.js inlined is ~6 MB as base64) and some browsers refuse to download very long data URIs.
 LARGE_LINK_CHARS = 8 * 1024 * 1024
 LINKS_KEPT = 8  # newest export links shown; each carries its file, so the list must not grow without end
 # Continuations are free text several lines long: wrap them in cells of a readable width, top-aligned.
-_OUTPUTS_STYLE = ("<style>.wb-outputs td{white-space:pre-wrap;vertical-align:top;max-width:480px;padding:4px 8px}"
-                  ".wb-outputs th{text-align:left;padding:4px 8px}</style>")
+_OUTPUTS_STYLE = (
+    "<style>.wb-outputs td{white-space:pre-wrap;vertical-align:top;max-width:480px;padding:4px 8px}"
+    ".wb-outputs th{text-align:left;padding:4px 8px}</style>"
+)
 
 
 def _colour_label(column: str) -> str:
@@ -88,8 +107,10 @@ def _download_link(path: Path) -> str:
     name = html.escape(path.name)
     size = ""
     if len(uri) > LARGE_LINK_CHARS:
-        size = (f" <span style='color:#a15c00'>({len(uri) / 1e6:.1f} MB link; if the browser will not download "
-                "it, open the file at the path shown)</span>")
+        size = (
+            f" <span style='color:#a15c00'>({len(uri) / 1e6:.1f} MB link; if the browser will not download "
+            "it, open the file at the path shown)</span>"
+        )
     link = f'<a href="{uri}" download="{name}" target="_blank">{name}</a>{size}'
     return f"{link} <span style='color:#777;font-size:11px'>{html.escape(str(absolute))}</span>"
 
@@ -110,56 +131,104 @@ class ComparePanel(W.VBox):
         self._all_runs = 0  # runs in the registry, whatever the filters
 
         # Filters.
-        self.model = W.Dropdown(options=[("All models", "")], value="", description="Model",
-                                layout=W.Layout(width="340px"))
-        self.technique = W.Dropdown(options=[("All", "")], value="", description="Technique",
-                                    layout=W.Layout(width="220px"))
-        self.tag = W.Text(value="", description="Tag", continuous_update=False, placeholder="any",
-                          layout=W.Layout(width="200px"))
+        self.model = W.Dropdown(
+            options=[("All models", "")], value="", description="Model", layout=W.Layout(width="340px")
+        )
+        self.technique = W.Dropdown(
+            options=[("All", "")], value="", description="Technique", layout=W.Layout(width="220px")
+        )
+        self.tag = W.Text(
+            value="",
+            description="Tag",
+            continuous_update=False,
+            placeholder="any",
+            layout=W.Layout(width="200px"),
+        )
         self.since = W.DatePicker(description="Since", value=None, layout=W.Layout(width="230px"))
         app_suite = app.suite_filter
-        self.suite = W.Dropdown(options=[("All suites", ""), (_suite_label(app.suite), app_suite)], value=app_suite,
-                                description="Suite", tooltip="Evaluation suite of the runs shown",
-                                layout=W.Layout(width="260px"))
+        self.suite = W.Dropdown(
+            options=[("All suites", ""), (_suite_label(app.suite), app_suite)],
+            value=app_suite,
+            description="Suite",
+            tooltip="Evaluation suite of the runs shown",
+            layout=W.Layout(width="260px"),
+        )
         # Axes.
-        self.y = W.Dropdown(options=[(title(c), c) for c in QUALITY], value="metric_kl_mean", description="Quality",
-                            layout=W.Layout(width="330px"))
-        self.x = W.Dropdown(options=[(title(c), c) for c in AGAINST], value="metric_bits_per_weight",
-                            description="against", layout=W.Layout(width="330px"))
-        self.color = W.Dropdown(options=[(_colour_label(c), c) for c in COLOURS] + [("none", "")],
-                                value="technique", description="colour", layout=W.Layout(width="300px"))
-        self.log_y = W.Checkbox(value=False, description="log quality axis", indent=False,
-                                tooltip="A log scale keeps one very bad point from flattening the others")
-        self.labels = W.Checkbox(value=True, description="label points", indent=False,
-                                 tooltip="Write each point's setting (4b g64 sym) beside it")
+        self.y = W.Dropdown(
+            options=[(title(c), c) for c in QUALITY],
+            value="metric_kl_mean",
+            description="Quality",
+            layout=W.Layout(width="330px"),
+        )
+        self.x = W.Dropdown(
+            options=[(title(c), c) for c in AGAINST],
+            value="metric_bits_per_weight",
+            description="against",
+            layout=W.Layout(width="330px"),
+        )
+        self.color = W.Dropdown(
+            options=[(_colour_label(c), c) for c in COLOURS] + [("none", "")],
+            value="technique",
+            description="colour",
+            layout=W.Layout(width="300px"),
+        )
+        self.log_y = W.Checkbox(
+            value=False,
+            description="log quality axis",
+            indent=False,
+            tooltip="A log scale keeps one very bad point from flattening the others",
+        )
+        self.labels = W.Checkbox(
+            value=True,
+            description="label points",
+            indent=False,
+            tooltip="Write each point's setting (4b g64 sym) beside it",
+        )
         self.plot = LivePlot(self._figure, on_click=self.select_run)
         # Table.
-        self.sort_by = W.Dropdown(options=[("run", "run_id")], value="run_id", description="Sort by",
-                                  layout=W.Layout(width="300px"))
+        self.sort_by = W.Dropdown(
+            options=[("run", "run_id")], value="run_id", description="Sort by", layout=W.Layout(width="300px")
+        )
         self.descending = W.Checkbox(value=False, description="descending", indent=False)
-        self.more_columns = W.SelectMultiple(options=[(COLUMNS_BY_KEY[k].header, k) for k in MORE_COLUMNS], value=(),
-                                             rows=4, description="More columns",
-                                             tooltip="Ctrl/Shift-click to add columns to the table and its exports",
-                                             layout=W.Layout(width="320px"))
+        self.more_columns = W.SelectMultiple(
+            options=[(COLUMNS_BY_KEY[k].header, k) for k in MORE_COLUMNS],
+            value=(),
+            rows=4,
+            description="More columns",
+            tooltip="Ctrl/Shift-click to add columns to the table and its exports",
+            layout=W.Layout(width="320px"),
+        )
         self.table_html = W.HTML("")
         # Export.
-        self.export_buttons = {fmt: W.Button(description=label, tooltip=f"Export the table as {label}",
-                                             layout=W.Layout(width="100px"))
-                               for label, fmt in TABLE_FORMATS}
-        self.export_plot_button = W.Button(description="Plot (HTML)", icon="image",
-                                           tooltip="The trade-off plot as a standalone HTML page",
-                                           layout=W.Layout(width="120px"))
+        self.export_buttons = {
+            fmt: W.Button(
+                description=label, tooltip=f"Export the table as {label}", layout=W.Layout(width="100px")
+            )
+            for label, fmt in TABLE_FORMATS
+        }
+        self.export_plot_button = W.Button(
+            description="Plot (HTML)",
+            icon="image",
+            tooltip="The trade-off plot as a standalone HTML page",
+            layout=W.Layout(width="120px"),
+        )
         self.export_links = W.HTML("")
         # Notes and tags.
         self.run_picker = W.Dropdown(options=[], description="Run", layout=W.Layout(width="420px"))
-        self.tags_box = W.Text(description="Tags", placeholder="comma-separated", layout=W.Layout(width="420px"))
+        self.tags_box = W.Text(
+            description="Tags", placeholder="comma-separated", layout=W.Layout(width="420px")
+        )
         self.notes_box = W.Textarea(description="Notes", layout=W.Layout(width="600px", height="70px"))
         self.save_button = W.Button(description="Save", icon="save", button_style="primary")
         self.edit_message = W.HTML("")
         # Outputs: the picked run's continuations beside the base model's, and optionally a second run's.
-        self.beside = W.Dropdown(options=[("none", None)], value=None, description="beside",
-                                 tooltip="A second run whose continuations show next to the first",
-                                 layout=W.Layout(width="420px"))
+        self.beside = W.Dropdown(
+            options=[("none", None)],
+            value=None,
+            description="beside",
+            tooltip="A second run whose continuations show next to the first",
+            layout=W.Layout(width="420px"),
+        )
         self.outputs_html = W.HTML("")
         self.errors = ErrorArea()
 
@@ -179,21 +248,36 @@ class ComparePanel(W.VBox):
         self.save_button.on_click(lambda _b: self.save_edits())
         app.watcher.subscribe(self.refresh)
 
-        super().__init__([
-            W.HBox([self.model, self.technique, self.suite, self.tag, self.since],
-                   layout=W.Layout(flex_flow="row wrap")),  # five filters: wrap rather than clip on a narrow page
-            W.HBox([self.y, self.x, self.color, self.log_y, self.labels], layout=W.Layout(flex_flow="row wrap")),
-            self.plot,
-            W.HBox([self.sort_by, self.descending, self.more_columns], layout=W.Layout(flex_flow="row wrap")),
-            self.table_html,
-            W.HBox([W.HTML("<b>Export</b>&nbsp;"), *self.export_buttons.values(), self.export_plot_button]),
-            self.export_links,
-            W.HTML("<b>Notes and tags</b> (click a point to pick its run)"),
-            self.run_picker, self.tags_box, self.notes_box, W.HBox([self.save_button, self.edit_message]),
-            W.HTML("<b>Outputs</b>: the picked run's continuations against the base model's"),
-            self.beside, self.outputs_html,
-            self.errors,
-        ])
+        super().__init__(
+            [
+                W.HBox(
+                    [self.model, self.technique, self.suite, self.tag, self.since],
+                    layout=W.Layout(flex_flow="row wrap"),
+                ),  # five filters: wrap rather than clip on a narrow page
+                W.HBox(
+                    [self.y, self.x, self.color, self.log_y, self.labels],
+                    layout=W.Layout(flex_flow="row wrap"),
+                ),
+                self.plot,
+                W.HBox(
+                    [self.sort_by, self.descending, self.more_columns], layout=W.Layout(flex_flow="row wrap")
+                ),
+                self.table_html,
+                W.HBox(
+                    [W.HTML("<b>Export</b>&nbsp;"), *self.export_buttons.values(), self.export_plot_button]
+                ),
+                self.export_links,
+                W.HTML("<b>Notes and tags</b> (click a point to pick its run)"),
+                self.run_picker,
+                self.tags_box,
+                self.notes_box,
+                W.HBox([self.save_button, self.edit_message]),
+                W.HTML("<b>Outputs</b>: the picked run's continuations against the base model's"),
+                self.beside,
+                self.outputs_html,
+                self.errors,
+            ]
+        )
 
     # ---- reading --------------------------------------------------------------------------------------
 
@@ -204,7 +288,8 @@ class ComparePanel(W.VBox):
             "technique": self.technique.value or None,
             "tag": self.tag.value.strip() or None,
             "since": datetime(since.year, since.month, since.day, tzinfo=timezone.utc)
-            if isinstance(since, date) else None,
+            if isinstance(since, date)
+            else None,
             "suite": self.suite.value or None,
         }
 
@@ -250,8 +335,11 @@ class ComparePanel(W.VBox):
         if not full.empty:
             pairs = full[["model_fingerprint", "model"]].drop_duplicates("model_fingerprint")
             models += [(f"{m} · {fp[:8]}", fp) for fp, m in pairs.itertuples(index=False, name=None)]
-        techniques = [("All", "")] + [(t, t) for t in sorted(full["technique"].dropna().unique())] \
-            if not full.empty else [("All", "")]
+        techniques = (
+            [("All", "")] + [(t, t) for t in sorted(full["technique"].dropna().unique())]
+            if not full.empty
+            else [("All", "")]
+        )
         # The suites in the registry by name, and the app's suite (a custom one is matched by its key).
         app_suite = self.app.suite_filter
         names = sorted(full["suite"].dropna().astype(str).unique()) if not full.empty else []
@@ -259,7 +347,10 @@ class ComparePanel(W.VBox):
         suites += [(name, name) for name in names if name != app_suite]
         picked = self.suite.value
         if self._suite_follows_app or picked not in [v for _, v in suites]:
-            picked, self._suite_follows_app = app_suite, True  # a suite no longer offered falls back to the app's
+            picked, self._suite_follows_app = (
+                app_suite,
+                True,
+            )  # a suite no longer offered falls back to the app's
         self._updating = True  # new options may reset a value; that must not start a refresh inside this one
         try:
             _set_options(self.model, models)
@@ -272,19 +363,28 @@ class ComparePanel(W.VBox):
 
     def _update_choices(self) -> None:
         sortable = [("run", "run_id"), ("created", "created_at")] + [
-            (COLUMNS_BY_KEY[k].header, k) for k in available_columns(self.frame)
-            if k not in ("run_id", "created_at", "tags", "notes")]
+            (COLUMNS_BY_KEY[k].header, k)
+            for k in available_columns(self.frame)
+            if k not in ("run_id", "created_at", "tags", "notes")
+        ]
         _set_options(self.sort_by, sortable, quiet=True)
-        runs = [(f"{r} · {p}", int(r)) for r, p in zip(self.frame.get("run_id", []), self.frame.get("pipeline", []))]
+        runs = [
+            (f"{r} · {p}", int(r))
+            for r, p in zip(self.frame.get("run_id", []), self.frame.get("pipeline", []))
+        ]
         _set_options(self.run_picker, runs, quiet=False)
         _set_options(self.beside, [("none", None), *runs], quiet=False)
 
     def _filter_labels(self) -> dict[str, str]:
         """The active filters as the user sees them (a model's name, not its fingerprint)."""
         since = self.since.value
-        return {"model": str(self.model.label), "technique": str(self.technique.label),
-                "suite": str(self.suite.label), "tag": self.tag.value.strip(),
-                "since": since.isoformat() if isinstance(since, date) else ""}
+        return {
+            "model": str(self.model.label),
+            "technique": str(self.technique.label),
+            "suite": str(self.suite.label),
+            "tag": self.tag.value.strip(),
+            "since": since.isoformat() if isinstance(since, date) else "",
+        }
 
     def empty_message(self) -> str:
         """Why nothing shows: no runs at all, or which filter to loosen (``workbench.tables.no_match_message``)."""
@@ -299,9 +399,15 @@ class ComparePanel(W.VBox):
         for column in (self.y.value, self.x.value):
             if not frame.empty and column not in frame.columns:
                 return _message_figure(f"No run in this selection has {title(column).lower()} yet.")
-        return tradeoff_figure(frame, x=self.x.value, y=self.y.value, color=self.color.value or None,
-                               log_y=self.log_y.value, labels=self.labels.value,
-                               empty_message=self.empty_message() if frame.empty else None)
+        return tradeoff_figure(
+            frame,
+            x=self.x.value,
+            y=self.y.value,
+            color=self.color.value or None,
+            log_y=self.log_y.value,
+            labels=self.labels.value,
+            empty_message=self.empty_message() if frame.empty else None,
+        )
 
     def columns(self) -> list[str]:
         """The table's columns: the defaults, then those picked under "More columns" (in table order)."""
@@ -309,20 +415,31 @@ class ComparePanel(W.VBox):
         return [*DEFAULT_COLUMNS, *(k for k in MORE_COLUMNS if k in picked)]
 
     def _render_table(self) -> None:
-        self.table = comparison_table(self.frame, self.sort_by.value or "run_id", self.descending.value,
-                                      columns=self.columns())
+        self.table = comparison_table(
+            self.frame, self.sort_by.value or "run_id", self.descending.value, columns=self.columns()
+        )
         if self.table.empty:
             self.table_html.value = render_note(self.empty_message())
             return
         shown = self.table.head(TABLE_ROWS_SHOWN)
         more = len(self.table) - len(shown)
-        note = (f"<div style='color:#555'>Showing the first {len(shown)} of {len(self.table)} runs in this order; "
-                "exports contain all of them.</div>") if more > 0 else ""
+        note = (
+            (
+                f"<div style='color:#555'>Showing the first {len(shown)} of {len(self.table)} runs in this order; "
+                "exports contain all of them.</div>"
+            )
+            if more > 0
+            else ""
+        )
         # One line per run (long model names would otherwise make every row tall); the box scrolls sideways.
-        style = ("<style>.wb-table td{white-space:nowrap;padding:2px 6px}"
-                 ".wb-table th{padding:2px 6px;vertical-align:bottom}</style>")
-        self.table_html.value = (style + '<div class="wb-table" style="max-height:360px;overflow:auto;'
-                                 'font-size:12px">' + export_table(shown, "html", headers=True) + "</div>" + note)
+        style = (
+            "<style>.wb-table td{white-space:nowrap;padding:2px 6px}"
+            ".wb-table th{padding:2px 6px;vertical-align:bottom}</style>"
+        )
+        self.table_html.value = (
+            style + '<div class="wb-table" style="max-height:360px;overflow:auto;'
+            'font-size:12px">' + export_table(shown, "html", headers=True) + "</div>" + note
+        )
 
     # ---- exporting ------------------------------------------------------------------------------------
 
@@ -356,8 +473,12 @@ class ComparePanel(W.VBox):
             path.parent.mkdir(parents=True, exist_ok=True)
             go.Figure(self.plot.figure).write_html(str(path), include_plotlyjs=True, full_html=True)
         except OSError as err:
-            self.errors.show(ConfigError(f"Cannot write the plot to {path}: {err.strerror or err}. "
-                                         "Choose a writable export folder."))
+            self.errors.show(
+                ConfigError(
+                    f"Cannot write the plot to {path}: {err.strerror or err}. "
+                    "Choose a writable export folder."
+                )
+            )
             return None
         self._add_link(path)
         return path
@@ -367,8 +488,11 @@ class ComparePanel(W.VBox):
         try:
             link = _download_link(path)
         except OSError as err:  # written a moment ago; unreadable now (deleted, permissions)
-            self.errors.show(ConfigError(f"Wrote {path} but cannot read it back for a download link: "
-                                         f"{err.strerror or err}."))
+            self.errors.show(
+                ConfigError(
+                    f"Wrote {path} but cannot read it back for a download link: {err.strerror or err}."
+                )
+            )
             return
         self._links = [link, *self._links][:LINKS_KEPT]
         self.export_links.value = "".join(f"<div>{entry}</div>" for entry in self._links)
@@ -427,10 +551,13 @@ class ComparePanel(W.VBox):
             which = " and ".join(f"run {i}" for i in ids)
             self.outputs_html.value = render_note(
                 f"No continuations stored for {which}: its suite generates none (n_generations=0). "
-                "Runs of the quick and standard suites store a few.")
+                "Runs of the quick and standard suites store a few."
+            )
             return table
-        self.outputs_html.value = (_OUTPUTS_STYLE + '<div class="wb-outputs" style="max-height:420px;overflow:auto;'
-                                   'font-size:12px">' + _text_table(table) + "</div>")
+        self.outputs_html.value = (
+            _OUTPUTS_STYLE + '<div class="wb-outputs" style="max-height:420px;overflow:auto;'
+            'font-size:12px">' + _text_table(table) + "</div>"
+        )
         return table
 
 
@@ -443,8 +570,10 @@ def _text_table(table: pd.DataFrame) -> str:
     """An HTML table of free text with its line breaks kept (``export_frame`` puts a cell on one line, right for
     reports, wrong for a code continuation); every cell escaped."""
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>"
-                   for row in table.itertuples(index=False, name=None))
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>"
+        for row in table.itertuples(index=False, name=None)
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 

@@ -41,31 +41,70 @@ class DistillPanel(W.VBox):
         self.app = app
         self.ws = app.workspace
         short = W.Layout(width="230px")
-        self.drop = W.IntSlider(value=1, min=0, max=29, description="Drop layers", continuous_update=False,
-                                tooltip="Decoder layers dropped, least Block Influence first", layout=short)
-        self.ffn = W.IntText(value=0, description="FFN width", tooltip="FFN neurons kept per layer (0: all)",
-                             layout=W.Layout(width="180px"))
-        self.loss = W.Dropdown(options=[n for n in LOSSES if n != "hard"], value="forward_kl", description="Loss",
-                               layout=short)
-        self.temperature = W.FloatSlider(value=2.0, min=0.5, max=8.0, step=0.5, description="T",
-                                         continuous_update=False, layout=short)
-        self.alpha = W.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05, description="alpha",
-                                   continuous_update=False, layout=short)
-        self.teacher = W.Dropdown(options=list(TEACHERS), value="live", description="Teacher", layout=short,
-                                  tooltip="live teacher, or cached top-k / sampled targets (computed once)")
+        self.drop = W.IntSlider(
+            value=1,
+            min=0,
+            max=29,
+            description="Drop layers",
+            continuous_update=False,
+            tooltip="Decoder layers dropped, least Block Influence first",
+            layout=short,
+        )
+        self.ffn = W.IntText(
+            value=0,
+            description="FFN width",
+            tooltip="FFN neurons kept per layer (0: all)",
+            layout=W.Layout(width="180px"),
+        )
+        self.loss = W.Dropdown(
+            options=[n for n in LOSSES if n != "hard"], value="forward_kl", description="Loss", layout=short
+        )
+        self.temperature = W.FloatSlider(
+            value=2.0, min=0.5, max=8.0, step=0.5, description="T", continuous_update=False, layout=short
+        )
+        self.alpha = W.FloatSlider(
+            value=0.5, min=0.0, max=1.0, step=0.05, description="alpha", continuous_update=False, layout=short
+        )
+        self.teacher = W.Dropdown(
+            options=list(TEACHERS),
+            value="live",
+            description="Teacher",
+            layout=short,
+            tooltip="live teacher, or cached top-k / sampled targets (computed once)",
+        )
         self.steps = W.IntText(value=50, description="Steps", layout=W.Layout(width="160px"))
-        self.eval_every = W.IntText(value=0, description="Eval every", tooltip="training tokens between "
-                                    "evaluation points (0: before and after only)", layout=W.Layout(width="200px"))
-        self.train_button = W.Button(description="Train", icon="play", button_style="primary",
-                                     tooltip="Distil the student from the loaded model")
-        self.hard_button = W.Button(description="Hard baseline", icon="balance-scale",
-                                    tooltip="The same student, budget and data on hard labels only")
-        self.resume_button = W.Button(description="Resume", icon="step-forward", disabled=True,
-                                      tooltip="Continue the stopped run from its checkpoint")
-        self.quant_bits = W.Dropdown(options=[8, 4, 3, 2], value=4, description="bits",
-                                     layout=W.Layout(width="130px"))
-        self.quantize_button = W.Button(description="Quantize student", icon="compress", disabled=True,
-                                        tooltip="Stack round-to-nearest on the last distilled student")
+        self.eval_every = W.IntText(
+            value=0,
+            description="Eval every",
+            tooltip="training tokens between evaluation points (0: before and after only)",
+            layout=W.Layout(width="200px"),
+        )
+        self.train_button = W.Button(
+            description="Train",
+            icon="play",
+            button_style="primary",
+            tooltip="Distil the student from the loaded model",
+        )
+        self.hard_button = W.Button(
+            description="Hard baseline",
+            icon="balance-scale",
+            tooltip="The same student, budget and data on hard labels only",
+        )
+        self.resume_button = W.Button(
+            description="Resume",
+            icon="step-forward",
+            disabled=True,
+            tooltip="Continue the stopped run from its checkpoint",
+        )
+        self.quant_bits = W.Dropdown(
+            options=[8, 4, 3, 2], value=4, description="bits", layout=W.Layout(width="130px")
+        )
+        self.quantize_button = W.Button(
+            description="Quantize student",
+            icon="compress",
+            disabled=True,
+            tooltip="Stack round-to-nearest on the last distilled student",
+        )
         self.shape_note = W.HTML("")
         self.message = W.HTML("")
         self.progress = ProgressBar()
@@ -75,7 +114,9 @@ class DistillPanel(W.VBox):
         # Settings the panel has no control for (seq_len, batch_size, lr...), passed to DistillConfig as they are.
         self.overrides: dict[str, Any] = {}
         self.results: list[Any] = []
-        self.curves: dict[str, dict[str, list[float]]] = {}  # run label -> tokens / loss / eval_tokens / eval_ppl
+        self.curves: dict[
+            str, dict[str, list[float]]
+        ] = {}  # run label -> tokens / loss / eval_tokens / eval_ppl
         self.student_pipeline: list[Any] | None = None  # the last distilled student's pipeline
         self._stopped: list[Any] | None = None  # the pipeline of the last stopped run, for Resume
         self._lock = threading.Lock()
@@ -91,14 +132,22 @@ class DistillPanel(W.VBox):
         app.on_model_loaded(lambda _loaded: self._show_shape())
         self._show_shape()
         self.curves_plot.refresh()  # the empty curves figure, not the "reading the registry" placeholder
-        super().__init__([
-            W.HTML("<b>Student</b>"), W.HBox([self.drop, self.ffn]), self.shape_note,
-            W.HTML("<b>Training</b>"), W.HBox([self.loss, self.temperature, self.alpha]),
-            W.HBox([self.teacher, self.steps, self.eval_every]),
-            W.HBox([self.train_button, self.hard_button, self.resume_button, self.progress]),
-            W.HBox([self.quant_bits, self.quantize_button]),
-            self.errors, self.message, self.curves_plot, self.plot,
-        ])
+        super().__init__(
+            [
+                W.HTML("<b>Student</b>"),
+                W.HBox([self.drop, self.ffn]),
+                self.shape_note,
+                W.HTML("<b>Training</b>"),
+                W.HBox([self.loss, self.temperature, self.alpha]),
+                W.HBox([self.teacher, self.steps, self.eval_every]),
+                W.HBox([self.train_button, self.hard_button, self.resume_button, self.progress]),
+                W.HBox([self.quant_bits, self.quantize_button]),
+                self.errors,
+                self.message,
+                self.curves_plot,
+                self.plot,
+            ]
+        )
 
     # ---- configs ---------------------------------------------------------------------------------------
 
@@ -110,10 +159,15 @@ class DistillPanel(W.VBox):
         steps: list[Any] = []
         if self.drop.value or self.ffn.value:
             steps.append(PruneConfig(drop=int(self.drop.value), ffn_size=int(self.ffn.value) or None))
-        params: dict[str, Any] = {"loss": "hard" if hard else self.loss.value,
-                                  "temperature": float(self.temperature.value), "alpha": float(self.alpha.value),
-                                  "teacher": "live" if hard else self.teacher.value, "steps": int(self.steps.value),
-                                  "eval_every": int(self.eval_every.value), **self.overrides}
+        params: dict[str, Any] = {
+            "loss": "hard" if hard else self.loss.value,
+            "temperature": float(self.temperature.value),
+            "alpha": float(self.alpha.value),
+            "teacher": "live" if hard else self.teacher.value,
+            "steps": int(self.steps.value),
+            "eval_every": int(self.eval_every.value),
+            **self.overrides,
+        }
         try:
             steps.append(DistillConfig(**params))
         except TypeError as err:
@@ -124,7 +178,9 @@ class DistillPanel(W.VBox):
         """The student's size before training: layers and FFN width kept, parameters against the teacher's."""
         loaded = self.ws.loaded_model()
         if loaded is None:
-            self.shape_note.value = render_note("Load a model: it is the teacher, and the student is cut from it.")
+            self.shape_note.value = render_note(
+                "Load a model: it is the teacher, and the student is cut from it."
+            )
             return
         config = loaded.model.config
         n, width = int(config.num_hidden_layers), int(config.intermediate_size)
@@ -145,7 +201,8 @@ class DistillPanel(W.VBox):
         self.shape_note.value = render_note(
             f"Student: {kept} of {n} layers, FFN width {int(preview.config.intermediate_size)} of {width}; "
             f"{student_n / 1e6:.2f}M parameters ({100 * student_n / teacher_n:.0f}% of the teacher's "
-            f"{teacher_n / 1e6:.2f}M).")
+            f"{teacher_n / 1e6:.2f}M)."
+        )
 
     # ---- running ---------------------------------------------------------------------------------------
 
@@ -175,8 +232,11 @@ class DistillPanel(W.VBox):
         self.errors.clear()
         try:
             space = self.ws.space("rtn")
-            config = space.config(bits=int(self.quant_bits.value), group_size=space.default["group_size"],
-                                  symmetric=space.default.get("symmetric"))
+            config = space.config(
+                bits=int(self.quant_bits.value),
+                group_size=space.default["group_size"],
+                symmetric=space.default.get("symmetric"),
+            )
             return self._submit([*self.student_pipeline, config])
         except ConfigError as err:
             self.errors.show(err)
@@ -192,13 +252,20 @@ class DistillPanel(W.VBox):
         label = describe_pipeline(steps)
         with self._lock:
             self.curves[label] = {"tokens": [], "loss": [], "eval_tokens": [], "eval_ppl": []}
-        return self.app.run(steps, progress_bar=self.progress, errors=self.errors,
-                            on_result=lambda job: self._on_result(job, steps), on_partial=self._listener(label))
+        return self.app.run(
+            steps,
+            progress_bar=self.progress,
+            errors=self.errors,
+            on_result=lambda job: self._on_result(job, steps),
+            on_partial=self._listener(label),
+        )
 
     def _listener(self, label: str) -> Any:
         def listen(metrics: dict[str, Any]) -> None:
             with self._lock:
-                curve = self.curves.setdefault(label, {"tokens": [], "loss": [], "eval_tokens": [], "eval_ppl": []})
+                curve = self.curves.setdefault(
+                    label, {"tokens": [], "loss": [], "eval_tokens": [], "eval_ppl": []}
+                )
                 if "train_loss" in metrics:
                     curve["tokens"].append(float(metrics["distill_tokens"]))
                     curve["loss"].append(float(metrics["train_loss"]))
@@ -227,9 +294,12 @@ class DistillPanel(W.VBox):
             loss, evals = result.extras.get("loss_curve"), result.extras.get("eval_curve")
             if loss:  # the recorded curves replace the live ones
                 with self._lock:
-                    self.curves[result.label] = {"tokens": list(loss["tokens"]), "loss": list(loss["loss"]),
-                                                 "eval_tokens": list((evals or {}).get("tokens", [])),
-                                                 "eval_ppl": list((evals or {}).get("perplexity", []))}
+                    self.curves[result.label] = {
+                        "tokens": list(loss["tokens"]),
+                        "loss": list(loss["loss"]),
+                        "eval_tokens": list((evals or {}).get("tokens", [])),
+                        "eval_ppl": list((evals or {}).get("perplexity", [])),
+                    }
             if names and names[-1] == "distill":
                 self.student_pipeline = list(steps)
                 self.quantize_button.disabled = False
@@ -238,8 +308,9 @@ class DistillPanel(W.VBox):
         elif result.status == "interrupted":
             self._stopped = list(steps)
             self.resume_button.disabled = False
-            self.message.value = render_note(f"Run {result.run_id} · {result.label}: stopped. "
-                                             f"{html.escape(result.error or '')}", "warn")
+            self.message.value = render_note(
+                f"Run {result.run_id} · {result.label}: stopped. {html.escape(result.error or '')}", "warn"
+            )
         self.curves_plot.refresh()
         self.plot.refresh()
 
@@ -257,11 +328,21 @@ class DistillPanel(W.VBox):
         for label, curve in curves.items():
             fig.add_scatter(x=curve["tokens"], y=curve["loss"], mode="lines", name=f"{label}: train loss")
             if curve["eval_tokens"]:
-                fig.add_scatter(x=curve["eval_tokens"], y=curve["eval_ppl"], mode="lines+markers", yaxis="y2",
-                                line={"dash": "dot"}, name=f"{label}: eval perplexity")
-        return fig.update_layout(xaxis_title="Training tokens", yaxis_title="Loss", height=360,
-                                 yaxis2={"title": "Perplexity", "overlaying": "y", "side": "right", "type": "log"},
-                                 legend={"orientation": "h", "y": -0.25})
+                fig.add_scatter(
+                    x=curve["eval_tokens"],
+                    y=curve["eval_ppl"],
+                    mode="lines+markers",
+                    yaxis="y2",
+                    line={"dash": "dot"},
+                    name=f"{label}: eval perplexity",
+                )
+        return fig.update_layout(
+            xaxis_title="Training tokens",
+            yaxis_title="Loss",
+            height=360,
+            yaxis2={"title": "Perplexity", "overlaying": "y", "side": "right", "type": "log"},
+            legend={"orientation": "h", "y": -0.25},
+        )
 
     def frame(self) -> pd.DataFrame:
         """The runs this panel plots: the loaded model's, on the current suite, with a prune or distill step
@@ -275,8 +356,12 @@ class DistillPanel(W.VBox):
     def _tradeoff_figure(self) -> go.Figure:
         from workbench.views import tradeoff_figure
 
-        return tradeoff_figure(self.frame(), x="metric_size_mb", y="metric_ppl",
-                               empty_message="No distilled students yet: press Train.")
+        return tradeoff_figure(
+            self.frame(),
+            x="metric_size_mb",
+            y="metric_ppl",
+            empty_message="No distilled students yet: press Train.",
+        )
 
 
 register_tab(Tab("Distill", attr="distill", build=DistillPanel, order=30))

@@ -23,28 +23,45 @@ class PlaceholderPanel(W.VBox):
             from workbench.techniques import technique_names
 
             names = technique_names(kind=kind)
-        body = (f"<h3 style='margin:4px 0'>{html.escape(title)}: coming soon</h3>"
-                f"<p>{html.escape(text)}</p>")
+        body = f"<h3 style='margin:4px 0'>{html.escape(title)}: coming soon</h3><p>{html.escape(text)}</p>"
         if names:
             example = f"run_experiment(model, [make_config({names[0]!r}, ...)])"
-            body += ("<p>Already in the library (usable from code and the command line): "
-                     f"<code>{html.escape(', '.join(names))}</code>, e.g. <code>{html.escape(example)}</code>.</p>")
+            body += (
+                "<p>Already in the library (usable from code and the command line): "
+                f"<code>{html.escape(', '.join(names))}</code>, e.g. <code>{html.escape(example)}</code>.</p>"
+            )
         self.text = W.HTML(body)
         super().__init__([self.text], layout=W.Layout(padding="8px"))
 
 
-register_tab(Tab("Route experts", attr="route", order=20, placeholder=True, build=lambda _host: PlaceholderPanel(
-    "Route experts",
-    "Expert routing is coming: a slider for the number of active experts per token on Mixture-of-Experts "
-    "models (and on dense models split into experts), quality against active parameters, and per-layer "
-    "expert load heatmaps.",
-    kind="route",
-)))
-register_tab(Tab("Distill", attr="distill", order=30, placeholder=True, build=lambda _host: PlaceholderPanel(
-    "Distill",
-    "Distillation is coming: train a smaller student from the loaded model as teacher, watch the loss "
-    "curve, then stack quantization on the student and compare it with everything else.",
-    kind="distill",
-)))
+register_tab(
+    Tab(
+        "Route experts",
+        attr="route",
+        order=20,
+        placeholder=True,
+        build=lambda _host: PlaceholderPanel(
+            "Route experts",
+            "Expert routing is coming: a slider for the number of active experts per token on Mixture-of-Experts "
+            "models (and on dense models split into experts), quality against active parameters, and per-layer "
+            "expert load heatmaps.",
+            kind="route",
+        ),
+    )
+)
+register_tab(
+    Tab(
+        "Distill",
+        attr="distill",
+        order=30,
+        placeholder=True,
+        build=lambda _host: PlaceholderPanel(
+            "Distill",
+            "Distillation is coming: train a smaller student from the loaded model as teacher, watch the loss "
+            "curve, then stack quantization on the student and compare it with everything else.",
+            kind="distill",
+        ),
+    )
+)
 
 __all__ = ["PlaceholderPanel"]

@@ -52,8 +52,11 @@ def build_config(method: str, bits: int, group_size: int = 32, symmetric: bool =
     from workbench.techniques.space import parameter_space
 
     space = parameter_space(method)
-    return space.config(bits=bits, group_size=group_size if space.group_sizes else None,
-                        symmetric=symmetric if space.symmetric else None)
+    return space.config(
+        bits=bits,
+        group_size=group_size if space.group_sizes else None,
+        symmetric=symmetric if space.symmetric else None,
+    )
 
 
 class QuantizePanel(W.VBox):
@@ -66,28 +69,66 @@ class QuantizePanel(W.VBox):
         self.app = app
         self.ws = app.workspace
         names = list(methods) if methods is not None else technique_names(kind="quantize")
-        self.method = W.Dropdown(options=names, value="rtn" if "rtn" in names else (names[0] if names else None),
-                                 description="Method", layout=W.Layout(width="220px"))
-        self.bits = W.IntSlider(value=4, min=SLIDER_BITS[0], max=SLIDER_BITS[1], step=1, continuous_update=False,
-                                description="Bits", layout=W.Layout(width="320px"))
-        self.group_size = W.Dropdown(options=[("32", 32)], value=32, description="Group",
-                                     layout=W.Layout(width="200px"))
-        self.symmetric = W.Checkbox(value=False, description="symmetric", indent=False,
-                                    layout=W.Layout(width="110px"))
-        self.run_button = W.Button(description="Run", icon="play", button_style="primary",
-                                   tooltip="Evaluate these settings", layout=W.Layout(width="90px"))
-        self.sweep_button = W.Button(description="Sweep all bits", icon="forward",
-                                     tooltip="Queue every bit width this method takes", layout=W.Layout(width="140px"))
-        self.cancel_button = W.Button(description="Cancel queue", icon="times", disabled=True,
-                                      tooltip="Stop the running job and drop every queued one (Stop stops one run)",
-                                      layout=W.Layout(width="130px"))
-        self.quality = W.Dropdown(options=[(title(m), m) for m in QUALITY_METRICS], value="metric_kl_mean",
-                                  description="Quality", layout=W.Layout(width="330px"))
-        self.size_axis = W.Dropdown(options=[(title(m), m) for m in SIZE_METRICS], value=SIZE_METRICS[0],
-                                    description="against", layout=W.Layout(width="330px"))
-        self.log_y = W.Checkbox(value=False, description="log scale", indent=False,
-                                tooltip="Logarithmic quality axis (one 2-bit point no longer flattens the rest)",
-                                layout=W.Layout(width="110px"))
+        self.method = W.Dropdown(
+            options=names,
+            value="rtn" if "rtn" in names else (names[0] if names else None),
+            description="Method",
+            layout=W.Layout(width="220px"),
+        )
+        self.bits = W.IntSlider(
+            value=4,
+            min=SLIDER_BITS[0],
+            max=SLIDER_BITS[1],
+            step=1,
+            continuous_update=False,
+            description="Bits",
+            layout=W.Layout(width="320px"),
+        )
+        self.group_size = W.Dropdown(
+            options=[("32", 32)], value=32, description="Group", layout=W.Layout(width="200px")
+        )
+        self.symmetric = W.Checkbox(
+            value=False, description="symmetric", indent=False, layout=W.Layout(width="110px")
+        )
+        self.run_button = W.Button(
+            description="Run",
+            icon="play",
+            button_style="primary",
+            tooltip="Evaluate these settings",
+            layout=W.Layout(width="90px"),
+        )
+        self.sweep_button = W.Button(
+            description="Sweep all bits",
+            icon="forward",
+            tooltip="Queue every bit width this method takes",
+            layout=W.Layout(width="140px"),
+        )
+        self.cancel_button = W.Button(
+            description="Cancel queue",
+            icon="times",
+            disabled=True,
+            tooltip="Stop the running job and drop every queued one (Stop stops one run)",
+            layout=W.Layout(width="130px"),
+        )
+        self.quality = W.Dropdown(
+            options=[(title(m), m) for m in QUALITY_METRICS],
+            value="metric_kl_mean",
+            description="Quality",
+            layout=W.Layout(width="330px"),
+        )
+        self.size_axis = W.Dropdown(
+            options=[(title(m), m) for m in SIZE_METRICS],
+            value=SIZE_METRICS[0],
+            description="against",
+            layout=W.Layout(width="330px"),
+        )
+        self.log_y = W.Checkbox(
+            value=False,
+            description="log scale",
+            indent=False,
+            tooltip="Logarithmic quality axis (one 2-bit point no longer flattens the rest)",
+            layout=W.Layout(width="110px"),
+        )
         self.grid_warning = W.HTML("")
         self.space_note = W.HTML("")  # what the method takes, and why the default point is what it is
         self.message = W.HTML("")  # the last point: recorded, found again, or stopped
@@ -99,7 +140,9 @@ class QuantizePanel(W.VBox):
         self.space: Any = None  # the ParameterSpace the controls show
         self._syncing = False  # True while the panel itself sets controls (no clearing, no runs)
         self._hide_timer: threading.Timer | None = None
-        self.provisional: dict[str, Any] | None = None  # the running run's first estimate, until it is recorded
+        self.provisional: dict[str, Any] | None = (
+            None  # the running run's first estimate, until it is recorded
+        )
 
         self.bits.observe(self._on_bits, names="value")
         self.method.observe(self._on_method, names="value")
@@ -115,13 +158,19 @@ class QuantizePanel(W.VBox):
         app.on_model_loaded(self._on_model_loaded)
         self._apply_space()
 
-        super().__init__([
-            W.HBox([self.method, self.bits, self.group_size, self.symmetric]),
-            W.HBox([self.run_button, self.sweep_button, self.cancel_button, self.progress]),
-            self.errors, self.grid_warning, self.space_note, self.sweep_message, self.message,
-            W.HBox([self.quality, self.size_axis, self.log_y]),
-            self.plot,
-        ])
+        super().__init__(
+            [
+                W.HBox([self.method, self.bits, self.group_size, self.symmetric]),
+                W.HBox([self.run_button, self.sweep_button, self.cancel_button, self.progress]),
+                self.errors,
+                self.grid_warning,
+                self.space_note,
+                self.sweep_message,
+                self.message,
+                W.HBox([self.quality, self.size_axis, self.log_y]),
+                self.plot,
+            ]
+        )
 
     # ---- controls over the space ---------------------------------------------------------------------
 
@@ -153,7 +202,9 @@ class QuantizePanel(W.VBox):
             notes.append(f"{self.method.value} takes {space.widths_text()} bits.")
         if space.reason:
             notes.append(space.reason)
-        self.space_note.value = render_note(" ".join(notes), "warn" if space.reason else "info") if notes else ""
+        self.space_note.value = (
+            render_note(" ".join(notes), "warn" if space.reason else "info") if notes else ""
+        )
 
     def _on_method(self, _change: Any = None) -> None:
         # A new method: the last method's notes and progress say nothing about it.
@@ -178,12 +229,16 @@ class QuantizePanel(W.VBox):
         if self.space is None:
             self._apply_space()
         if self.space is None:
-            raise ConfigError(f"{self.method.value}: has no bit-width setting; use it from code with "
-                              f"make_config({self.method.value!r}, ...).")
+            raise ConfigError(
+                f"{self.method.value}: has no bit-width setting; use it from code with "
+                f"make_config({self.method.value!r}, ...)."
+            )
         space = self.space
-        return space.config(bits=self.bits.value if bits is None else bits,
-                            group_size=self.group_size.value if space.group_sizes else None,
-                            symmetric=self.symmetric.value if space.symmetric else None)
+        return space.config(
+            bits=self.bits.value if bits is None else bits,
+            group_size=self.group_size.value if space.group_sizes else None,
+            symmetric=self.symmetric.value if space.symmetric else None,
+        )
 
     # ---- stale state ---------------------------------------------------------------------------------
 
@@ -230,8 +285,13 @@ class QuantizePanel(W.VBox):
             if found is not None:
                 self._show_result(found)
                 return None
-            return self.app.run([config], progress_bar=self.progress, errors=self.errors,
-                                on_result=self._on_result, on_partial=self._partial_listener(config))
+            return self.app.run(
+                [config],
+                progress_bar=self.progress,
+                errors=self.errors,
+                on_result=self._on_result,
+                on_partial=self._partial_listener(config),
+            )
         except ConfigError as err:  # bad settings, settings the model cannot take, or no registry open
             self.errors.show(err)
             return None
@@ -271,8 +331,15 @@ class QuantizePanel(W.VBox):
                 refused.append(str(bits))
                 continue
             try:
-                jobs.append(self.app.run([config], progress_bar=self.progress, errors=self.errors,
-                                         on_result=self._on_result, on_partial=self._partial_listener(config)))
+                jobs.append(
+                    self.app.run(
+                        [config],
+                        progress_bar=self.progress,
+                        errors=self.errors,
+                        on_result=self._on_result,
+                        on_partial=self._partial_listener(config),
+                    )
+                )
             except ConfigError as err:  # no registry open
                 self.errors.show(err)
                 return jobs
@@ -293,8 +360,9 @@ class QuantizePanel(W.VBox):
     def cancel_queue(self) -> int:
         """Stop the running job and drop the queued ones (the library's ``Workspace.cancel_queue``)."""
         cancelled = self.ws.cancel_queue()
-        self.sweep_message.value = render_note(f"Cancelled {len(cancelled)} queued or running job(s).", "warn") \
-            if cancelled else ""
+        self.sweep_message.value = (
+            render_note(f"Cancelled {len(cancelled)} queued or running job(s).", "warn") if cancelled else ""
+        )
         return len(cancelled)
 
     def _on_result(self, job: Job) -> None:
@@ -314,8 +382,12 @@ class QuantizePanel(W.VBox):
 
         def listen(metrics: dict[str, Any]) -> None:
             point = {f"metric_{k}": v for k, v in metrics.items() if k != "provisional"}
-            self.provisional = {**point, "label": label, "technique": technique,
-                                "provisional": metrics.get("provisional", 0.0)}
+            self.provisional = {
+                **point,
+                "label": label,
+                "technique": technique,
+                "provisional": metrics.get("provisional", 0.0),
+            }
             self.plot.refresh()
 
         return listen
@@ -326,8 +398,9 @@ class QuantizePanel(W.VBox):
             how = "found in the registry (no new run)" if result.reused else "evaluated and recorded"
             self.message.value = render_note(f"Run {result.run_id} · {result.label}: {how}.", "ok")
         elif result.status == "interrupted":
-            self.message.value = render_note(f"Run {result.run_id} · {result.label}: stopped, recorded as "
-                                             "interrupted.", "warn")
+            self.message.value = render_note(
+                f"Run {result.run_id} · {result.label}: stopped, recorded as interrupted.", "warn"
+            )
 
     # ---- grid check -----------------------------------------------------------------------------------
 
@@ -339,9 +412,14 @@ class QuantizePanel(W.VBox):
             from workbench.quant_analysis import detect_grid
 
             report = detect_grid(loaded.model)
-        self.grid_warning.value = "" if report is None else (
-            '<div style="background:#fff8e1;border-left:4px solid #f9a825;padding:4px 8px">'
-            f"<b>Grid detected.</b> {html.escape(report.message)}</div>")
+        self.grid_warning.value = (
+            ""
+            if report is None
+            else (
+                '<div style="background:#fff8e1;border-left:4px solid #f9a825;padding:4px 8px">'
+                f"<b>Grid detected.</b> {html.escape(report.message)}</div>"
+            )
+        )
 
     # ---- the plot -------------------------------------------------------------------------------------
 
@@ -356,8 +434,13 @@ class QuantizePanel(W.VBox):
     def _figure(self) -> go.Figure:
         from workbench.views import bits_figure
 
-        fig = bits_figure(self.frame(), y=self.quality.value, x=self.size_axis.value, log_y=self.log_y.value,
-                          provisional=self.provisional)
+        fig = bits_figure(
+            self.frame(),
+            y=self.quality.value,
+            x=self.size_axis.value,
+            log_y=self.log_y.value,
+            provisional=self.provisional,
+        )
         return fig.update_layout(legend_title_text="method")
 
 

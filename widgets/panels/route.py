@@ -77,38 +77,100 @@ class RoutePanel(W.VBox):
         self._syncing = False
 
         self.status = W.HTML("")
-        self.mode = W.ToggleButtons(options=MODES, value="k", description="Routing", style={"button_width": "110px"})
-        self.k = W.IntSlider(value=2, min=1, max=2, step=1, continuous_update=False, description="k",
-                             layout=W.Layout(width="320px"))
-        self.per_layer = W.Text(value="", description="per layer", placeholder="e.g. 0:1, 3:2",
-                                layout=W.Layout(width="260px"))
-        self.renormalize = W.Dropdown(options=[("model's rule", "model")], value="model", description="weights",
-                                      layout=W.Layout(width="230px"))
-        self.top_p = W.FloatSlider(value=0.8, min=0.05, max=1.0, step=0.05, continuous_update=False,
-                                   description="top-p", layout=W.Layout(width="320px"))
-        self.skip_beta = W.FloatSlider(value=0.3, min=0.05, max=1.0, step=0.05, continuous_update=False,
-                                       description="skip β", layout=W.Layout(width="320px"))
-        self.budget = W.FloatSlider(value=0.7, min=0.1, max=1.0, step=0.05, continuous_update=False,
-                                    description="budget", readout_format=".0%",
-                                    tooltip="Share of the active parameters per token to keep; each layer's k is "
-                                            "chosen from its measured sensitivity",
-                                    layout=W.Layout(width="320px"))
-        self.run_button = W.Button(description="Run", icon="play", button_style="primary",
-                                   layout=W.Layout(width="90px"))
-        self.sweep_button = W.Button(description="Sweep k", icon="forward", tooltip="Queue every k from E down to 1",
-                                     layout=W.Layout(width="110px"))
-        self.prune_method = W.Dropdown(options=[("REAP", "reap"), ("frequency", "frequency"),
-                                                ("router mass", "router_mass"), ("NAEE search", "naee")], value="reap", description="prune by",
-                                       layout=W.Layout(width="230px"))
-        self.prune_keep = W.IntSlider(value=1, min=1, max=1, description="keep", continuous_update=False,
-                                      layout=W.Layout(width="300px"))
-        self.prune_button = W.Button(description="Prune experts", icon="scissors", layout=W.Layout(width="140px"))
-        self.moefy_button = W.Button(description="Convert to MoE (moefy)", icon="random",
-                                     layout=W.Layout(width="200px", display="none"))
-        self.x_axis = W.Dropdown(options=[(title(m), m) for m in X_METRICS], value=X_METRICS[0],
-                                 description="against", layout=W.Layout(width="330px"))
-        self.y_axis = W.Dropdown(options=[(title(m), m) for m in Y_METRICS], value=Y_METRICS[0],
-                                 description="Quality", layout=W.Layout(width="330px"))
+        self.mode = W.ToggleButtons(
+            options=MODES, value="k", description="Routing", style={"button_width": "110px"}
+        )
+        self.k = W.IntSlider(
+            value=2,
+            min=1,
+            max=2,
+            step=1,
+            continuous_update=False,
+            description="k",
+            layout=W.Layout(width="320px"),
+        )
+        self.per_layer = W.Text(
+            value="", description="per layer", placeholder="e.g. 0:1, 3:2", layout=W.Layout(width="260px")
+        )
+        self.renormalize = W.Dropdown(
+            options=[("model's rule", "model")],
+            value="model",
+            description="weights",
+            layout=W.Layout(width="230px"),
+        )
+        self.top_p = W.FloatSlider(
+            value=0.8,
+            min=0.05,
+            max=1.0,
+            step=0.05,
+            continuous_update=False,
+            description="top-p",
+            layout=W.Layout(width="320px"),
+        )
+        self.skip_beta = W.FloatSlider(
+            value=0.3,
+            min=0.05,
+            max=1.0,
+            step=0.05,
+            continuous_update=False,
+            description="skip β",
+            layout=W.Layout(width="320px"),
+        )
+        self.budget = W.FloatSlider(
+            value=0.7,
+            min=0.1,
+            max=1.0,
+            step=0.05,
+            continuous_update=False,
+            description="budget",
+            readout_format=".0%",
+            tooltip="Share of the active parameters per token to keep; each layer's k is "
+            "chosen from its measured sensitivity",
+            layout=W.Layout(width="320px"),
+        )
+        self.run_button = W.Button(
+            description="Run", icon="play", button_style="primary", layout=W.Layout(width="90px")
+        )
+        self.sweep_button = W.Button(
+            description="Sweep k",
+            icon="forward",
+            tooltip="Queue every k from E down to 1",
+            layout=W.Layout(width="110px"),
+        )
+        self.prune_method = W.Dropdown(
+            options=[
+                ("REAP", "reap"),
+                ("frequency", "frequency"),
+                ("router mass", "router_mass"),
+                ("NAEE search", "naee"),
+            ],
+            value="reap",
+            description="prune by",
+            layout=W.Layout(width="230px"),
+        )
+        self.prune_keep = W.IntSlider(
+            value=1, min=1, max=1, description="keep", continuous_update=False, layout=W.Layout(width="300px")
+        )
+        self.prune_button = W.Button(
+            description="Prune experts", icon="scissors", layout=W.Layout(width="140px")
+        )
+        self.moefy_button = W.Button(
+            description="Convert to MoE (moefy)",
+            icon="random",
+            layout=W.Layout(width="200px", display="none"),
+        )
+        self.x_axis = W.Dropdown(
+            options=[(title(m), m) for m in X_METRICS],
+            value=X_METRICS[0],
+            description="against",
+            layout=W.Layout(width="330px"),
+        )
+        self.y_axis = W.Dropdown(
+            options=[(title(m), m) for m in Y_METRICS],
+            value=Y_METRICS[0],
+            description="Quality",
+            layout=W.Layout(width="330px"),
+        )
         self.message = W.HTML("")
         self.progress = ProgressBar()
         self.errors = ErrorArea()
@@ -117,9 +179,12 @@ class RoutePanel(W.VBox):
         self.before_matrix: list[list[float]] = []
         self.before_heatmap = go.FigureWidget(self._heatmap_figure())
         self.before_box = W.VBox([self.before_heatmap], layout=W.Layout(display="none"))
-        self.balance_button = W.Button(description="Balance load", icon="balance-scale",
-                                       tooltip="Fit DeepSeek-V3's per-expert selection bias on calibration text",
-                                       layout=W.Layout(width="140px"))
+        self.balance_button = W.Button(
+            description="Balance load",
+            icon="balance-scale",
+            tooltip="Fit DeepSeek-V3's per-expert selection bias on calibration text",
+            layout=W.Layout(width="140px"),
+        )
         self.plot = LivePlot(self._figure)
 
         self.k.observe(lambda _c: self._auto_submit(), names="value")
@@ -137,16 +202,27 @@ class RoutePanel(W.VBox):
         app.watcher.subscribe(self.plot.refresh)
         app.on_model_loaded(lambda _loaded: self.refresh_space())
 
-        self.controls = W.VBox([
-            self.mode,
-            W.HBox([self.k, self.top_p, self.skip_beta, self.budget, self.renormalize]),
-            W.HBox([self.per_layer, self.run_button, self.sweep_button, self.progress]),
-            W.HBox([self.prune_method, self.prune_keep, self.prune_button, self.balance_button]),
-        ])
-        super().__init__([
-            self.status, self.moefy_button, self.controls, self.errors, self.message,
-            W.HBox([self.y_axis, self.x_axis]), self.plot, self.before_box, self.heatmap,
-        ])
+        self.controls = W.VBox(
+            [
+                self.mode,
+                W.HBox([self.k, self.top_p, self.skip_beta, self.budget, self.renormalize]),
+                W.HBox([self.per_layer, self.run_button, self.sweep_button, self.progress]),
+                W.HBox([self.prune_method, self.prune_keep, self.prune_button, self.balance_button]),
+            ]
+        )
+        super().__init__(
+            [
+                self.status,
+                self.moefy_button,
+                self.controls,
+                self.errors,
+                self.message,
+                W.HBox([self.y_axis, self.x_axis]),
+                self.plot,
+                self.before_box,
+                self.heatmap,
+            ]
+        )
         self.refresh_space()
 
     # ---- the model's routing space ----------------------------------------------------------------------
@@ -159,7 +235,9 @@ class RoutePanel(W.VBox):
         if loaded is None:
             self.space = None
             self.controls.layout.display = "none"
-            self.status.value = render_note("Load a Mixture-of-Experts model (e.g. tiny-moe) to route its experts.")
+            self.status.value = render_note(
+                "Load a Mixture-of-Experts model (e.g. tiny-moe) to route its experts."
+            )
             return
         try:
             space = route_space(loaded.model)
@@ -187,15 +265,22 @@ class RoutePanel(W.VBox):
             self.renormalize.value = "model"
             low, high = max(1, space.default_k), max(1, space.default_k, space.n_experts - 1)
             _set_range(self.prune_keep, low, high, min(high, max(low, (3 * space.n_experts) // 4)))
-            dynamic = [m for m in MODES if m[1] == "k" or (m[1] == "budget" and space.settable)
-                       or (m[1] in ("top_p", "skip") and space.dynamic)]
+            dynamic = [
+                m
+                for m in MODES
+                if m[1] == "k"
+                or (m[1] == "budget" and space.settable)
+                or (m[1] in ("top_p", "skip") and space.dynamic)
+            ]
             self.mode.options = dynamic
             self.mode.value = "k"
         finally:
             self._syncing = False
         layers = ", ".join(str(i) for i in space.moe_layers)
-        note = (f"{space.n_experts} experts per MoE layer (layers {layers}); the model routes each token to "
-                f"{space.default_k}.")
+        note = (
+            f"{space.n_experts} experts per MoE layer (layers {layers}); the model routes each token to "
+            f"{space.default_k}."
+        )
         if space.reason:
             note += " " + space.reason
         if not space.dynamic:
@@ -243,7 +328,9 @@ class RoutePanel(W.VBox):
             if found is not None:
                 self._show_result(found)
                 return None
-            return self.app.run(pipeline, progress_bar=self.progress, errors=self.errors, on_result=self._on_result)
+            return self.app.run(
+                pipeline, progress_bar=self.progress, errors=self.errors, on_result=self._on_result
+            )
         except ConfigError as err:
             self.errors.show(err)
             return None
@@ -273,7 +360,9 @@ class RoutePanel(W.VBox):
         from workbench.techniques import make_config
 
         try:
-            config = make_config("prune_experts", keep=int(self.prune_keep.value), method=self.prune_method.value)
+            config = make_config(
+                "prune_experts", keep=int(self.prune_keep.value), method=self.prune_method.value
+            )
         except ConfigError as err:
             self.errors.show(err)
             return None
@@ -306,9 +395,16 @@ class RoutePanel(W.VBox):
                 self.heatmap.data = []
                 self.heatmap.add_traces(fig.data)
                 self.heatmap.layout = fig.layout
-        before = next((v for key, v in (result.extras or {}).items()
-                       if isinstance(v, dict) and v.get("load_before") and key.endswith(("prune_experts",
-                                                                                          "balance_experts"))), None)
+        before = next(
+            (
+                v
+                for key, v in (result.extras or {}).items()
+                if isinstance(v, dict)
+                and v.get("load_before")
+                and key.endswith(("prune_experts", "balance_experts"))
+            ),
+            None,
+        )
         self.before_matrix = before["load_before"] if before else []
         if before:
             fig = expert_load_figure_for(self.before_matrix, before.get("layers"), "Expert load before")
@@ -321,8 +417,9 @@ class RoutePanel(W.VBox):
             active = result.metrics.get("active_experts")
             extra = f" · {active:.2f} active experts per token" if active is not None else ""
             how = "found in the registry" if result.reused else "evaluated and recorded"
-            self.message.value = render_note(f"Run {result.run_id} · {html.escape(result.label)}: {how}{extra}.",
-                                             "ok")
+            self.message.value = render_note(
+                f"Run {result.run_id} · {html.escape(result.label)}: {how}{extra}.", "ok"
+            )
         elif result.status == "interrupted":
             self.message.value = render_note(f"Run {result.run_id}: stopped.", "warn")
 
@@ -331,8 +428,9 @@ class RoutePanel(W.VBox):
     def _heatmap_figure(self, layers: list[int] | None = None) -> go.Figure:
         from workbench.views import expert_load_figure
 
-        return expert_load_figure(self.load_matrix, layers=layers,
-                                  title_text="Expert load (share of routed picks per layer)")
+        return expert_load_figure(
+            self.load_matrix, layers=layers, title_text="Expert load (share of routed picks per layer)"
+        )
 
     def frame(self) -> pd.DataFrame:
         """Routing and pruning runs (and the baseline) of the loaded model on the current suite."""

@@ -17,7 +17,9 @@ def save_student(model: Any, tokenizer: Any, folder: str | Path) -> Path:
     folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     if not hasattr(model, "save_pretrained"):
-        raise ConfigError(f"{type(model).__name__} is not a Hugging Face model; only those save as a model folder.")
+        raise ConfigError(
+            f"{type(model).__name__} is not a Hugging Face model; only those save as a model folder."
+        )
     model.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
@@ -30,8 +32,10 @@ def student_spec(folder: str | Path) -> Any:
 
     folder = Path(folder).expanduser()
     if not (folder / "config.json").is_file() or not list(folder.glob("*.safetensors")):
-        raise ConfigError(f"{folder} is not a saved student (config.json and *.safetensors); save it with "
-                          "save_student(model, tokenizer, folder) first.")
+        raise ConfigError(
+            f"{folder} is not a saved student (config.json and *.safetensors); save it with "
+            "save_student(model, tokenizer, folder) first."
+        )
     return ModelSpec(str(folder.resolve()))
 
 

@@ -94,8 +94,9 @@ class TeacherStore:
         return ids, w
 
 
-def _sample(logits: torch.Tensor, draws: int, temperature: float, gen: torch.Generator) -> tuple[torch.Tensor,
-                                                                                                 torch.Tensor]:
+def _sample(
+    logits: torch.Tensor, draws: int, temperature: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``draws`` ids from softmax(logits / T) per row of ``(R, V)``, as (ids, frequencies) with repeats at 0."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     drawn = torch.multinomial(probs, draws, replacement=True, generator=gen)  # (R, draws)
@@ -103,24 +104,43 @@ def _sample(logits: torch.Tensor, draws: int, temperature: float, gen: torch.Gen
     first = torch.ones_like(drawn, dtype=torch.bool)
     first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
     group = first.long().cumsum(-1) - 1  # the distinct id each slot belongs to
-    counts = torch.zeros_like(drawn, dtype=torch.float32).scatter_add_(-1, group, torch.ones_like(drawn,
-                                                                                               dtype=torch.float32))
+    counts = torch.zeros_like(drawn, dtype=torch.float32).scatter_add_(
+        -1, group, torch.ones_like(drawn, dtype=torch.float32)
+    )
     freq = torch.where(first, counts.gather(-1, group), torch.zeros_like(counts)) / draws
     return drawn, freq
 
 
-def _entry_key(teacher_digest: str, windows: torch.Tensor, kind: str, k: int, temperature: float, seed: int) -> str:
-    settings = {"teacher": teacher_digest, "ids": ids_digest(windows), "shape": list(windows.shape), "kind": kind,
-                "k": k, "format": FORMAT}
+def _entry_key(
+    teacher_digest: str, windows: torch.Tensor, kind: str, k: int, temperature: float, seed: int
+) -> str:
+    settings = {
+        "teacher": teacher_digest,
+        "ids": ids_digest(windows),
+        "shape": list(windows.shape),
+        "kind": kind,
+        "k": k,
+        "format": FORMAT,
+    }
     if kind == "sampled":  # only the sampled store depends on T and the seed; top-k logits are raw
         settings.update(temperature=float(temperature), seed=int(seed))
     return f"{kind}{k}-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
 
 
 @torch.no_grad()
-def build_store(teacher: nn.Module, windows: torch.Tensor, *, kind: str = "topk", k: int = 64,
-                temperature: float = 1.0, seed: int = 0, root: Path | None = None, batch_size: int = 4,
-                progress: Progress | None = None, teacher_digest: str | None = None) -> TeacherStore:
+def build_store(
+    teacher: nn.Module,
+    windows: torch.Tensor,
+    *,
+    kind: str = "topk",
+    k: int = 64,
+    temperature: float = 1.0,
+    seed: int = 0,
+    root: Path | None = None,
+    batch_size: int = 4,
+    progress: Progress | None = None,
+    teacher_digest: str | None = None,
+) -> TeacherStore:
     """The store of ``kind`` for ``windows`` ``(N, S)``: read from disk when computed before, else computed."""
     if kind not in STORE_KINDS:
         raise ValueError(f"Unknown store kind {kind!r}; choose one of {', '.join(STORE_KINDS)}.")
@@ -129,8 +149,13 @@ def build_store(teacher: nn.Module, windows: torch.Tensor, *, kind: str = "topk"
     digest = teacher_digest or weights_digest(teacher)
     folder = root / _entry_key(digest, windows, kind, k, temperature, seed)
     if (folder / "meta.json").is_file():
-        return TeacherStore(kind, np.load(folder / "ids.npy", mmap_mode="r"),
-                            np.load(folder / "weights.npy", mmap_mode="r"), temperature, folder)
+        return TeacherStore(
+            kind,
+            np.load(folder / "ids.npy", mmap_mode="r"),
+            np.load(folder / "weights.npy", mmap_mode="r"),
+            temperature,
+            folder,
+        )
     n, s = windows.shape
     ids = np.zeros((n, s, k), dtype=np.int32)
     weights = np.zeros((n, s, k), dtype=np.float16 if kind == "topk" else np.float32)
@@ -154,8 +179,15 @@ def build_store(teacher: nn.Module, windows: torch.Tensor, *, kind: str = "topk"
     try:
         np.save(tmp / "ids.npy", ids)
         np.save(tmp / "weights.npy", weights)
-        meta = {"kind": kind, "k": k, "temperature": temperature, "seed": seed, "windows": [n, s],
-                "teacher": digest, "format": FORMAT}
+        meta = {
+            "kind": kind,
+            "k": k,
+            "temperature": temperature,
+            "seed": seed,
+            "windows": [n, s],
+            "teacher": digest,
+            "format": FORMAT,
+        }
         (tmp / "meta.json").write_text(json.dumps(meta))
         try:
             os.rename(tmp, folder)
@@ -167,7 +199,9 @@ def build_store(teacher: nn.Module, windows: torch.Tensor, *, kind: str = "topk"
     return TeacherStore(kind, ids, weights, temperature, folder)
 
 
-def store_bias(store: TeacherStore, teacher_logits: torch.Tensor, rows: torch.Tensor, temperature: float) -> float:
+def store_bias(
+    store: TeacherStore, teacher_logits: torch.Tensor, rows: torch.Tensor, temperature: float
+) -> float:
     """Mean total-variation distance between the store's targets and the full teacher distribution on ``rows``
     (``teacher_logits`` ``(R, S, V)``): 0 for an exact target; top-k's value is the tail mass it drops."""
     ids, probs = store.targets(rows, temperature)
@@ -176,6 +210,12 @@ def store_bias(store: TeacherStore, teacher_logits: torch.Tensor, rows: torch.Te
     return float(0.5 * (full - sparse).abs().sum(-1).mean())
 
 
-
-
-__all__ = ["STORE_KINDS", "TeacherStore", "build_store", "ids_digest", "store_bias", "store_root", "weights_digest"]
+__all__ = [
+    "STORE_KINDS",
+    "TeacherStore",
+    "build_store",
+    "ids_digest",
+    "store_bias",
+    "store_root",
+    "weights_digest",
+]

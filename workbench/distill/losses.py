@@ -40,8 +40,14 @@ def _mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Ten
     return torch.logsumexp(torch.stack([log_a + math.log(weight_a), log_b + math.log1p(-weight_a)]), dim=0)
 
 
-def soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss: str, *, temperature: float = 1.0,
-              skew: float = 0.1) -> torch.Tensor:
+def soft_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    loss: str,
+    *,
+    temperature: float = 1.0,
+    skew: float = 0.1,
+) -> torch.Tensor:
     """Mean per-token divergence of ``loss`` between ``(..., V)`` logits at ``temperature`` (no T² scaling)."""
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
@@ -59,8 +65,9 @@ def soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss: 
     return per_token.mean()
 
 
-def sparse_forward_kl(student_logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, *,
-                      temperature: float = 1.0) -> torch.Tensor:
+def sparse_forward_kl(
+    student_logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, *, temperature: float = 1.0
+) -> torch.Tensor:
     """Mean KL(p ‖ q) where p is given on ``ids`` ``(..., k)`` with ``probs`` ``(..., k)`` summing to 1.
 
     A top-k store passes the teacher's top-k probabilities renormalised (biased: the tail is dropped); a sampled
@@ -78,16 +85,26 @@ def hard_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(student_logits.float().reshape(-1, student_logits.shape[-1]), labels.reshape(-1))
 
 
-def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, *, loss: str = "forward_kl",
-                 teacher_logits: torch.Tensor | None = None, sparse: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 temperature: float = 1.0, alpha: float = 0.5, skew: float = 0.1) -> torch.Tensor:
+def distill_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    loss: str = "forward_kl",
+    teacher_logits: torch.Tensor | None = None,
+    sparse: tuple[torch.Tensor, torch.Tensor] | None = None,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    skew: float = 0.1,
+) -> torch.Tensor:
     """``alpha · T² · soft + (1 - alpha) · CE(labels)``; the teacher as full ``teacher_logits`` or ``sparse``
     ``(ids, probs)``. ``loss="hard"`` (or ``alpha=0``) is the cross-entropy alone."""
     if loss == "hard" or alpha == 0:
         return hard_loss(student_logits, labels)
     if sparse is not None:
         if loss != "forward_kl":
-            raise ValueError(f"{loss} needs the full teacher distribution; a sparse store serves forward_kl only.")
+            raise ValueError(
+                f"{loss} needs the full teacher distribution; a sparse store serves forward_kl only."
+            )
         soft = sparse_forward_kl(student_logits, *sparse, temperature=temperature)
     elif teacher_logits is not None:
         soft = soft_loss(student_logits, teacher_logits, loss, temperature=temperature, skew=skew)

@@ -34,8 +34,10 @@ PROBE_TEXT = "def f(x):\n    return x ** 2  # 12345 café — naïve Ünïcode, 
 def _layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     prefix, layers = decoder_layer_list(model)
     if prefix is None or not isinstance(layers, nn.ModuleList) or not len(layers):
-        raise ConfigError(f"{type(model).__name__} has no list of decoder layers; pruning supports Llama-, "
-                          "Mistral-, Qwen- and similar decoder models.")
+        raise ConfigError(
+            f"{type(model).__name__} has no list of decoder layers; pruning supports Llama-, "
+            "Mistral-, Qwen- and similar decoder models."
+        )
     return prefix, layers
 
 
@@ -79,7 +81,9 @@ def block_influence(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 4)
 def layers_to_drop(influence: Sequence[float], n: int) -> list[int]:
     """The ``n`` layers of least influence (ties: the later layer first, as later layers are more redundant)."""
     if not 0 <= n < len(influence):
-        raise ConfigError(f"Cannot drop {n} of {len(influence)} layers; drop between 0 and {len(influence) - 1}.")
+        raise ConfigError(
+            f"Cannot drop {n} of {len(influence)} layers; drop between 0 and {len(influence) - 1}."
+        )
     order = sorted(range(len(influence)), key=lambda i: (influence[i], -i))
     return sorted(order[:n])
 
@@ -95,10 +99,14 @@ def _rebuild(model: nn.Module, config: Any, state: dict[str, torch.Tensor]) -> n
     student = type(model)(config).to(dtype=dtype, device=device)
     missing, unexpected = student.load_state_dict(state, strict=False)
     # Tied heads are not in a tied model's state dict twice; anything else missing is a bug to report.
-    tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
+    tied = {
+        k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)
+    }
     if set(missing) - tied or unexpected:
-        raise RuntimeError(f"Pruned state does not fit the student: missing {sorted(set(missing) - tied)}, "
-                           f"unexpected {sorted(unexpected)}.")
+        raise RuntimeError(
+            f"Pruned state does not fit the student: missing {sorted(set(missing) - tied)}, "
+            f"unexpected {sorted(unexpected)}."
+        )
     return student.eval()
 
 
@@ -132,7 +140,9 @@ def drop_layers(model: nn.Module, drop: Sequence[int]) -> nn.Module:
 
 
 @torch.no_grad()
-def width_importance(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 4) -> dict[str, list[torch.Tensor]]:
+def width_importance(
+    model: nn.Module, ids: torch.Tensor, *, batch_size: int = 4
+) -> dict[str, list[torch.Tensor]]:
     """Minitron's activation importance per layer: ``{"ffn": [(I,)...], "heads": [(n_heads,)...]}``.
 
     FFN neuron j: mean ``|a_j|`` of ``down_proj``'s input; head h: mean L2 norm of its ``head_dim`` slice of
@@ -154,7 +164,9 @@ def width_importance(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 4
             ffn[i] = s if not ffn[i].numel() else ffn[i] + s
 
         def head_hook(_m: nn.Module, args: tuple, i: int = i) -> None:
-            a = args[0].float().reshape(-1, n_heads, args[0].shape[-1] // n_heads)  # (tokens, heads, head_dim)
+            a = (
+                args[0].float().reshape(-1, n_heads, args[0].shape[-1] // n_heads)
+            )  # (tokens, heads, head_dim)
             s = a.norm(dim=-1).sum(0).cpu()
             heads[i] = s if not heads[i].numel() else heads[i] + s
 
@@ -175,8 +187,10 @@ def width_importance(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 4
 def _mlp(layer: nn.Module) -> nn.Module:
     mlp = getattr(layer, "mlp", None)
     if mlp is None or not all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj")):
-        raise ConfigError(f"{type(layer).__name__}: width pruning needs a gated MLP (gate_proj, up_proj, "
-                          "down_proj), as in Llama, Mistral and Qwen; MoE layers are pruned by expert instead.")
+        raise ConfigError(
+            f"{type(layer).__name__}: width pruning needs a gated MLP (gate_proj, up_proj, "
+            "down_proj), as in Llama, Mistral and Qwen; MoE layers are pruned by expert instead."
+        )
     return mlp
 
 
@@ -195,16 +209,26 @@ def check_width(model: nn.Module, ffn_size: int | None, heads: int | None) -> No
         if not 1 <= ffn_size <= full:
             raise ConfigError(f"ffn_size={ffn_size}: the model's FFN width is {full}; choose 1..{full}.")
     if heads is not None:
-        full, kv = int(text.num_attention_heads), int(getattr(text, "num_key_value_heads", None) or
-                                                      text.num_attention_heads)
+        full, kv = (
+            int(text.num_attention_heads),
+            int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads),
+        )
         if not 1 <= heads <= full or heads % kv:
             ok = [h for h in range(kv, full + 1, kv)]
-            raise ConfigError(f"heads={heads}: the model has {full} query heads in {kv} key/value groups, so the "
-                              f"kept heads must be a multiple of {kv} up to {full}: {ok}.")
+            raise ConfigError(
+                f"heads={heads}: the model has {full} query heads in {kv} key/value groups, so the "
+                f"kept heads must be a multiple of {kv} up to {full}: {ok}."
+            )
 
 
-def prune_width(model: nn.Module, ids: torch.Tensor | None, *, ffn_size: int | None = None,
-                heads: int | None = None, importance: dict[str, list[torch.Tensor]] | None = None) -> nn.Module:
+def prune_width(
+    model: nn.Module,
+    ids: torch.Tensor | None,
+    *,
+    ffn_size: int | None = None,
+    heads: int | None = None,
+    importance: dict[str, list[torch.Tensor]] | None = None,
+) -> nn.Module:
     """A copy of ``model`` with ``ffn_size`` FFN neurons and ``heads`` query heads per layer, the most important
     ones on ``ids`` kept (or by a given ``importance``); key/value heads are all kept, and each key/value group
     keeps the same number of query heads, so grouped-query attention still lines up.
@@ -217,7 +241,9 @@ def prune_width(model: nn.Module, ids: torch.Tensor | None, *, ffn_size: int | N
     head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // n_heads)
     if importance is None:
         if ids is None:
-            raise ConfigError("Width pruning needs calibration ids or an importance to rank neurons and heads.")
+            raise ConfigError(
+                "Width pruning needs calibration ids or an importance to rank neurons and heads."
+            )
         importance = width_importance(model, ids)
     state = dict(model.state_dict())
     for i, layer in enumerate(layers):
@@ -238,7 +264,9 @@ def prune_width(model: nn.Module, ids: torch.Tensor | None, *, ffn_size: int | N
             state[f"{base}.self_attn.q_proj.weight"] = state[f"{base}.self_attn.q_proj.weight"][rows].clone()
             if f"{base}.self_attn.q_proj.bias" in state:
                 state[f"{base}.self_attn.q_proj.bias"] = state[f"{base}.self_attn.q_proj.bias"][rows].clone()
-            state[f"{base}.self_attn.o_proj.weight"] = state[f"{base}.self_attn.o_proj.weight"][:, rows].clone()
+            state[f"{base}.self_attn.o_proj.weight"] = state[f"{base}.self_attn.o_proj.weight"][
+                :, rows
+            ].clone()
     config = copy.deepcopy(model.config)
     text = _text_config(config)
     if ffn_size is not None:
@@ -265,12 +293,17 @@ def check_same_tokenizer(teacher: Any, student: Any, *, probe: str = PROBE_TEXT)
     s_ids = student(probe, add_special_tokens=False)["input_ids"]
     if t_ids != s_ids:
         first = next((k for k, (a, b) in enumerate(zip(t_ids, s_ids)) if a != b), min(len(t_ids), len(s_ids)))
-        problems.append(f"ids of the probe text {probe[:24]!r}... differ from token {first} "
-                        f"(teacher {t_ids[first:first + 4]}, student {s_ids[first:first + 4]})")
+        problems.append(
+            f"ids of the probe text {probe[:24]!r}... differ from token {first} "
+            f"(teacher {t_ids[first : first + 4]}, student {s_ids[first : first + 4]})"
+        )
     if problems:
-        raise ConfigError("The student's tokenizer differs from the teacher's: " + "; ".join(problems) +
-                          ". Distillation compares distributions token by token, so pick a student that shares "
-                          "the teacher's tokenizer (or prune one from the teacher).")
+        raise ConfigError(
+            "The student's tokenizer differs from the teacher's: "
+            + "; ".join(problems)
+            + ". Distillation compares distributions token by token, so pick a student that shares "
+            "the teacher's tokenizer (or prune one from the teacher)."
+        )
 
 
 __all__ = [

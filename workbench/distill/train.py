@@ -66,7 +66,9 @@ class TrainResult:
     seconds: float = 0.0
     final_loss: float = float("nan")
     loss_curve: dict[str, list[float]] = field(default_factory=lambda: {"step": [], "tokens": [], "loss": []})
-    eval_curve: dict[str, list[float]] = field(default_factory=lambda: {"tokens": [], "perplexity": [], "kl": []})
+    eval_curve: dict[str, list[float]] = field(
+        default_factory=lambda: {"tokens": [], "perplexity": [], "kl": []}
+    )
     resumed_from: int = 0
     reused: bool = False  # loaded from a finished student of the same settings, not trained again
 
@@ -78,7 +80,9 @@ def batch_rows(step: int, micro: int, n_windows: int, settings: TrainSettings) -
     rows = []
     for g in range(first, first + b):
         epoch, pos = divmod(g, n_windows)
-        perm = torch.randperm(n_windows, generator=torch.Generator().manual_seed(settings.seed * 100_003 + epoch))
+        perm = torch.randperm(
+            n_windows, generator=torch.Generator().manual_seed(settings.seed * 100_003 + epoch)
+        )
         rows.append(int(perm[pos]))
     return torch.tensor(rows, dtype=torch.long)
 
@@ -106,7 +110,9 @@ def _autocast(settings: TrainSettings, device: torch.device) -> Any:
 
 
 @torch.no_grad()
-def evaluate_point(student: nn.Module, eval_ids: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[float, float]:
+def evaluate_point(
+    student: nn.Module, eval_ids: torch.Tensor, teacher_logits: torch.Tensor
+) -> tuple[float, float]:
     """(perplexity, mean KL(teacher ‖ student) in nats per token) on held-out windows, at T = 1, in float32."""
     was_training = student.training
     student.eval()
@@ -118,19 +124,35 @@ def evaluate_point(student: nn.Module, eval_ids: torch.Tensor, teacher_logits: t
     return math.exp(ce), kl
 
 
-def _save_checkpoint(folder: Path, student: nn.Module, tokenizer: Any, opt: torch.optim.Optimizer,
-                     result: TrainResult, total: int | None, step_time: float) -> None:
+def _save_checkpoint(
+    folder: Path,
+    student: nn.Module,
+    tokenizer: Any,
+    opt: torch.optim.Optimizer,
+    result: TrainResult,
+    total: int | None,
+    step_time: float,
+) -> None:
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     from workbench.distill.export import save_student
 
     save_student(student, tokenizer, tmp)
-    torch.save({"optimizer": opt.state_dict(), "steps": result.steps, "tokens": result.tokens,
-                "seconds": result.seconds, "loss_curve": result.loss_curve, "eval_curve": result.eval_curve,
-                "total": total, "step_time": step_time,
-                "student": {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}},
-               tmp / STATE_FILE)
+    torch.save(
+        {
+            "optimizer": opt.state_dict(),
+            "steps": result.steps,
+            "tokens": result.tokens,
+            "seconds": result.seconds,
+            "loss_curve": result.loss_curve,
+            "eval_curve": result.eval_curve,
+            "total": total,
+            "step_time": step_time,
+            "student": {k: v.detach().cpu().clone() for k, v in student.state_dict().items()},
+        },
+        tmp / STATE_FILE,
+    )
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
@@ -143,10 +165,19 @@ def _save_finished(folder: Path, student: nn.Module, tokenizer: Any, result: Tra
     from workbench.distill.export import save_student
 
     save_student(student, tokenizer, tmp)
-    torch.save({"done": True, "steps": result.steps, "tokens": result.tokens, "seconds": result.seconds,
-                "final_loss": result.final_loss, "loss_curve": result.loss_curve, "eval_curve": result.eval_curve,
-                "student": {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}},
-               tmp / STATE_FILE)
+    torch.save(
+        {
+            "done": True,
+            "steps": result.steps,
+            "tokens": result.tokens,
+            "seconds": result.seconds,
+            "final_loss": result.final_loss,
+            "loss_curve": result.loss_curve,
+            "eval_curve": result.eval_curve,
+            "student": {k: v.detach().cpu().clone() for k, v in student.state_dict().items()},
+        },
+        tmp / STATE_FILE,
+    )
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
@@ -162,9 +193,15 @@ def _load_finished(folder: Path, student: nn.Module) -> TrainResult | None:
     student.eval()
     for p in student.parameters():
         p.requires_grad_(False)
-    return TrainResult(steps=state["steps"], tokens=state["tokens"], seconds=state["seconds"],
-                       final_loss=state["final_loss"], loss_curve=state["loss_curve"],
-                       eval_curve=state["eval_curve"], reused=True)
+    return TrainResult(
+        steps=state["steps"],
+        tokens=state["tokens"],
+        seconds=state["seconds"],
+        final_loss=state["final_loss"],
+        loss_curve=state["loss_curve"],
+        eval_curve=state["eval_curve"],
+        reused=True,
+    )
 
 
 def train_student(
@@ -201,8 +238,11 @@ def train_student(
     rest = [p for n, p in student.named_parameters() if p.ndim < 2]
     for p in student.parameters():
         p.requires_grad_(True)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=settings.lr,
+        betas=(0.9, 0.95),
+    )
     result = TrainResult()
     step_time = 0.0
     if checkpoint is not None and (checkpoint / STATE_FILE).is_file():
@@ -218,8 +258,11 @@ def train_student(
     teacher_eval = None
     if eval_ids is not None and teacher is not None:
         with torch.no_grad():
-            teacher_eval = teacher(input_ids=eval_ids.to(next(teacher.parameters()).device),
-                                   use_cache=False).logits.float().cpu()
+            teacher_eval = (
+                teacher(input_ids=eval_ids.to(next(teacher.parameters()).device), use_cache=False)
+                .logits.float()
+                .cpu()
+            )
 
     def eval_point() -> None:
         if teacher_eval is None or eval_ids is None:
@@ -228,12 +271,20 @@ def train_student(
         result.eval_curve["tokens"].append(result.tokens)
         result.eval_curve["perplexity"].append(ppl)
         result.eval_curve["kl"].append(kl)
-        progress.partial({"distill_step": result.steps, "distill_tokens": result.tokens, "eval_perplexity": ppl,
-                          "eval_kl": kl})
+        progress.partial(
+            {
+                "distill_step": result.steps,
+                "distill_tokens": result.tokens,
+                "eval_perplexity": ppl,
+                "eval_kl": kl,
+            }
+        )
 
     if not result.eval_curve["tokens"]:
         eval_point()  # the untrained student: where the recovery curve starts
-    next_eval = (result.tokens // settings.eval_every + 1) * settings.eval_every if settings.eval_every else None
+    next_eval = (
+        (result.tokens // settings.eval_every + 1) * settings.eval_every if settings.eval_every else None
+    )
     student.train()
     started = time.perf_counter() - result.seconds
     try:
@@ -247,8 +298,11 @@ def train_student(
                 break
             progress.check()
             t0 = time.perf_counter()
-            schedule_total = total if total is not None else max(
-                result.steps + 1, int(settings.seconds / max(step_time, 1e-6)))
+            schedule_total = (
+                total
+                if total is not None
+                else max(result.steps + 1, int(settings.seconds / max(step_time, 1e-6)))
+            )
             factor = _lr_factor(result.steps, schedule_total, settings)
             for group in opt.param_groups:
                 group["lr"] = settings.lr * factor
@@ -268,16 +322,27 @@ def train_student(
                             assert teacher is not None
                             with torch.no_grad():
                                 teacher_logits = teacher(input_ids=ids, use_cache=False).logits[:, :-1]
-                loss = distill_loss(logits, ids[:, 1:], loss=settings.loss, teacher_logits=teacher_logits,
-                                    sparse=sparse, temperature=settings.temperature, alpha=settings.alpha,
-                                    skew=settings.skew)
+                loss = distill_loss(
+                    logits,
+                    ids[:, 1:],
+                    loss=settings.loss,
+                    teacher_logits=teacher_logits,
+                    sparse=sparse,
+                    temperature=settings.temperature,
+                    alpha=settings.alpha,
+                    skew=settings.skew,
+                )
                 (loss / settings.grad_accum).backward()
                 step_loss += float(loss.detach()) / settings.grad_accum
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             opt.step()
             result.steps += 1
             result.tokens += tokens_per_step
-            step_time = time.perf_counter() - t0 if not step_time else 0.8 * step_time + 0.2 * (time.perf_counter() - t0)
+            step_time = (
+                time.perf_counter() - t0
+                if not step_time
+                else 0.8 * step_time + 0.2 * (time.perf_counter() - t0)
+            )
             result.seconds = time.perf_counter() - started
             result.loss_curve["step"].append(result.steps)
             result.loss_curve["tokens"].append(result.tokens)
@@ -285,8 +350,16 @@ def train_student(
             result.final_loss = step_loss
             fraction = _fraction(result, settings, total)
             eta = result.seconds / fraction * (1 - fraction) if fraction > 0 else float("nan")
-            progress.partial({"distill_step": result.steps, "distill_tokens": result.tokens, "train_loss": step_loss,
-                              "lr": settings.lr * factor, "eta_s": eta, "fraction": fraction})
+            progress.partial(
+                {
+                    "distill_step": result.steps,
+                    "distill_tokens": result.tokens,
+                    "train_loss": step_loss,
+                    "lr": settings.lr * factor,
+                    "eta_s": eta,
+                    "fraction": fraction,
+                }
+            )
             if next_eval is not None and result.tokens >= next_eval:
                 eval_point()
                 next_eval += settings.eval_every
@@ -299,7 +372,8 @@ def train_student(
             raise RunInterrupted(
                 f"Distillation stopped at step {result.steps} ({result.tokens} training tokens); the student trained "
                 f"so far is saved in {checkpoint} (a model folder that loads as a model spec). Run the same "
-                "pipeline again to resume from it.") from None
+                "pipeline again to resume from it."
+            ) from None
         raise
     student.eval()
     for p in student.parameters():
@@ -322,5 +396,12 @@ def _fraction(result: TrainResult, settings: TrainSettings, total: int | None) -
     return min(1.0, max(used)) if used else 0.0
 
 
-__all__ = ["STATE_FILE", "TrainResult", "TrainSettings", "batch_rows", "evaluate_point", "planned_steps",
-           "train_student"]
+__all__ = [
+    "STATE_FILE",
+    "TrainResult",
+    "TrainSettings",
+    "batch_rows",
+    "evaluate_point",
+    "planned_steps",
+    "train_student",
+]

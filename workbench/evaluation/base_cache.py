@@ -77,7 +77,9 @@ class BaseOutputs:
                 raise ValueError("Stored base hidden states need the base model's output head.")
             head = parts[1]
             weight = head.weight
-            hidden = torch.from_numpy(np.array(self.hidden[rows], dtype=np.float32))  # a writable copy of the rows
+            hidden = torch.from_numpy(
+                np.array(self.hidden[rows], dtype=np.float32)
+            )  # a writable copy of the rows
             return head(hidden.to(device=weight.device, dtype=weight.dtype)).to(device)
         assert self.codes is not None and self.low is not None and self.step is not None
         return decode_log_probs(self.codes[rows], self.low[rows], self.step[rows]).to(device)
@@ -126,7 +128,9 @@ def _load(folder: Path, expected_rows: int) -> BaseOutputs | None:
         meta = json.loads((folder / "meta.json").read_text())
         if meta.get("format") != FORMAT or meta.get("rows") != expected_rows:
             return None
-        arrays = {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in _ARRAYS if (folder / f"{n}.npy").exists()}
+        arrays = {
+            n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in _ARRAYS if (folder / f"{n}.npy").exists()
+        }
         return BaseOutputs(generations=list(meta.get("generations", [])), folder=folder, **arrays)
     except (OSError, ValueError, KeyError, TypeError):
         return None  # missing or half-deleted entry: compute it again
@@ -145,8 +149,14 @@ def _publish(tmp: Path, final: Path) -> Path:
 # ---- computing ------------------------------------------------------------------------------------------------
 
 
-def _compute(base_model: nn.Module, tokenizer: Any, suite: Suite, chunks: torch.Tensor, folder: Path,
-             progress: Progress) -> BaseOutputs:
+def _compute(
+    base_model: nn.Module,
+    tokenizer: Any,
+    suite: Suite,
+    chunks: torch.Tensor,
+    folder: Path,
+    progress: Progress,
+) -> BaseOutputs:
     """Run the base over the suite once, writing memory-mapped arrays into ``folder`` as it goes."""
     start, per_chunk = suite.score_start, suite.scored_per_chunk
     n_chunks = chunks.shape[0]
@@ -188,16 +198,27 @@ def _compute(base_model: nn.Module, tokenizer: Any, suite: Suite, chunks: torch.
             offset += n
             del h, full
     progress.update(1.0, "base model: generations")
-    gens = generate(base_model, tokenizer, suite.n_generations, suite.new_tokens) if suite.n_generations else []
+    gens = (
+        generate(base_model, tokenizer, suite.n_generations, suite.new_tokens) if suite.n_generations else []
+    )
     for arr in (nll, top1, hidden, codes, low, step):
         if arr is not None:
             arr.flush()
-    (folder / "meta.json").write_text(json.dumps({
-        "format": FORMAT, "rows": rows, "suite": suite.name, "suite_base_key": suite.base_key,
-        "device": str(device), "generations": gens,
-    }))
-    return BaseOutputs(nll=nll, top1=top1, generations=gens, hidden=hidden, codes=codes, low=low, step=step,
-                       folder=folder)
+    (folder / "meta.json").write_text(
+        json.dumps(
+            {
+                "format": FORMAT,
+                "rows": rows,
+                "suite": suite.name,
+                "suite_base_key": suite.base_key,
+                "device": str(device),
+                "generations": gens,
+            }
+        )
+    )
+    return BaseOutputs(
+        nll=nll, top1=top1, generations=gens, hidden=hidden, codes=codes, low=low, step=step, folder=folder
+    )
 
 
 # ---- the cache ------------------------------------------------------------------------------------------------
@@ -213,8 +234,14 @@ def clear_memory_cache() -> None:
         _LRU.clear()
 
 
-def base_outputs(base_model: nn.Module, tokenizer: Any, suite: Suite, *, base_fingerprint: str | None = None,
-                 progress: Progress | None = None) -> BaseOutputs:
+def base_outputs(
+    base_model: nn.Module,
+    tokenizer: Any,
+    suite: Suite,
+    *,
+    base_fingerprint: str | None = None,
+    progress: Progress | None = None,
+) -> BaseOutputs:
     """The base model's outputs on ``suite``: from memory, from disk, or computed once and stored.
 
     Without a fingerprint the outputs cannot be recognised in another process, so they are kept for this

@@ -69,7 +69,9 @@ def configure_threads() -> int:
         if n < 1:
             from workbench.errors import ConfigError
 
-            raise ConfigError(f"WORKBENCH_THREADS={value!r} is not a positive integer; unset it or give e.g. 2.")
+            raise ConfigError(
+                f"WORKBENCH_THREADS={value!r} is not a positive integer; unset it or give e.g. 2."
+            )
         if torch.get_num_threads() != n:
             torch.set_num_threads(n)
     return torch.get_num_threads()
@@ -80,8 +82,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 16, repeats: int = 3,
-                  check: Any = None) -> tuple[float, float]:
+def measure_speed(
+    model: nn.Module, prompt: torch.Tensor, new_tokens: int = 16, repeats: int = 3, check: Any = None
+) -> tuple[float, float]:
     """(prefill tokens/s over ``prompt``, greedy decode tokens/s with the KV cache); warm-up, then medians.
 
     The warm-up is a short pass of both kinds (16 prompt tokens, 2 cached steps): it pays for first-call

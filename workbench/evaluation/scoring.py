@@ -141,7 +141,6 @@ def kl_divergence(base_logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return (base_logp.exp() * (base_logp - logq)).nansum(-1).clamp_min(0.0)
 
 
-
 __all__ = [
     "Rows",
     "autocast",

@@ -74,9 +74,13 @@ class Suite:
         if self.n_generations < 0 or self.new_tokens < 1:
             raise ConfigError(f"Suite {self.name}: n_generations must be >= 0 and new_tokens >= 1.")
         if self.speed and (self.speed_prompt < 1 or self.speed_tokens < 1 or self.speed_repeats < 1):
-            raise ConfigError(f"Suite {self.name}: speed_prompt, speed_tokens and speed_repeats must be >= 1.")
+            raise ConfigError(
+                f"Suite {self.name}: speed_prompt, speed_tokens and speed_repeats must be >= 1."
+            )
         if self.compute_dtype not in _DTYPES:
-            raise ConfigError(f"Suite {self.name}: compute_dtype {self.compute_dtype!r}; use one of {_DTYPES}.")
+            raise ConfigError(
+                f"Suite {self.name}: compute_dtype {self.compute_dtype!r}; use one of {_DTYPES}."
+            )
 
     @property
     def key(self) -> str:
@@ -123,8 +127,15 @@ SUITES: dict[str, Suite] = {
     "quick": Suite("quick", n_tokens=2048, context_length=512, scoring="full", speed_repeats=1),
     # For reports: 40 chunks of 512 (20480 tokens) scored like llama-perplexity, so the numbers compare.
     "standard": Suite(
-        "standard", n_tokens=20480, context_length=512, scoring="second_half", batch_size=2,
-        n_generations=3, speed_prompt=512, speed_tokens=32, speed_repeats=3,
+        "standard",
+        n_tokens=20480,
+        context_length=512,
+        scoring="second_half",
+        batch_size=2,
+        n_generations=3,
+        speed_prompt=512,
+        speed_tokens=32,
+        speed_repeats=3,
     ),
 }
 
@@ -159,9 +170,14 @@ def tokenizer_id(tokenizer: Any) -> str:
 
 def _wants_bos(tokenizer: Any, suite: Suite) -> bool:
     if suite.add_bos is None:
-        return bool(getattr(tokenizer, "add_bos_token", False)) and getattr(tokenizer, "bos_token_id", None) is not None
+        return (
+            bool(getattr(tokenizer, "add_bos_token", False))
+            and getattr(tokenizer, "bos_token_id", None) is not None
+        )
     if suite.add_bos and getattr(tokenizer, "bos_token_id", None) is None:
-        raise ConfigError(f"Suite {suite.name} asks for a BOS token, but this tokenizer has none; use add_bos=None.")
+        raise ConfigError(
+            f"Suite {suite.name} asks for a BOS token, but this tokenizer has none; use add_bos=None."
+        )
     return suite.add_bos
 
 

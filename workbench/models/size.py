@@ -68,7 +68,9 @@ def packed_weight_bytes(module: nn.Module) -> int | None:
     if w.dtype == torch.int8 and type(module).__name__.startswith("Linear8bit"):
         scb = getattr(w, "SCB", None)
         if scb is None:
-            scb = getattr(getattr(module, "state", None), "SCB", None)  # moved to the state on the first forward
+            scb = getattr(
+                getattr(module, "state", None), "SCB", None
+            )  # moved to the state on the first forward
         return _plain_bytes(w) + (_plain_bytes(scb) if isinstance(scb, torch.Tensor) else 0)
     data = w.data if isinstance(w, nn.Parameter) else w
     if type(data) is not torch.Tensor and hasattr(data, "__tensor_flatten__"):

@@ -16,6 +16,7 @@ SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What to load. ``source``: "demo", "tiny-llama", "tiny-moe", a Hugging Face id, a folder or a .gguf file."""
@@ -25,11 +26,15 @@ class ModelSpec:
     device: str = "cpu"
     revision: str | None = None
     trust_remote_code: bool = False  # never run a repository's code unless the user says so
-    allow_pickle: bool = False  # safetensors only, unless the user accepts pickle checkpoints (they can run code)
+    allow_pickle: bool = (
+        False  # safetensors only, unless the user accepts pickle checkpoints (they can run code)
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
-            raise ConfigError("No model given. Use 'demo', a Hugging Face id (org/name), a folder or a .gguf file.")
+            raise ConfigError(
+                "No model given. Use 'demo', a Hugging Face id (org/name), a folder or a .gguf file."
+            )
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}.")
         if not (self.device in ("cpu", "auto") or re.fullmatch(r"cuda(:\d+)?|mps", self.device)):
@@ -52,5 +57,13 @@ class ModelSpec:
             path = Path(source).expanduser()
             if path.exists():
                 source = str(path.resolve())
-        return "|".join([source, self.dtype, self.device, self.revision or "", f"remote={int(self.trust_remote_code)}",
-                         f"pickle={int(self.allow_pickle)}"])
+        return "|".join(
+            [
+                source,
+                self.dtype,
+                self.device,
+                self.revision or "",
+                f"remote={int(self.trust_remote_code)}",
+                f"pickle={int(self.allow_pickle)}",
+            ]
+        )

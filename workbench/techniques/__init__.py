@@ -30,7 +30,20 @@ from workbench.techniques.base import (
 # or broken one is an error naming it, never a technique that silently is not there. (Optional back ends are
 # not a reason to fail: bnb and quanto import bitsandbytes/optimum-quanto only when used, and their checks say
 # what to install.) A new technique file is added here.
-BUILTIN = ("rtn", "gptq", "awq", "bnb", "quanto", "mixed", "prune_layers", "distill", "route", "moefy", "prune_experts", "balance_experts")
+BUILTIN = (
+    "rtn",
+    "gptq",
+    "awq",
+    "bnb",
+    "quanto",
+    "mixed",
+    "prune_layers",
+    "distill",
+    "route",
+    "moefy",
+    "prune_experts",
+    "balance_experts",
+)
 
 
 def _import_builtin(names: Iterable[str]) -> None:

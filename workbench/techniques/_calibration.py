@@ -21,12 +21,16 @@ from workbench.errors import ConfigError
 def calibration_ids(ctx: Any, n_samples: int, seq_len: int, name: str) -> torch.Tensor:
     """``(n_samples, seq_len)`` token windows drawn (seeded) from the corpus's calibration part."""
     if ctx.tokenizer is None or ctx.corpus is None:
-        raise ConfigError(f"{name} needs calibration text: run it through run_experiment, or pass a tokenizer "
-                          "and a corpus in the ApplyContext.")
+        raise ConfigError(
+            f"{name} needs calibration text: run it through run_experiment, or pass a tokenizer "
+            "and a corpus in the ApplyContext."
+        )
     ids = ctx.tokenizer(ctx.corpus.text("calibration"), add_special_tokens=False)["input_ids"]
     ids = torch.tensor(ids, dtype=torch.long)
     if ids.numel() < seq_len + 1:
-        raise ConfigError(f"{name}: the calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}.")
+        raise ConfigError(
+            f"{name}: the calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}."
+        )
     n_windows = ids.numel() // seq_len
     if n_windows >= n_samples:
         # Non-overlapping windows in a seeded random order: as much distinct text as the part holds.
@@ -42,8 +46,10 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers, as :mod:`workbench.anatomy` finds them (``model.layers``, DBRX's ``blocks``, ...)."""
     _, layers = decoder_layer_list(model)
     if not isinstance(layers, nn.ModuleList):
-        raise ConfigError(f"{type(model).__name__} has no list of decoder layers (config.num_hidden_layers blocks); "
-                          "calibrated quantization supports Llama-, Mistral-, Qwen- and similar decoder models.")
+        raise ConfigError(
+            f"{type(model).__name__} has no list of decoder layers (config.num_hidden_layers blocks); "
+            "calibrated quantization supports Llama-, Mistral-, Qwen- and similar decoder models."
+        )
     return layers
 
 

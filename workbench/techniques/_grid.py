@@ -99,7 +99,9 @@ class WeightGridConfig:
         extras = [
             f"{f.name}={getattr(self, f.name)}"
             for f in dataclasses.fields(self)
-            if f.name not in shared and f.default is not dataclasses.MISSING and getattr(self, f.name) != f.default
+            if f.name not in shared
+            and f.default is not dataclasses.MISSING
+            and getattr(self, f.name) != f.default
         ]
         return " ".join([self.technique, self.grid_label(), *extras])
 
@@ -107,7 +109,9 @@ class WeightGridConfig:
 def check_bits(name: str, field_name: str, value: Any) -> None:
     """A bit width: a whole number from 2 to 8 (the range every grid quantizer here packs)."""
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ConfigError(f"{name}: {field_name}={value!r} is not a whole number; choose {BITS_MIN} to {BITS_MAX}.")
+        raise ConfigError(
+            f"{name}: {field_name}={value!r} is not a whole number; choose {BITS_MIN} to {BITS_MAX}."
+        )
     if not BITS_MIN <= value <= BITS_MAX:
         raise ConfigError(f"{name}: {field_name}={value} is out of range; choose {BITS_MIN} to {BITS_MAX}.")
 
@@ -120,7 +124,9 @@ def _check_flag(name: str, field_name: str, value: Any) -> None:
 def check_at_least(name: str, field_name: str, value: Any, low: int, usual: str) -> None:
     """A whole-number setting of a method (calibration windows, grid points) that must be at least ``low``."""
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ConfigError(f"{name}: {field_name}={value!r} must be a whole number of at least {low} ({usual}).")
+        raise ConfigError(
+            f"{name}: {field_name}={value!r} must be a whole number of at least {low} ({usual})."
+        )
 
 
 def validate_grid(config: WeightGridConfig) -> None:

@@ -62,8 +62,9 @@ class AWQConfig(WeightGridConfig):
         metadata={"help": "Calibration windows for the activation statistics (n_samples × seq_len tokens)."},
     )
     seq_len: int = field(default=256, metadata={"help": "Tokens per calibration window, at least 8."})
-    n_grid: int = field(default=20, metadata={"help": "Points of the scale exponent grid α, at least 2 (20 as in "
-                                              "the paper)."})
+    n_grid: int = field(
+        default=20, metadata={"help": "Points of the scale exponent grid α, at least 2 (20 as in the paper)."}
+    )
     search_tokens: int = field(
         default=512,
         metadata={
@@ -71,7 +72,9 @@ class AWQConfig(WeightGridConfig):
             "512 keeps a CPU run of the demo model near a minute and is already many outputs per candidate."
         },
     )
-    clip: bool = field(default=True, metadata={"help": "Run the weight clipping search after the scale search."})
+    clip: bool = field(
+        default=True, metadata={"help": "Run the weight clipping search after the scale search."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

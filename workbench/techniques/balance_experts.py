@@ -28,7 +28,9 @@ from workbench.errors import ConfigError
 from workbench.techniques.base import ApplyContext, register, register_stacking
 
 BIAS_ATTR = "wb_selection_bias"  # (E,) tensor on a router module (hook path)
-_TOTAL_ATTR = "wb_selection_total"  # the router's constant routed weight per token, or None (no renormalising)
+_TOTAL_ATTR = (
+    "wb_selection_total"  # the router's constant routed weight per token, or None (no renormalising)
+)
 NATIVE_BIAS = ("e_score_correction_bias", "expert_bias")
 
 
@@ -36,9 +38,15 @@ NATIVE_BIAS = ("e_score_correction_bias", "expert_bias")
 class BalanceExpertsConfig:
     """Even out expert load with a per-expert selection bias (DeepSeek-V3's aux-loss-free rule), fitted post hoc."""
 
-    iterations: int = field(default=30, metadata={"help": "Rounds of the bias update on the calibration text."})
-    step: float = field(default=0.02, metadata={
-        "help": "gamma: how far each round moves a bias, in units of the router's selection score."})
+    iterations: int = field(
+        default=30, metadata={"help": "Rounds of the bias update on the calibration text."}
+    )
+    step: float = field(
+        default=0.02,
+        metadata={
+            "help": "gamma: how far each round moves a bias, in units of the router's selection score."
+        },
+    )
     calibration_tokens: int = field(default=512, metadata={"help": "Tokens of calibration text per round."})
 
     def __post_init__(self) -> None:
@@ -46,9 +54,14 @@ class BalanceExpertsConfig:
             raise ConfigError(f"balance_experts: iterations={self.iterations!r} must be a whole number >= 1.")
         if not isinstance(self.step, (int, float)) or not self.step > 0:
             raise ConfigError(f"balance_experts: step={self.step!r} must be > 0, e.g. 0.02.")
-        if isinstance(self.calibration_tokens, bool) or not isinstance(self.calibration_tokens, int) \
-                or self.calibration_tokens < 1:
-            raise ConfigError(f"balance_experts: calibration_tokens={self.calibration_tokens!r} must be >= 1.")
+        if (
+            isinstance(self.calibration_tokens, bool)
+            or not isinstance(self.calibration_tokens, int)
+            or self.calibration_tokens < 1
+        ):
+            raise ConfigError(
+                f"balance_experts: calibration_tokens={self.calibration_tokens!r} must be >= 1."
+            )
 
     def label(self) -> str:
         return f"balance_experts {self.iterations}x{self.step:g}"
@@ -67,11 +80,15 @@ def check_balance_experts(model: Any, config: BalanceExpertsConfig) -> None:
 
     blocks = routed_blocks(anatomy(model))
     if not blocks:
-        raise ConfigError("balance_experts: this model has no experts (no Mixture-of-Experts layers) to balance.")
+        raise ConfigError(
+            "balance_experts: this model has no experts (no Mixture-of-Experts layers) to balance."
+        )
     for b in blocks:
         if native_bias(model, b) is None and (router_form(model, b) != "standard" or not b.top_k_settable):
-            raise ConfigError(f"balance_experts: {b.router.name} neither selects with a bias nor returns (logits, "
-                              "weights, index), so a selection bias cannot be added to it.")
+            raise ConfigError(
+                f"balance_experts: {b.router.name} neither selects with a bias nor returns (logits, "
+                "weights, index), so a selection bias cannot be added to it."
+            )
 
 
 def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
@@ -160,23 +177,43 @@ def _apply_balance(model: Any, config: BalanceExpertsConfig, ctx: ApplyContext) 
 
     if ctx.tokenizer is None or ctx.corpus is None:
         raise ConfigError("balance_experts fits on calibration text; give a tokenizer and a corpus.")
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or config.calibration_tokens
-    ids = text_ids(ctx.tokenizer, ctx.corpus.text("calibration"), config.calibration_tokens,
-                   max_length=min(config.calibration_tokens, limit))
+    limit = (
+        getattr(getattr(model, "config", None), "max_position_embeddings", None) or config.calibration_tokens
+    )
+    ids = text_ids(
+        ctx.tokenizer,
+        ctx.corpus.text("calibration"),
+        config.calibration_tokens,
+        max_length=min(config.calibration_tokens, limit),
+    )
     first = measure_routing(model, ids)
     fit = fit_balance_(model, ids, config)
     last = measure_routing(model, ids)
     before, after = first.metrics(), last.metrics()
-    ctx.metrics.update({
-        "load_cv_before": before["load_cv"], "load_cv_after": after["load_cv"],
-        "load_max_over_mean_before": before["load_max_over_mean"],
-        "load_max_over_mean_after": after["load_max_over_mean"],
-    })
+    ctx.metrics.update(
+        {
+            "load_cv_before": before["load_cv"],
+            "load_cv_after": after["load_cv"],
+            "load_max_over_mean_before": before["load_max_over_mean"],
+            "load_max_over_mean_after": after["load_max_over_mean"],
+        }
+    )
     # the load per layer on the calibration text before and after, for a before/after heatmap
-    ctx.extras["balance_experts"] = {**fit, "layers": first.layers, "load_before": first.load, "load_after": last.load}
+    ctx.extras["balance_experts"] = {
+        **fit,
+        "layers": first.layers,
+        "load_before": first.load,
+        "load_after": last.load,
+    }
     return model
 
 
 register_stacking(BalanceExpertsConfig, same_shapes=True)
 
-__all__ = ["BalanceExpertsConfig", "add_selection_bias_", "check_balance_experts", "fit_balance_", "native_bias"]
+__all__ = [
+    "BalanceExpertsConfig",
+    "add_selection_bias_",
+    "check_balance_experts",
+    "fit_balance_",
+    "native_bias",
+]

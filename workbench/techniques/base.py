@@ -127,11 +127,15 @@ def register(
     # A config that names itself (the weight-grid configs do, for their messages) must use the registered name.
     own = getattr(config_cls, "technique", name)
     if own != name:
-        raise ValueError(f"Technique {name!r}: {config_cls.__name__}.technique is {own!r}; set it to {name!r}.")
+        raise ValueError(
+            f"Technique {name!r}: {config_cls.__name__}.technique is {own!r}; set it to {name!r}."
+        )
 
     def decorator(fn: ApplyFn) -> ApplyFn:
         if name in _TECHNIQUES and _TECHNIQUES[name].apply is not fn:
-            raise ValueError(f"A technique named {name!r} is already registered; please choose a unique name.")
+            raise ValueError(
+                f"A technique named {name!r} is already registered; please choose a unique name."
+            )
         doc = (config_cls.__doc__ or fn.__doc__ or "").strip().splitlines()
         tech = Technique(name, config_cls, fn, check, kind, version, doc[0] if doc else "")
         _TECHNIQUES[name] = tech
@@ -550,7 +554,9 @@ def describe_fields(name_or_config: str | Any) -> list[FieldInfo]:
     else:
         cls = name_or_config if isinstance(name_or_config, type) else type(name_or_config)
         if not dataclasses.is_dataclass(cls):
-            raise ConfigError(f"{cls.__name__} is not a technique config; pass a technique name such as 'rtn'.")
+            raise ConfigError(
+                f"{cls.__name__} is not a technique config; pass a technique name such as 'rtn'."
+            )
     from_doc = _docstring_help(cls.__doc__ or "")
     out = []
     for f in dataclasses.fields(cls):
@@ -562,8 +568,15 @@ def describe_fields(name_or_config: str | Any) -> list[FieldInfo]:
             default = None
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         choices = f.metadata.get("choices")
-        out.append(FieldInfo(f.name, str(kind), default, str(f.metadata.get("help") or from_doc.get(f.name, "")),
-                             tuple(choices) if choices is not None else None))
+        out.append(
+            FieldInfo(
+                f.name,
+                str(kind),
+                default,
+                str(f.metadata.get("help") or from_doc.get(f.name, "")),
+                tuple(choices) if choices is not None else None,
+            )
+        )
     return out
 
 

@@ -57,8 +57,10 @@ class BnbConfig:
     )
     double_quant: bool = field(
         default=False,
-        metadata={"help": "nf4/fp4 only: also quantize the absmax constants to 8 bits (saves ~0.37 bits per "
-                  "weight)."},
+        metadata={
+            "help": "nf4/fp4 only: also quantize the absmax constants to 8 bits (saves ~0.37 bits per "
+            "weight)."
+        },
     )
     compute_dtype: str = field(
         default="float32",
@@ -71,8 +73,10 @@ class BnbConfig:
     )
     int8_threshold: float = field(
         default=6.0,
-        metadata={"help": "int8 only: outlier threshold of LLM.int8 (6.0 as in the paper; 0 turns the "
-                  "decomposition off)."},
+        metadata={
+            "help": "int8 only: outlier threshold of LLM.int8 (6.0 as in the paper; 0 turns the "
+            "decomposition off)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -83,13 +87,21 @@ class BnbConfig:
                 f"bnb: compute_dtype={self.compute_dtype!r} is unknown; choose one of {', '.join(COMPUTE_DTYPES)}."
             )
         if self.double_quant and self.mode == "int8":
-            raise ConfigError("bnb: double_quant applies to nf4 and fp4 only; set double_quant=False for int8.")
-        if isinstance(self.int8_threshold, bool) or not isinstance(self.int8_threshold, (int, float)) or not (
-            self.int8_threshold >= 0
+            raise ConfigError(
+                "bnb: double_quant applies to nf4 and fp4 only; set double_quant=False for int8."
+            )
+        if (
+            isinstance(self.int8_threshold, bool)
+            or not isinstance(self.int8_threshold, (int, float))
+            or not (self.int8_threshold >= 0)
         ):
-            raise ConfigError(f"bnb: int8_threshold={self.int8_threshold!r} must be a number >= 0 (6.0 is usual).")
+            raise ConfigError(
+                f"bnb: int8_threshold={self.int8_threshold!r} must be a number >= 0 (6.0 is usual)."
+            )
         if self.mode != "int8" and self.int8_threshold != 6.0:
-            raise ConfigError(f"bnb: int8_threshold applies to mode='int8' only, not {self.mode!r}; leave it at 6.0.")
+            raise ConfigError(
+                f"bnb: int8_threshold applies to mode='int8' only, not {self.mode!r}; leave it at 6.0."
+            )
 
     @property
     def bits(self) -> int:
@@ -155,7 +167,9 @@ def check_bnb(model: Any, config: BnbConfig) -> None:
     """Refuse, before any work, what bitsandbytes cannot do with this model here."""
     import_bnb()
     if not hasattr(model, "save_pretrained") or getattr(model, "config", None) is None:
-        raise ConfigError("bnb works on Hugging Face transformers models (save_pretrained / from_pretrained).")
+        raise ConfigError(
+            "bnb works on Hugging Face transformers models (save_pretrained / from_pretrained)."
+        )
     device = next(model.parameters()).device
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(
@@ -163,7 +177,9 @@ def check_bnb(model: Any, config: BnbConfig) -> None:
             "'cpu' or 'cuda'."
         )
     quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None and "Gguf" not in type(quantizer).__name__:  # GGUF weights are already dequantized
+    if (
+        quantizer is not None and "Gguf" not in type(quantizer).__name__
+    ):  # GGUF weights are already dequantized
         raise ConfigError(
             f"bnb: the model is already quantized ({type(quantizer).__name__}); apply bnb to a float model."
         )
@@ -251,8 +267,12 @@ def _apply_bnb(model: Any, config: BnbConfig, ctx: ApplyContext) -> Any:
             size = storage_bytes(module)
             if size is not None:
                 module.wb_storage_bytes = size
-                module.wb_quant = {"method": "bnb", "mode": config.mode, "bits": config.bits,
-                                   "double_quant": config.double_quant}
+                module.wb_quant = {
+                    "method": "bnb",
+                    "mode": config.mode,
+                    "bits": config.bits,
+                    "double_quant": config.double_quant,
+                }
     ctx.progress.update(1.0, "bnb: done")
     return quantized
 

@@ -41,84 +41,162 @@ TEACHERS = ("live", "topk", "sampled")
 class DistillConfig:
     """Knowledge distillation of the current model from the teacher (the loaded base model)."""
 
-    loss: str = field(default="forward_kl", metadata={
-        "help": "forward_kl (mass-covering), reverse_kl (MiniLLM), skew_kl (DistiLLM), jsd (generalised JSD), "
-                "or hard (labels only: the baseline with the same data and budget).", "choices": LOSSES})
-    temperature: float = field(default=2.0, metadata={"help": "Softens both distributions; the soft term is "
-                                                              "scaled by T² so its weight does not shrink."})
-    alpha: float = field(default=0.5, metadata={"help": "Weight of the soft term: alpha·T²·KD + (1-alpha)·CE."})
+    loss: str = field(
+        default="forward_kl",
+        metadata={
+            "help": "forward_kl (mass-covering), reverse_kl (MiniLLM), skew_kl (DistiLLM), jsd (generalised JSD), "
+            "or hard (labels only: the baseline with the same data and budget).",
+            "choices": LOSSES,
+        },
+    )
+    temperature: float = field(
+        default=2.0,
+        metadata={
+            "help": "Softens both distributions; the soft term is scaled by T² so its weight does not shrink."
+        },
+    )
+    alpha: float = field(
+        default=0.5, metadata={"help": "Weight of the soft term: alpha·T²·KD + (1-alpha)·CE."}
+    )
     skew: float = field(default=0.1, metadata={"help": "Skew KL's λ / JSD's β (DistiLLM uses 0.1)."})
-    teacher: str = field(default="live", metadata={
-        "help": "live (run the teacher every step), topk (cached top-k logits: biased) or sampled (cached draws "
-                "from the teacher distribution: unbiased); the stores are computed once and reused.",
-        "choices": TEACHERS})
-    top_k: int = field(default=64, metadata={"help": "Logits kept per token by the topk store, draws per token by "
-                                                     "the sampled store."})
+    teacher: str = field(
+        default="live",
+        metadata={
+            "help": "live (run the teacher every step), topk (cached top-k logits: biased) or sampled (cached draws "
+            "from the teacher distribution: unbiased); the stores are computed once and reused.",
+            "choices": TEACHERS,
+        },
+    )
+    top_k: int = field(
+        default=64,
+        metadata={"help": "Logits kept per token by the topk store, draws per token by the sampled store."},
+    )
     steps: int = field(default=50, metadata={"help": "Budget: optimizer steps (0: no step limit)."})
     tokens: int = field(default=0, metadata={"help": "Budget: training tokens (0: no token limit)."})
-    seconds: float = field(default=0.0, metadata={"help": "Budget: wall seconds of training (0: no time limit)."})
+    seconds: float = field(
+        default=0.0, metadata={"help": "Budget: wall seconds of training (0: no time limit)."}
+    )
     batch_size: int = field(default=4, metadata={"help": "Windows per micro-batch."})
     seq_len: int = field(default=256, metadata={"help": "Tokens per training window."})
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    lr: float = field(default=3e-4, metadata={"help": "Peak AdamW learning rate (after warm-up, cosine decay)."})
+    lr: float = field(
+        default=3e-4, metadata={"help": "Peak AdamW learning rate (after warm-up, cosine decay)."}
+    )
     warmup_steps: int = field(default=5, metadata={"help": "Linear warm-up steps."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on matrices."})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast for student and teacher (1.3-1.5x "
-                                                        "faster training on the reference CPU)."})
-    eval_every: int = field(default=0, metadata={"help": "Training tokens between evaluation points "
-                                                         "(perplexity, KL vs teacher); 0: before and after only."})
-    eval_windows: int = field(default=2, metadata={"help": "Held-out windows scored at each evaluation point."})
-    student: str = field(default="", metadata={"help": "A model spec to use as the student instead of the current "
-                                                       "model (must share the teacher's tokenizer)."})
-    resume: bool = field(default=True, metadata={"help": "Continue from the checkpoint a stopped run with the same "
-                                                         "settings left, and reuse a finished student of the same "
-                                                         "settings; False trains afresh."})
+    bf16: bool = field(
+        default=False,
+        metadata={
+            "help": "bf16 autocast for student and teacher (1.3-1.5x faster training on the reference CPU)."
+        },
+    )
+    eval_every: int = field(
+        default=0,
+        metadata={
+            "help": "Training tokens between evaluation points "
+            "(perplexity, KL vs teacher); 0: before and after only."
+        },
+    )
+    eval_windows: int = field(
+        default=2, metadata={"help": "Held-out windows scored at each evaluation point."}
+    )
+    student: str = field(
+        default="",
+        metadata={
+            "help": "A model spec to use as the student instead of the current "
+            "model (must share the teacher's tokenizer)."
+        },
+    )
+    resume: bool = field(
+        default=True,
+        metadata={
+            "help": "Continue from the checkpoint a stopped run with the same "
+            "settings left, and reuse a finished student of the same "
+            "settings; False trains afresh."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ConfigError(f"distill: loss={self.loss!r}; choose one of {', '.join(LOSSES)}.")
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ConfigError(f"distill: temperature={self.temperature} must be > 0 (1 leaves the teacher as it is, "
-                              "2-4 is usual).")
+        if not (
+            isinstance(self.temperature, (int, float))
+            and self.temperature > 0
+            and math.isfinite(self.temperature)
+        ):
+            raise ConfigError(
+                f"distill: temperature={self.temperature} must be > 0 (1 leaves the teacher as it is, "
+                "2-4 is usual)."
+            )
         if not 0 <= self.alpha <= 1:
-            raise ConfigError(f"distill: alpha={self.alpha} must be in [0, 1] (0: hard labels only, 1: soft only).")
+            raise ConfigError(
+                f"distill: alpha={self.alpha} must be in [0, 1] (0: hard labels only, 1: soft only)."
+            )
         if not 0 < self.skew < 1:
             raise ConfigError(f"distill: skew={self.skew} must be in (0, 1); DistiLLM uses 0.1, JSD 0.5.")
         if self.teacher not in TEACHERS:
             raise ConfigError(f"distill: teacher={self.teacher!r}; choose one of {', '.join(TEACHERS)}.")
         if self.teacher != "live" and self.loss not in SPARSE_LOSSES:
-            raise ConfigError(f"distill: loss={self.loss!r} needs the full teacher distribution; use teacher='live', "
-                              f"or loss='forward_kl' with a {self.teacher} store.")
+            raise ConfigError(
+                f"distill: loss={self.loss!r} needs the full teacher distribution; use teacher='live', "
+                f"or loss='forward_kl' with a {self.teacher} store."
+            )
         if self.top_k < 1:
             raise ConfigError(f"distill: top_k={self.top_k} must be at least 1.")
         if min(self.steps, self.tokens, self.seconds) < 0 or not (self.steps or self.tokens or self.seconds):
-            raise ConfigError(f"distill: the budget (steps={self.steps}, tokens={self.tokens}, seconds={self.seconds}) "
-                              "is zero; set at least one of steps, tokens or seconds above 0.")
+            raise ConfigError(
+                f"distill: the budget (steps={self.steps}, tokens={self.tokens}, seconds={self.seconds}) "
+                "is zero; set at least one of steps, tokens or seconds above 0."
+            )
         for name in ("batch_size", "grad_accum", "eval_windows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"distill: {name}={getattr(self, name)} must be at least 1.")
         if self.seq_len < 2:
             raise ConfigError(f"distill: seq_len={self.seq_len} must be at least 2 tokens.")
         if self.lr <= 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.eval_every < 0:
-            raise ConfigError("distill: lr must be > 0 and warmup_steps, weight_decay, eval_every >= 0 "
-                              f"(got {self.lr}, {self.warmup_steps}, {self.weight_decay}, {self.eval_every}).")
+            raise ConfigError(
+                "distill: lr must be > 0 and warmup_steps, weight_decay, eval_every >= 0 "
+                f"(got {self.lr}, {self.warmup_steps}, {self.weight_decay}, {self.eval_every})."
+            )
 
     def label(self) -> str:
-        budget = (f"{self.steps} steps" if self.steps else f"{self.tokens} tok" if self.tokens
-                  else f"{self.seconds:g} s")
+        budget = (
+            f"{self.steps} steps"
+            if self.steps
+            else f"{self.tokens} tok"
+            if self.tokens
+            else f"{self.seconds:g} s"
+        )
         if self.loss == "hard":
             return f"distill hard {budget}"
         store = "" if self.teacher == "live" else f" {self.teacher}{self.top_k}"
         skew = f" skew{self.skew:g}" if self.loss in ("skew_kl", "jsd") else ""
-        return f"distill {self.loss} T{self.temperature:g} a{self.alpha:g}{skew}{store} {budget}" + self._changed()
+        return (
+            f"distill {self.loss} T{self.temperature:g} a{self.alpha:g}{skew}{store} {budget}"
+            + self._changed()
+        )
 
     def _changed(self) -> str:
         """The other settings that differ from their defaults, so different runs never share a label."""
         from dataclasses import fields
 
-        shown = {"loss", "temperature", "alpha", "skew", "teacher", "top_k", "steps", "tokens", "seconds", "resume"}
-        extra = [f"{f.name}={getattr(self, f.name)}" for f in fields(self)
-                 if f.name not in shown and getattr(self, f.name) != f.default]
+        shown = {
+            "loss",
+            "temperature",
+            "alpha",
+            "skew",
+            "teacher",
+            "top_k",
+            "steps",
+            "tokens",
+            "seconds",
+            "resume",
+        }
+        extra = [
+            f"{f.name}={getattr(self, f.name)}"
+            for f in fields(self)
+            if f.name not in shown and getattr(self, f.name) != f.default
+        ]
         if self.steps and (self.tokens or self.seconds):  # a second budget
             extra += [f"{n}={getattr(self, n):g}" for n in ("tokens", "seconds") if getattr(self, n)]
         return (" " + " ".join(extra)) if extra else ""
@@ -141,12 +219,19 @@ def check_distill(model: Any, config: DistillConfig) -> None:
     loaded = _student_model(config)
     teacher_n, student_n = n_parameters(model), n_parameters(loaded.model)
     if student_n > teacher_n:
-        raise ConfigError(f"distill: the student {config.student!r} has {student_n:,} parameters, more than the "
-                          f"teacher's {teacher_n:,}; pick a smaller student (or prune one from the teacher).")
-    t_vocab, s_vocab = model.get_output_embeddings().weight.shape[0], loaded.model.get_output_embeddings().weight.shape[0]
+        raise ConfigError(
+            f"distill: the student {config.student!r} has {student_n:,} parameters, more than the "
+            f"teacher's {teacher_n:,}; pick a smaller student (or prune one from the teacher)."
+        )
+    t_vocab, s_vocab = (
+        model.get_output_embeddings().weight.shape[0],
+        loaded.model.get_output_embeddings().weight.shape[0],
+    )
     if t_vocab != s_vocab:
-        raise ConfigError(f"distill: the student {config.student!r} has {s_vocab} output logits, the teacher "
-                          f"{t_vocab}; their tokenizers differ, so pick a student sharing the teacher's tokenizer.")
+        raise ConfigError(
+            f"distill: the student {config.student!r} has {s_vocab} output logits, the teacher "
+            f"{t_vocab}; their tokenizers differ, so pick a student sharing the teacher's tokenizer."
+        )
 
 
 register_stacking(DistillConfig, same_shapes=True)
@@ -168,8 +253,10 @@ def checkpoint_root() -> Path:
 def _apply_distill(model: Any, config: DistillConfig, ctx: ApplyContext) -> Any:
     teacher = ctx.base
     if teacher is None or ctx.tokenizer is None or ctx.corpus is None:
-        raise ConfigError("distill needs the teacher, its tokenizer and a corpus: run it through run_experiment, "
-                          "or pass base=, tokenizer= and corpus= in the ApplyContext.")
+        raise ConfigError(
+            "distill needs the teacher, its tokenizer and a corpus: run it through run_experiment, "
+            "or pass base=, tokenizer= and corpus= in the ApplyContext."
+        )
     if config.student:
         loaded = _student_model(config)
         check_same_tokenizer(ctx.tokenizer, loaded.tokenizer)
@@ -177,31 +264,60 @@ def _apply_distill(model: Any, config: DistillConfig, ctx: ApplyContext) -> Any:
 
         model = copy.deepcopy(loaded.model)
     if n_parameters(model) > n_parameters(teacher):
-        raise ConfigError(f"distill: the student has {n_parameters(model):,} parameters, more than the teacher's "
-                          f"{n_parameters(teacher):,}; distil into a smaller model.")
+        raise ConfigError(
+            f"distill: the student has {n_parameters(model):,} parameters, more than the teacher's "
+            f"{n_parameters(teacher):,}; distil into a smaller model."
+        )
     windows = _windows(ctx.tokenizer, ctx.corpus.text("training"), config.seq_len)
     if windows.shape[0] < config.batch_size:
-        raise ConfigError(f"distill: the corpus's training part holds {windows.shape[0]} windows of {config.seq_len} "
-                          f"tokens, fewer than batch_size={config.batch_size}; lower seq_len or batch_size.")
+        raise ConfigError(
+            f"distill: the corpus's training part holds {windows.shape[0]} windows of {config.seq_len} "
+            f"tokens, fewer than batch_size={config.batch_size}; lower seq_len or batch_size."
+        )
     held_out = _windows(ctx.tokenizer, ctx.corpus.text("calibration"), config.seq_len)[: config.eval_windows]
     teacher_digest = weights_digest(teacher)
     settings = {k: v for k, v in asdict(config).items() if k != "resume"}
-    key = hashlib.sha256(json.dumps({"config": settings, "seed": ctx.seed, "ids": ids_digest(windows),
-                                     "student": weights_digest(model), "teacher": teacher_digest},
-                                    sort_keys=True).encode()).hexdigest()[:20]
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "config": settings,
+                "seed": ctx.seed,
+                "ids": ids_digest(windows),
+                "student": weights_digest(model),
+                "teacher": teacher_digest,
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:20]
     checkpoint = checkpoint_root() / key
     if not config.resume:
         shutil.rmtree(checkpoint, ignore_errors=True)
     store = None
     train_progress = ctx.progress
     if config.teacher != "live" and config.loss != "hard" and config.alpha > 0:
-        store = build_store(teacher, windows, kind=config.teacher, k=config.top_k, temperature=config.temperature,
-                            seed=ctx.seed, progress=ctx.progress.span(0.0, 0.2), teacher_digest=teacher_digest)
+        store = build_store(
+            teacher,
+            windows,
+            kind=config.teacher,
+            k=config.top_k,
+            temperature=config.temperature,
+            seed=ctx.seed,
+            progress=ctx.progress.span(0.0, 0.2),
+            teacher_digest=teacher_digest,
+        )
         train_progress = ctx.progress.span(0.2, 1.0)
         ctx.metrics["store_bytes_per_token"] = store.bytes_per_token
-    result = train_student(model, teacher, windows, config.settings(ctx.seed), store=store,
-                           eval_ids=held_out if held_out.shape[0] else None, progress=train_progress,
-                           checkpoint=checkpoint, tokenizer=ctx.tokenizer)
+    result = train_student(
+        model,
+        teacher,
+        windows,
+        config.settings(ctx.seed),
+        store=store,
+        eval_ids=held_out if held_out.shape[0] else None,
+        progress=train_progress,
+        checkpoint=checkpoint,
+        tokenizer=ctx.tokenizer,
+    )
     ctx.metrics["training_tokens"] = result.tokens
     ctx.metrics["training_steps"] = result.steps
     ctx.metrics["training_seconds"] = result.seconds

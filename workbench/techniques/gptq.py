@@ -61,15 +61,19 @@ class GPTQConfig(WeightGridConfig):
     )
     damp: float = field(
         default=0.01,
-        metadata={"help": "Fraction of the mean Hessian diagonal added to it, for numerical stability; between "
-                  "0 and 1 (0.01 as in the paper)."},
+        metadata={
+            "help": "Fraction of the mean Hessian diagonal added to it, for numerical stability; between "
+            "0 and 1 (0.01 as in the paper)."
+        },
     )
     n_samples: int = field(
-        default=32, metadata={"help": "Calibration windows taken from the corpus (n_samples × seq_len tokens)."}
+        default=32,
+        metadata={"help": "Calibration windows taken from the corpus (n_samples × seq_len tokens)."},
     )
     seq_len: int = field(default=256, metadata={"help": "Tokens per calibration window, at least 8."})
     block_size: int = field(
-        default=128, metadata={"help": "Columns per lazy batch update (128 as in the reference); any positive size."}
+        default=128,
+        metadata={"help": "Columns per lazy batch update (128 as in the reference); any positive size."},
     )
 
     def __post_init__(self) -> None:
@@ -229,7 +233,9 @@ def _apply_gptq(model: Any, config: GPTQConfig, ctx: ApplyContext) -> Any:
         for name, mod in linears:
             ctx.progress.check()
             H = hooks.stats[name].H
-            if H is None:  # no calibration token reached this linear: every input is dead, as the reference treats it
+            if (
+                H is None
+            ):  # no calibration token reached this linear: every input is dead, as the reference treats it
                 H = torch.zeros(mod.in_features, mod.in_features, device=mod.weight.device)
             mod.weight.data = gptq_quantize(mod.weight.data, H, config)
             mark_quantized(mod, config.bits, config.group_size, config.symmetric, config.zero_point, "gptq")

@@ -49,7 +49,9 @@ class MixedPrecisionConfig(WeightGridConfig):
     bits: int = field(default=3, metadata={"help": "Bits per weight code of the base quantization, 2 to 8."})
     high_bits: int = field(
         default=8,
-        metadata={"help": "Bits for the modules kept at higher precision, from `bits` to 8 (8: close to lossless)."},
+        metadata={
+            "help": "Bits for the modules kept at higher precision, from `bits` to 8 (8: close to lossless)."
+        },
     )
     high_precision: tuple[str, ...] = field(
         default=(),

@@ -28,26 +28,50 @@ CALIBRATION_SEQ_LEN = 256  # tokens per calibration window: short windows give m
 class MoefyConfig:
     """Turn every dense feed-forward block into shared + routed experts (CMoE-style), or upcycle it (Mixtral-style)."""
 
-    mode: str = field(default="carve", metadata={
-        "help": "carve: split the neurons into shared + routed experts from calibration activations (no "
-                "training); upcycle: copy the whole MLP into every expert behind a new uniform router.",
-        "choices": moefy.MODES})
+    mode: str = field(
+        default="carve",
+        metadata={
+            "help": "carve: split the neurons into shared + routed experts from calibration activations (no "
+            "training); upcycle: copy the whole MLP into every expert behind a new uniform router.",
+            "choices": moefy.MODES,
+        },
+    )
     n_experts: int = field(default=8, metadata={"help": "Routed experts per block (E)."})
-    top_k: int = field(default=4, metadata={"help": "Experts each token runs (1..E); can be changed afterwards."})
-    shared_fraction: float = field(default=0.125, metadata={
-        "help": "carve: fraction of neurons kept always on (a shared expert), rounded up so the rest splits into "
-                "E equal experts; ignored when n_shared is set."})
-    n_shared: int | None = field(default=None, metadata={
-        "help": "carve: exact number of always-on neurons per block; the rest must divide by n_experts."})
-    router: str = field(default="regression", metadata={
-        "help": "carve: regression (least-squares fit of each expert's share of the output on the block input) "
-                "or representative (the activation of each expert's most central neuron, as in CMoE).",
-        "choices": moefy.ROUTERS})
-    calibration_tokens: int = field(default=4096, metadata={
-        "help": "carve: tokens of the corpus's calibration part the statistics are read from."})
-    router_std: float = field(default=0.0, metadata={
-        "help": "upcycle: std of the new router's random weights; 0 gives a uniform router, which reproduces "
-                "the dense model exactly."})
+    top_k: int = field(
+        default=4, metadata={"help": "Experts each token runs (1..E); can be changed afterwards."}
+    )
+    shared_fraction: float = field(
+        default=0.125,
+        metadata={
+            "help": "carve: fraction of neurons kept always on (a shared expert), rounded up so the rest splits into "
+            "E equal experts; ignored when n_shared is set."
+        },
+    )
+    n_shared: int | None = field(
+        default=None,
+        metadata={
+            "help": "carve: exact number of always-on neurons per block; the rest must divide by n_experts."
+        },
+    )
+    router: str = field(
+        default="regression",
+        metadata={
+            "help": "carve: regression (least-squares fit of each expert's share of the output on the block input) "
+            "or representative (the activation of each expert's most central neuron, as in CMoE).",
+            "choices": moefy.ROUTERS,
+        },
+    )
+    calibration_tokens: int = field(
+        default=4096,
+        metadata={"help": "carve: tokens of the corpus's calibration part the statistics are read from."},
+    )
+    router_std: float = field(
+        default=0.0,
+        metadata={
+            "help": "upcycle: std of the new router's random weights; 0 gives a uniform router, which reproduces "
+            "the dense model exactly."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the calibration windows and the clustering."})
 
     def __post_init__(self) -> None:
@@ -56,18 +80,23 @@ class MoefyConfig:
         if not isinstance(self.n_experts, int) or self.n_experts < 2:
             raise ConfigError(f"moefy: n_experts={self.n_experts!r}; use at least 2 experts.")
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.n_experts:
-            raise ConfigError(f"moefy: top_k={self.top_k!r} is out of range for n_experts={self.n_experts}; "
-                              f"choose 1..{self.n_experts}.")
+            raise ConfigError(
+                f"moefy: top_k={self.top_k!r} is out of range for n_experts={self.n_experts}; "
+                f"choose 1..{self.n_experts}."
+            )
         if not 0.0 <= self.shared_fraction < 1.0:
             raise ConfigError(f"moefy: shared_fraction={self.shared_fraction!r}; use a fraction in [0, 1).")
         if self.n_shared is not None and (not isinstance(self.n_shared, int) or self.n_shared < 0):
-            raise ConfigError(f"moefy: n_shared={self.n_shared!r}; use a neuron count >= 0, or None to use "
-                              "shared_fraction.")
+            raise ConfigError(
+                f"moefy: n_shared={self.n_shared!r}; use a neuron count >= 0, or None to use shared_fraction."
+            )
         if self.router not in moefy.ROUTERS:
             raise ConfigError(f"moefy: router={self.router!r} is not one of {', '.join(moefy.ROUTERS)}.")
         if not isinstance(self.calibration_tokens, int) or self.calibration_tokens < CALIBRATION_SEQ_LEN:
-            raise ConfigError(f"moefy: calibration_tokens={self.calibration_tokens!r}; use at least "
-                              f"{CALIBRATION_SEQ_LEN} (a few thousand give stable clusters).")
+            raise ConfigError(
+                f"moefy: calibration_tokens={self.calibration_tokens!r}; use at least "
+                f"{CALIBRATION_SEQ_LEN} (a few thousand give stable clusters)."
+            )
         if self.router_std < 0:
             raise ConfigError(f"moefy: router_std={self.router_std!r}; use 0 (uniform) or a positive std.")
 
@@ -75,12 +104,21 @@ class MoefyConfig:
         if self.mode == "upcycle":
             return f"moefy upcycle E{self.n_experts} k{self.top_k}"
         shared = f"s{self.n_shared}" if self.n_shared is not None else f"s{self.shared_fraction:g}"
-        return f"moefy E{self.n_experts} k{self.top_k} {shared}" + ("" if self.router == "regression" else " rep")
+        return f"moefy E{self.n_experts} k{self.top_k} {shared}" + (
+            "" if self.router == "regression" else " rep"
+        )
 
 
 def _plan(model: Any, config: MoefyConfig) -> moefy.Plan:
-    return moefy.plan(model, mode=config.mode, n_experts=config.n_experts, top_k=config.top_k,
-                      router=config.router, n_shared=config.n_shared, shared_fraction=config.shared_fraction)
+    return moefy.plan(
+        model,
+        mode=config.mode,
+        n_experts=config.n_experts,
+        top_k=config.top_k,
+        router=config.router,
+        n_shared=config.n_shared,
+        shared_fraction=config.shared_fraction,
+    )
 
 
 def check_moefy(model: Any, config: MoefyConfig) -> None:
@@ -118,15 +156,24 @@ def _apply_moefy(model: Any, config: MoefyConfig, ctx: ApplyContext) -> Any:
 
         n_windows = -(-config.calibration_tokens // CALIBRATION_SEQ_LEN)
         ids = calibration_ids(ctx, n_windows, CALIBRATION_SEQ_LEN, "moefy")
-    moefy.convert_(model, recipe, ids, seed=config.seed, router_std=config.router_std, progress=ctx.progress,
-                   report=lambda f, msg: ctx.progress.update(f, msg))
+    moefy.convert_(
+        model,
+        recipe,
+        ids,
+        seed=config.seed,
+        router_std=config.router_std,
+        progress=ctx.progress,
+        report=lambda f, msg: ctx.progress.update(f, msg),
+    )
     counts = moefy.active_counts(model)
-    ctx.metrics.update({
-        "active_ffn_fraction": counts["active_ffn_fraction"],
-        "active_params": counts["active_params"],
-        "moe_total_params": counts["total_params"],
-        "conversion_seconds": time.perf_counter() - t0,
-    })
+    ctx.metrics.update(
+        {
+            "active_ffn_fraction": counts["active_ffn_fraction"],
+            "active_params": counts["active_params"],
+            "moe_total_params": counts["total_params"],
+            "conversion_seconds": time.perf_counter() - t0,
+        }
+    )
     ctx.extras["moefy"] = {"plan": recipe.to_dict()}
     return model
 

@@ -42,26 +42,45 @@ _CONFIG_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_n
 class PruneExpertsConfig:
     """Drop routed experts per MoE layer by frequency, router mass or REAP score on calibration text."""
 
-    keep: int = field(default=0, metadata={
-        "help": "Experts kept in every MoE layer, from the model's k to E - 1 (0: use `fraction`)."})
-    fraction: float = field(default=0.75, metadata={
-        "help": "Share of each layer's experts kept when `keep` is 0, rounded to the nearest count (0 < f < 1)."})
-    method: str = field(default="reap", metadata={
-        "help": "How experts are scored: 'frequency' (tokens routed), 'router_mass' (routing weight received) or "
-                "'reap' (weight x expert output norm) or 'naee' (the subset that best reproduces each layer's output; "
-                "E <= 16).", "choices": METHODS})
-    calibration_tokens: int = field(default=512, metadata={
-        "help": "Tokens of the calibration text the experts are scored on."})
+    keep: int = field(
+        default=0,
+        metadata={
+            "help": "Experts kept in every MoE layer, from the model's k to E - 1 (0: use `fraction`)."
+        },
+    )
+    fraction: float = field(
+        default=0.75,
+        metadata={
+            "help": "Share of each layer's experts kept when `keep` is 0, rounded to the nearest count (0 < f < 1)."
+        },
+    )
+    method: str = field(
+        default="reap",
+        metadata={
+            "help": "How experts are scored: 'frequency' (tokens routed), 'router_mass' (routing weight received) or "
+            "'reap' (weight x expert output norm) or 'naee' (the subset that best reproduces each layer's output; "
+            "E <= 16).",
+            "choices": METHODS,
+        },
+    )
+    calibration_tokens: int = field(
+        default=512, metadata={"help": "Tokens of the calibration text the experts are scored on."}
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"prune_experts: method={self.method!r}; use one of {', '.join(METHODS)}.")
         if isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 0:
-            raise ConfigError(f"prune_experts: keep={self.keep!r} must be a whole number of experts (0: use fraction).")
+            raise ConfigError(
+                f"prune_experts: keep={self.keep!r} must be a whole number of experts (0: use fraction)."
+            )
         if not self.keep and not (isinstance(self.fraction, (int, float)) and 0 < self.fraction < 1):
             raise ConfigError(f"prune_experts: fraction={self.fraction!r} must lie strictly between 0 and 1.")
-        if isinstance(self.calibration_tokens, bool) or not isinstance(self.calibration_tokens, int) \
-                or self.calibration_tokens < 1:
+        if (
+            isinstance(self.calibration_tokens, bool)
+            or not isinstance(self.calibration_tokens, int)
+            or self.calibration_tokens < 1
+        ):
             raise ConfigError(f"prune_experts: calibration_tokens={self.calibration_tokens!r} must be >= 1.")
 
     def kept(self, n_experts: int) -> int:
@@ -86,38 +105,56 @@ def check_prune_experts(model: Any, config: PruneExpertsConfig) -> None:
         raise ConfigError("prune_experts: this model has no experts (no Mixture-of-Experts layers) to prune.")
     counts = {b.n_experts for b in blocks}
     if len(counts) > 1:
-        raise ConfigError(f"prune_experts: the MoE layers have different expert counts {sorted(counts)}; "
-                          "pruning keeps one count for the whole model.")
+        raise ConfigError(
+            f"prune_experts: the MoE layers have different expert counts {sorted(counts)}; "
+            "pruning keeps one count for the whole model."
+        )
     n = counts.pop()
     keep = config.kept(n)
     if keep >= n:
-        raise ConfigError(f"prune_experts: keeping {keep} of {n} experts prunes nothing; keep at most {n - 1}.")
+        raise ConfigError(
+            f"prune_experts: keeping {keep} of {n} experts prunes nothing; keep at most {n - 1}."
+        )
     if config.method == "naee":
         from math import comb
 
         if comb(n, keep) > NAEE_MAX_SUBSETS:
-            raise ConfigError(f"prune_experts: method 'naee' would try {comb(n, keep):,} subsets per layer "
-                              f"(C({n}, {keep})); it is meant for small expert counts (at most "
-                              f"{NAEE_MAX_SUBSETS:,} subsets). Use 'reap' instead.")
+            raise ConfigError(
+                f"prune_experts: method 'naee' would try {comb(n, keep):,} subsets per layer "
+                f"(C({n}, {keep})); it is meant for small expert counts (at most "
+                f"{NAEE_MAX_SUBSETS:,} subsets). Use 'reap' instead."
+            )
     for b in blocks:
         k = int(b.top_k or 1)
         if keep < k:
             raise ConfigError(
                 f"prune_experts: keeping {keep} experts is fewer than the {k} each token is routed to in {b.name}; "
-                f"keep at least {k}, or lower k first with technique 'route'.")
+                f"keep at least {k}, or lower k first with technique 'route'."
+            )
         holder = model.get_submodule(b.top_k_attrs[0][0]) if b.top_k_attrs else None
         n_group = getattr(holder, "n_group", None)
         if isinstance(n_group, int) and n_group > 1 and keep % n_group:
-            raise ConfigError(f"prune_experts: {b.router.name} routes in {n_group} expert groups; keep a multiple "
-                              f"of {n_group}, not {keep}.")
+            raise ConfigError(
+                f"prune_experts: {b.router.name} routes in {n_group} expert groups; keep a multiple "
+                f"of {n_group}, not {keep}."
+            )
         if b.layout == "modules" and config.method == "reap":
-            raise ConfigError("prune_experts: method 'reap' needs fused experts; use 'frequency' or 'router_mass'.")
+            raise ConfigError(
+                "prune_experts: method 'reap' needs fused experts; use 'frequency' or 'router_mass'."
+            )
         if config.method == "reap" and router_form(model, b) != "standard":
-            raise ConfigError(f"prune_experts: method 'reap' needs a router that returns (logits, weights, index); "
-                              f"{b.router.name} does not. Use 'frequency' or 'router_mass'.")
-        if config.method == "reap" and len(inspect.signature(model.get_submodule(b.experts).forward).parameters) < 3:
-            raise ConfigError(f"prune_experts: the experts of {b.name} cannot be called one at a time; use "
-                              "'frequency' or 'router_mass'.")
+            raise ConfigError(
+                f"prune_experts: method 'reap' needs a router that returns (logits, weights, index); "
+                f"{b.router.name} does not. Use 'frequency' or 'router_mass'."
+            )
+        if (
+            config.method == "reap"
+            and len(inspect.signature(model.get_submodule(b.experts).forward).parameters) < 3
+        ):
+            raise ConfigError(
+                f"prune_experts: the experts of {b.name} cannot be called one at a time; use "
+                "'frequency' or 'router_mass'."
+            )
 
 
 def expert_scores(model: nn.Module, ids: torch.Tensor, method: str) -> dict[str, torch.Tensor]:
@@ -149,7 +186,9 @@ def expert_scores(model: nn.Module, ids: torch.Tensor, method: str) -> dict[str,
         elif method == "router_mass":
             out[b.name] = counts.mass.clone()
         else:
-            out[b.name] = reap[b.name] / counts.counts.clamp_min(1)  # mean over the tokens routed to each expert
+            out[b.name] = reap[b.name] / counts.counts.clamp_min(
+                1
+            )  # mean over the tokens routed to each expert
     return out
 
 
@@ -179,7 +218,9 @@ def _reap_hook(last: dict[str, Any], block: MoEBlock, total: torch.Tensor) -> An
     return hook
 
 
-def naee_search(model: nn.Module, ids: torch.Tensor, keep: int) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
+def naee_search(
+    model: nn.Module, ids: torch.Tensor, keep: int
+) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
     """NAEE's search: per block, the ``keep``-subset whose pruned block output is closest to the original's.
 
     The block's inputs on ``ids`` are recorded once; each subset is then pruned for real with
@@ -198,7 +239,9 @@ def naee_search(model: nn.Module, ids: torch.Tensor, keep: int) -> tuple[dict[st
 
         return hook
 
-    handles = [model.get_submodule(b.name).register_forward_hook(recorder(b.name), with_kwargs=True) for b in blocks]
+    handles = [
+        model.get_submodule(b.name).register_forward_hook(recorder(b.name), with_kwargs=True) for b in blocks
+    ]
     try:
         with torch.no_grad():
             model(ids.to(next(model.parameters()).device))
@@ -239,8 +282,13 @@ class _PrunedForNow:
         self.out_features = (lin, getattr(lin, "out_features", None))
         self.counts = [(mod, attr, getattr(m.get_submodule(mod), attr)) for mod, attr in b.count_attrs]
         cfg = getattr(m, "config", None)
-        self.config = [(target, a, getattr(target, a)) for target in (cfg, getattr(cfg, "ffn_config", None))
-                       if target is not None for a in _CONFIG_COUNTS if hasattr(target, a)]
+        self.config = [
+            (target, a, getattr(target, a))
+            for target in (cfg, getattr(cfg, "ffn_config", None))
+            if target is not None
+            for a in _CONFIG_COUNTS
+            if hasattr(target, a)
+        ]
         if b.layout == "modules":
             owner = b.tensors[0].name.split(".{e}.")[0]
             parent, _, leaf = owner.rpartition(".")
@@ -294,7 +342,11 @@ def prune_experts_(model: nn.Module, keep: dict[str, list[int]]) -> nn.Module:
             p = model.get_parameter(t.name)
             if t.layout == "flattened":
                 rows = p.shape[0] // b.n_experts
-                sliced = p.detach().view(b.n_experts, rows, p.shape[-1])[index.to(p.device)].reshape(-1, p.shape[-1])
+                sliced = (
+                    p.detach()
+                    .view(b.n_experts, rows, p.shape[-1])[index.to(p.device)]
+                    .reshape(-1, p.shape[-1])
+                )
             else:
                 sliced = p.detach()[index.to(p.device)]
             _replace(model, t.name, sliced)
@@ -334,9 +386,15 @@ def _apply_prune_experts(model: Any, config: PruneExpertsConfig, ctx: ApplyConte
 
     if ctx.tokenizer is None or ctx.corpus is None:
         raise ConfigError("prune_experts scores experts on calibration text; give a tokenizer and a corpus.")
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or config.calibration_tokens
-    ids = text_ids(ctx.tokenizer, ctx.corpus.text("calibration"), config.calibration_tokens,
-                   max_length=min(config.calibration_tokens, limit))
+    limit = (
+        getattr(getattr(model, "config", None), "max_position_embeddings", None) or config.calibration_tokens
+    )
+    ids = text_ids(
+        ctx.tokenizer,
+        ctx.corpus.text("calibration"),
+        config.calibration_tokens,
+        max_length=min(config.calibration_tokens, limit),
+    )
     before = size_report(model).n_params
     loads = measure_routing(model, ids)  # the load before pruning, for a before/after heatmap
     record: dict[str, Any] = {"method": config.method, "layers": loads.layers, "load_before": loads.load}
@@ -353,7 +411,9 @@ def _apply_prune_experts(model: Any, config: PruneExpertsConfig, ctx: ApplyConte
         record["scores"] = {n: [float(v) for v in s] for n, s in scores.items()}
     prune_experts_(model, keep)
     after = size_report(model).n_params
-    ctx.metrics.update({"experts_kept": float(len(next(iter(keep.values())))), "params_removed": float(before - after)})
+    ctx.metrics.update(
+        {"experts_kept": float(len(next(iter(keep.values())))), "params_removed": float(before - after)}
+    )
     ctx.extras["prune_experts"] = {**record, "kept": keep}
     return model
 
@@ -379,4 +439,11 @@ def _preview(model: Any, config: PruneExpertsConfig) -> Any:
 
 register_stacking(PruneExpertsConfig, preview=_preview)
 
-__all__ = ["METHODS", "PruneExpertsConfig", "check_prune_experts", "expert_scores", "naee_search", "prune_experts_"]
+__all__ = [
+    "METHODS",
+    "PruneExpertsConfig",
+    "check_prune_experts",
+    "expert_scores",
+    "naee_search",
+    "prune_experts_",
+]

@@ -28,15 +28,32 @@ from workbench.techniques.base import ApplyContext, meta_model, register, regist
 class PruneConfig:
     """Depth and width pruning of the current model into a smaller student initialised from its weights."""
 
-    drop: int = field(default=0, metadata={"help": "Decoder layers to drop, those of least Block Influence "
-                                                   "(1 - cos(input, output) on calibration text)."})
-    layers: tuple[int, ...] = field(default=(), metadata={"help": "Exactly these decoder layers (0-based) to "
-                                                                  "drop instead of ranking them; overrides drop."})
-    ffn_size: int | None = field(default=None, metadata={"help": "FFN neurons kept per layer (the most active "
-                                                                 "ones); None keeps the width."})
-    heads: int | None = field(default=None, metadata={"help": "Query heads kept per layer (a multiple of the "
-                                                              "key/value heads); None keeps them all."})
-    samples: int = field(default=8, metadata={"help": "Calibration windows used to rank layers, neurons, heads."})
+    drop: int = field(
+        default=0,
+        metadata={
+            "help": "Decoder layers to drop, those of least Block Influence "
+            "(1 - cos(input, output) on calibration text)."
+        },
+    )
+    layers: tuple[int, ...] = field(
+        default=(),
+        metadata={
+            "help": "Exactly these decoder layers (0-based) to drop instead of ranking them; overrides drop."
+        },
+    )
+    ffn_size: int | None = field(
+        default=None,
+        metadata={"help": "FFN neurons kept per layer (the most active ones); None keeps the width."},
+    )
+    heads: int | None = field(
+        default=None,
+        metadata={
+            "help": "Query heads kept per layer (a multiple of the key/value heads); None keeps them all."
+        },
+    )
+    samples: int = field(
+        default=8, metadata={"help": "Calibration windows used to rank layers, neurons, heads."}
+    )
     seq_len: int = field(default=128, metadata={"help": "Tokens per calibration window."})
 
     def __post_init__(self) -> None:
@@ -47,7 +64,9 @@ class PruneConfig:
         if self.samples < 1 or self.seq_len < 2:
             raise ConfigError(f"prune: samples={self.samples}, seq_len={self.seq_len}; use at least 1 and 2.")
         if not self.drop and not self.layers and self.ffn_size is None and self.heads is None:
-            raise ConfigError("prune: nothing to prune; set drop (layers by importance), layers, ffn_size or heads.")
+            raise ConfigError(
+                "prune: nothing to prune; set drop (layers by importance), layers, ffn_size or heads."
+            )
 
     def label(self) -> str:
         parts = []
@@ -60,7 +79,11 @@ class PruneConfig:
         if self.heads is not None:
             parts.append(f"h{self.heads}")
         if (self.drop and not self.layers) or self.ffn_size is not None or self.heads is not None:
-            parts += [f"{n}={getattr(self, n)}" for n, d in (("samples", 8), ("seq_len", 128)) if getattr(self, n) != d]
+            parts += [
+                f"{n}={getattr(self, n)}"
+                for n, d in (("samples", 8), ("seq_len", 128))
+                if getattr(self, n) != d
+            ]
         return "prune " + " ".join(parts)
 
 
@@ -73,7 +96,9 @@ def check_prune(model: Any, config: PruneConfig) -> None:
     n = _n_layers(model)
     n_drop = len(config.layers) if config.layers else config.drop
     if config.layers and (max(config.layers) >= n or len(set(config.layers)) != len(config.layers)):
-        raise ConfigError(f"prune: layers={list(config.layers)}; the model has layers 0..{n - 1}, each named once.")
+        raise ConfigError(
+            f"prune: layers={list(config.layers)}; the model has layers 0..{n - 1}, each named once."
+        )
     if n_drop >= n:
         raise ConfigError(f"prune: dropping {n_drop} of {n} layers leaves none; drop at most {n - 1}.")
     check_width(model, config.ffn_size, config.heads)
@@ -85,7 +110,9 @@ def _preview(model: Any, config: PruneConfig) -> Any:
         changes["intermediate_size"] = config.ffn_size
     if config.heads is not None:
         text = model.config
-        changes["head_dim"] = int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+        changes["head_dim"] = int(
+            getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        )
         changes["num_attention_heads"] = config.heads
     return meta_model(model, **changes)
 

@@ -62,18 +62,24 @@ class QuantoConfig:
 
     def __post_init__(self) -> None:
         if self.weights not in WEIGHTS:
-            raise ConfigError(f"quanto: weights={self.weights!r} is not supported; choose one of {', '.join(WEIGHTS)}.")
+            raise ConfigError(
+                f"quanto: weights={self.weights!r} is not supported; choose one of {', '.join(WEIGHTS)}."
+            )
         if self.group_size is None:
             return
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or (
-            self.group_size != -1 and self.group_size < 8
+        if (
+            isinstance(self.group_size, bool)
+            or not isinstance(self.group_size, int)
+            or (self.group_size != -1 and self.group_size < 8)
         ):
             raise ConfigError(
                 f"quanto: group_size={self.group_size!r} must be None (quanto's choice), -1 (per row) or at least 8, "
                 "e.g. 32, 64 or 128."
             )
         if self.weights == "int8":
-            raise ConfigError("quanto: int8 weights have one scale per output row; leave group_size=None for int8.")
+            raise ConfigError(
+                "quanto: int8 weights have one scale per output row; leave group_size=None for int8."
+            )
 
     @property
     def bits(self) -> int:
@@ -117,8 +123,10 @@ def check_quanto(model: Any, config: QuantoConfig) -> None:
         raise ConfigError(f"quanto: found no decoder linear layers to quantize in {type(model).__name__}.")
     for name, module in linears:
         if type(module) is not torch.nn.Linear or type(module.weight.data) is not torch.Tensor:
-            raise ConfigError(f"quanto: '{name}' is already quantized ({type(module).__name__}); apply quanto to a "
-                              "float model.")
+            raise ConfigError(
+                f"quanto: '{name}' is already quantized ({type(module).__name__}); apply quanto to a "
+                "float model."
+            )
     if config.group_size is not None:
         check_group_size("quanto", model, config.group_size, linears)
 
@@ -165,8 +173,11 @@ def _apply_quanto(model: Any, config: QuantoConfig, ctx: ApplyContext) -> Any:
                 warnings.simplefilter("ignore")
                 module.freeze()
             module.wb_storage_bytes = storage_bytes(module)
-            module.wb_quant = {"method": "quanto", "bits": config.bits,
-                               "group_size": module.weight_group_size or -1}
+            module.wb_quant = {
+                "method": "quanto",
+                "bits": config.bits,
+                "group_size": module.weight_group_size or -1,
+            }
     ctx.progress.update(1.0, "quanto: done")
     return model
 

@@ -61,24 +61,49 @@ def _per_layer(value: Any) -> tuple[tuple[int, int], ...]:
 class RouteConfig:
     """Active experts per token on a native MoE model: k overall or per layer, dynamic routing, measured load."""
 
-    k: int | None = field(default=None, metadata={
-        "help": "Experts per token in every MoE layer, 1 to E (None: keep the model's k)."})
-    k_per_layer: tuple[tuple[int, int], ...] = field(default=(), metadata={
-        "help": "k for single decoder layers, e.g. {0: 1, 3: 2}; wins over `k` in those layers."})
-    renormalize: str | bool = field(default="model", metadata={
-        "help": "Routing weights at the new k: 'model' keeps the family's rule, True divides the k weights by "
-                "their sum (flips norm_topk_prob), False does not.", "choices": RENORMALIZE})
-    top_p: float | None = field(default=None, metadata={
-        "help": "Dynamic top-p: per token the fewest experts whose router probability reaches p (0 < p <= 1)."})
-    skip_beta: float | None = field(default=None, metadata={
-        "help": "NAEE dynamic skipping: drop a selected expert whose weight is below beta x the top one "
-                "(0 < beta <= 1)."})
-    measure_tokens: int = field(default=DEFAULT_MEASURE_TOKENS, metadata={
-        "help": "Tokens of the evaluation text the routing is recorded on (expert load, active experts); 0: none."})
-    budget: float | None = field(default=None, metadata={
-        "help": "Share of the active parameters per token to keep (0 < b <= 1); each layer's k is chosen from its "
-                "measured sensitivity on calibration text (route_for_budget). Not with k, k_per_layer or dynamic "
-                "routing."})
+    k: int | None = field(
+        default=None,
+        metadata={"help": "Experts per token in every MoE layer, 1 to E (None: keep the model's k)."},
+    )
+    k_per_layer: tuple[tuple[int, int], ...] = field(
+        default=(),
+        metadata={"help": "k for single decoder layers, e.g. {0: 1, 3: 2}; wins over `k` in those layers."},
+    )
+    renormalize: str | bool = field(
+        default="model",
+        metadata={
+            "help": "Routing weights at the new k: 'model' keeps the family's rule, True divides the k weights by "
+            "their sum (flips norm_topk_prob), False does not.",
+            "choices": RENORMALIZE,
+        },
+    )
+    top_p: float | None = field(
+        default=None,
+        metadata={
+            "help": "Dynamic top-p: per token the fewest experts whose router probability reaches p (0 < p <= 1)."
+        },
+    )
+    skip_beta: float | None = field(
+        default=None,
+        metadata={
+            "help": "NAEE dynamic skipping: drop a selected expert whose weight is below beta x the top one "
+            "(0 < beta <= 1)."
+        },
+    )
+    measure_tokens: int = field(
+        default=DEFAULT_MEASURE_TOKENS,
+        metadata={
+            "help": "Tokens of the evaluation text the routing is recorded on (expert load, active experts); 0: none."
+        },
+    )
+    budget: float | None = field(
+        default=None,
+        metadata={
+            "help": "Share of the active parameters per token to keep (0 < b <= 1); each layer's k is chosen from its "
+            "measured sensitivity on calibration text (route_for_budget). Not with k, k_per_layer or dynamic "
+            "routing."
+        },
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "k_per_layer", _per_layer(self.k_per_layer))
@@ -90,24 +115,37 @@ class RouteConfig:
             if k < 1:
                 raise ConfigError(
                     f"route: {where}={k} leaves no routed expert (only the residual and shared experts would "
-                    "remain); choose k >= 1.")
-        if self.renormalize not in RENORMALIZE or (isinstance(self.renormalize, int)
-                                                   and not isinstance(self.renormalize, bool)):
+                    "remain); choose k >= 1."
+                )
+        if self.renormalize not in RENORMALIZE or (
+            isinstance(self.renormalize, int) and not isinstance(self.renormalize, bool)
+        ):
             raise ConfigError(f"route: renormalize={self.renormalize!r}; use 'model', True or False.")
         if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ConfigError(f"route: top_p={self.top_p!r} must lie in (0, 1], e.g. 0.8.")
-        if self.skip_beta is not None and not (isinstance(self.skip_beta, (int, float)) and 0 < self.skip_beta <= 1):
+        if self.skip_beta is not None and not (
+            isinstance(self.skip_beta, (int, float)) and 0 < self.skip_beta <= 1
+        ):
             raise ConfigError(f"route: skip_beta={self.skip_beta!r} must lie in (0, 1], e.g. 0.3.")
-        if isinstance(self.measure_tokens, bool) or not isinstance(self.measure_tokens, int) or self.measure_tokens < 0:
+        if (
+            isinstance(self.measure_tokens, bool)
+            or not isinstance(self.measure_tokens, int)
+            or self.measure_tokens < 0
+        ):
             raise ConfigError(f"route: measure_tokens={self.measure_tokens!r} must be a whole number >= 0.")
 
         if self.budget is not None:
-            if not (isinstance(self.budget, (int, float)) and not isinstance(self.budget, bool)
-                    and 0 < self.budget <= 1):
+            if not (
+                isinstance(self.budget, (int, float))
+                and not isinstance(self.budget, bool)
+                and 0 < self.budget <= 1
+            ):
                 raise ConfigError(f"route: budget={self.budget!r} must lie in (0, 1], e.g. 0.7.")
             if self.k is not None or self.k_per_layer or self.dynamic:
-                raise ConfigError("route: budget chooses each layer's k itself; leave k, k_per_layer, top_p and "
-                                  "skip_beta unset with it.")
+                raise ConfigError(
+                    "route: budget chooses each layer's k itself; leave k, k_per_layer, top_p and "
+                    "skip_beta unset with it."
+                )
 
     @property
     def dynamic(self) -> bool:
@@ -138,8 +176,11 @@ class RouteConfig:
 def _no_experts_message(model: Any) -> str:
     from workbench.techniques.base import _TECHNIQUES
 
-    hint = (" Convert it first with technique 'moefy' (a dense model split into experts), then route."
-            if "moefy" in _TECHNIQUES else "")
+    hint = (
+        " Convert it first with technique 'moefy' (a dense model split into experts), then route."
+        if "moefy" in _TECHNIQUES
+        else ""
+    )
     name = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     return f"route: this {name} model has no experts (no Mixture-of-Experts layers), so there is nothing to route.{hint}"
 
@@ -156,22 +197,27 @@ def check_route(model: Any, config: RouteConfig) -> None:
     missing = [layer for layer, _ in config.k_per_layer if layer not in moe_layers]
     if missing:
         raise ConfigError(
-            f"route: k_per_layer names layer(s) {missing} without experts; the MoE layers are {moe_layers}.")
+            f"route: k_per_layer names layer(s) {missing} without experts; the MoE layers are {moe_layers}."
+        )
     if config.budget is not None:
         _check_budget(model, config, blocks)
     for block in blocks:
         k = config.k_for(block)
         if not block.top_k_attrs:
-            raise ConfigError(f"route: {block.name} has no top_k attribute to set; this router cannot be routed.")
+            raise ConfigError(
+                f"route: {block.name} has no top_k attribute to set; this router cannot be routed."
+            )
         if k is not None and k > block.n_experts:
             raise ConfigError(
                 f"route: k={k} is more than the {block.n_experts} experts of {block.name}; choose 1 to "
-                f"{block.n_experts}.")
+                f"{block.n_experts}."
+            )
         if not block.top_k_settable and ((k is not None and k != block.top_k) or config.dynamic):
             raise ConfigError(
                 f"route: {anat.model_type}'s router ({block.router.name}) always picks exactly {block.top_k} "
                 f"experts (its sparsemixer ignores k), so k={k} or dynamic routing would change nothing; keep "
-                f"k={block.top_k} and no top_p/skip_beta.")
+                f"k={block.top_k} and no top_p/skip_beta."
+            )
         holder = model.get_submodule(block.top_k_attrs[0][0])
         n_group, topk_group = getattr(holder, "n_group", None), getattr(holder, "topk_group", None)
         if k is not None and isinstance(n_group, int) and isinstance(topk_group, int) and n_group > 1:
@@ -179,18 +225,23 @@ def check_route(model: Any, config: RouteConfig) -> None:
             if k > limit:
                 raise ConfigError(
                     f"route: k={k} exceeds what {block.router.name}'s group limit allows ({topk_group} of "
-                    f"{n_group} groups of {block.n_experts // n_group} experts = {limit}); choose k <= {limit}.")
+                    f"{n_group} groups of {block.n_experts // n_group} experts = {limit}); choose k <= {limit}."
+                )
         if config.dynamic and router_form(model, block) != "standard":
             raise ConfigError(
                 f"route: dynamic routing (top_p, skip_beta) needs a router that returns (logits, weights, index); "
-                f"{block.router.name} ({type(holder).__name__}) does not. Use a fixed k instead.")
+                f"{block.router.name} ({type(holder).__name__}) does not. Use a fixed k instead."
+            )
         if config.renormalize in (True, False) and norm_flag(model, block) is None:
             fixed = renormalises_in_code(model, block)
             if fixed is None or fixed != config.renormalize:
-                rule = {True: "always renormalises", False: "never renormalises", None: "has a fixed rule"}[fixed]
+                rule = {True: "always renormalises", False: "never renormalises", None: "has a fixed rule"}[
+                    fixed
+                ]
                 raise ConfigError(
                     f"route: renormalize={config.renormalize} is not available for {anat.model_type}: its router "
-                    f"{rule} and has no norm_topk_prob switch; use renormalize='model'.")
+                    f"{rule} and has no norm_topk_prob switch; use renormalize='model'."
+                )
 
 
 def _check_budget(model: Any, config: RouteConfig, blocks: list[MoEBlock]) -> None:
@@ -205,7 +256,8 @@ def _check_budget(model: Any, config: RouteConfig, blocks: list[MoEBlock]) -> No
         raise ConfigError(
             f"route: budget={config.budget:g} is {config.budget * now:,.0f} active parameters per token, below "
             f"what k=1 in every layer reaches ({floor:,.0f}, {floor / now:.0%} of now); choose budget >= "
-            f"{floor / now:.2f}.")
+            f"{floor / now:.2f}."
+        )
 
 
 @register("route", RouteConfig, kind="route", check=check_route)
@@ -222,7 +274,11 @@ def _apply_route(model: Any, config: RouteConfig, ctx: ApplyContext) -> Any:
         if config.dynamic:
             set_dynamic_(model, block, config.top_p, config.skip_beta)
     # CausalLM.num_experts_per_tok is read only for the auxiliary loss; keep it in step with a global k.
-    if config.k is not None and not config.k_per_layer and isinstance(getattr(model, "num_experts_per_tok", None), int):
+    if (
+        config.k is not None
+        and not config.k_per_layer
+        and isinstance(getattr(model, "num_experts_per_tok", None), int)
+    ):
         from workbench.routing import _save
 
         _save(model, "", "num_experts_per_tok")
@@ -236,15 +292,19 @@ def _budget_k(model: Any, config: RouteConfig, ctx: ApplyContext) -> dict[int, i
     from workbench.routing import text_ids
 
     if ctx.tokenizer is None or ctx.corpus is None:
-        raise ConfigError("route: budget measures each layer's sensitivity on calibration text; give a tokenizer "
-                          "and a corpus (run it through run_experiment or the workspace).")
+        raise ConfigError(
+            "route: budget measures each layer's sensitivity on calibration text; give a tokenizer "
+            "and a corpus (run it through run_experiment or the workspace)."
+        )
     n = DEFAULT_MEASURE_TOKENS
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or n
     ids = text_ids(ctx.tokenizer, ctx.corpus.text("calibration"), n, max_length=min(n, limit))
     sens = layer_k_sensitivity(model, ids)
     chosen = dict(route_for_budget(model, sens, fraction=float(config.budget)).k_per_layer)
-    ctx.extras["route_budget"] = {"k_per_layer": {str(k): v for k, v in chosen.items()},
-                                  "sensitivity": sens.to_dict("records")}
+    ctx.extras["route_budget"] = {
+        "k_per_layer": {str(k): v for k, v in chosen.items()},
+        "sensitivity": sens.to_dict("records"),
+    }
     return chosen
 
 
@@ -256,7 +316,9 @@ def record_routing(model: Any, n_tokens: int, ctx: ApplyContext, key: str = "rou
     if not n_tokens or ctx.tokenizer is None or ctx.corpus is None:
         return None
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    ids = text_ids(ctx.tokenizer, ctx.corpus.text("evaluation"), n_tokens, max_length=min(n_tokens, limit or n_tokens))
+    ids = text_ids(
+        ctx.tokenizer, ctx.corpus.text("evaluation"), n_tokens, max_length=min(n_tokens, limit or n_tokens)
+    )
     stats = measure_routing(model, ids)
     ctx.metrics.update(stats.metrics())
     ctx.extras[key] = stats.extras()
@@ -298,8 +360,12 @@ def route_space(model: Any) -> RouteSpace:
             pass
     k0 = int(first.top_k or 1)
     return RouteSpace(
-        ks=tuple(range(1, n + 1)) if settable else (k0,), default_k=k0, n_experts=n,
-        moe_layers=tuple(sorted({b.layer for b in blocks})), settable=settable, dynamic=dynamic,
+        ks=tuple(range(1, n + 1)) if settable else (k0,),
+        default_k=k0,
+        n_experts=n,
+        moe_layers=tuple(sorted({b.layer for b in blocks})),
+        settable=settable,
+        dynamic=dynamic,
         renormalize=tuple(choices),
         reason="" if settable else f"{anat.model_type} always routes to {k0} experts; k is fixed.",
     )
@@ -354,8 +420,14 @@ def layer_k_sensitivity(model: Any, ids: Any) -> Any:
     return pd.DataFrame(rows, columns=["layer", "k", "kl_mean", "params_saved"])
 
 
-def route_for_budget(model: Any, sensitivity: Any, *, active_params: float | None = None,
-                     fraction: float | None = None, measure_tokens: int = DEFAULT_MEASURE_TOKENS) -> RouteConfig:
+def route_for_budget(
+    model: Any,
+    sensitivity: Any,
+    *,
+    active_params: float | None = None,
+    fraction: float | None = None,
+    measure_tokens: int = DEFAULT_MEASURE_TOKENS,
+) -> RouteConfig:
     """Per-layer k whose active parameters per token fit a budget, lowering the least sensitive layers first.
 
     The budget is ``active_params`` (per token) or ``fraction`` of what the model now activates. Greedy, as
@@ -390,8 +462,10 @@ def route_for_budget(model: Any, sensitivity: Any, *, active_params: float | Non
                 options.append((max(cost, 0.0) / per_k[layer], layer))
         if not options:
             floor = now - sum((current[layer] - 1) * per_k[layer] for layer in current)
-            raise ConfigError(f"route_for_budget: {budget:,.0f} active parameters per token is below what k=1 in "
-                              f"every layer reaches ({floor:,.0f}); raise the budget.")
+            raise ConfigError(
+                f"route_for_budget: {budget:,.0f} active parameters per token is below what k=1 in "
+                f"every layer reaches ({floor:,.0f}); raise the budget."
+            )
         _, layer = min(options)
         k[layer] -= 1
         active -= per_k[layer]
@@ -401,5 +475,12 @@ def route_for_budget(model: Any, sensitivity: Any, *, active_params: float | Non
 
 register_stacking(RouteConfig, same_shapes=True)
 
-__all__ = ["RouteConfig", "RouteSpace", "check_route", "layer_k_sensitivity", "record_routing", "route_for_budget",
-           "route_space"]
+__all__ = [
+    "RouteConfig",
+    "RouteSpace",
+    "check_route",
+    "layer_k_sensitivity",
+    "record_routing",
+    "route_for_budget",
+    "route_space",
+]

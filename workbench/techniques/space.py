@@ -85,7 +85,9 @@ def declare_space(
         widths = tuple(sorted(int(b) for b in bits))
     if not widths:
         raise ValueError(f"declare_space({technique!r}): give bits=... or formats=...")
-    decl = SpaceDeclaration(technique, widths, formats, tuple(group_sizes), bool(symmetric), bool(grid_sensitive))
+    decl = SpaceDeclaration(
+        technique, widths, formats, tuple(group_sizes), bool(symmetric), bool(grid_sensitive)
+    )
     _SPACES[technique] = decl
     return decl
 
@@ -161,8 +163,13 @@ class ParameterSpace:
     def label(self, bits: int) -> str:
         return f"{bits} ({self.labels[bits]})" if bits in self.labels else str(bits)
 
-    def config(self, bits: int | None = None, group_size: int | None = None, symmetric: bool | None = None,
-               **params: Any) -> Any:
+    def config(
+        self,
+        bits: int | None = None,
+        group_size: int | None = None,
+        symmetric: bool | None = None,
+        **params: Any,
+    ) -> Any:
         """The config of one point; an axis left as None takes the default point's value.
 
         ``params`` are further config fields passed through as they are (``double_quant=True`` for bnb). Bad
@@ -173,7 +180,9 @@ class ParameterSpace:
         bits = int(self.default["bits"] if bits is None else bits)
         if self.formats is not None:
             if bits not in self.formats:
-                raise ConfigError(f"{self.technique} takes {self.widths_text()} bits, not {bits}; choose one of those.")
+                raise ConfigError(
+                    f"{self.technique} takes {self.widths_text()} bits, not {bits}; choose one of those."
+                )
             fixed = self.formats[bits]
             clash = sorted(set(fixed) & set(params))
             if clash:
@@ -238,18 +247,23 @@ def grid_favours(grid: Any, bits: int, group_size: int, symmetric: bool) -> bool
     return grid.form == "symmetric" or not symmetric
 
 
-def _off_grid_default(point: dict[str, Any], space_groups: tuple[int, ...], has_symmetric: bool,
-                      grid: Any) -> tuple[dict[str, Any], str]:
+def _off_grid_default(
+    point: dict[str, Any], space_groups: tuple[int, ...], has_symmetric: bool, grid: Any
+) -> tuple[dict[str, Any], str]:
     """Move ``point`` off the grid: the next larger group size the model takes, else symmetric, else
     per-channel; with the sentence a panel shows."""
     larger = sorted(g for g in space_groups if g > grid.group_size)
-    where = (f"this model's weights already sit on a {grid.bits}-bit grid (groups of {grid.group_size}, "
-             f"{grid.style}), so {grid.form} group-{grid.group_size} quantization reproduces them and every method "
-             "looks lossless there")
+    where = (
+        f"this model's weights already sit on a {grid.bits}-bit grid (groups of {grid.group_size}, "
+        f"{grid.style}), so {grid.form} group-{grid.group_size} quantization reproduces them and every method "
+        "looks lossless there"
+    )
     if larger:
         moved = {**point, "group_size": larger[0]}
-        return moved, (f"Default group size {larger[0]}, not {point['group_size']}: {where}. Group "
-                       f"{grid.group_size} stays selectable.")
+        return moved, (
+            f"Default group size {larger[0]}, not {point['group_size']}: {where}. Group "
+            f"{grid.group_size} stays selectable."
+        )
     if has_symmetric and grid.form == "asymmetric":
         moved = {**point, "symmetric": True}
         return moved, f"Default symmetric: {where}. Asymmetric stays selectable."
@@ -274,7 +288,9 @@ def parameter_space(name: str, model: Any = None, *, grid: Any = _DETECT) -> Par
     if decl.formats is not None:
         for width, fields in decl.formats.items():
             labels[width] = ", ".join(str(v) for v in fields.values())
-        own = [b for b, fields in decl.formats.items() if all(defaults.get(k) == v for k, v in fields.items())]
+        own = [
+            b for b, fields in decl.formats.items() if all(defaults.get(k) == v for k, v in fields.items())
+        ]
         default_bits = own[0] if own else max(decl.bits)
     else:
         default_bits = int(defaults.get("bits", max(decl.bits)))
@@ -297,8 +313,9 @@ def parameter_space(name: str, model: Any = None, *, grid: Any = _DETECT) -> Par
 
             grid = detect_grid(model)
         report = grid
-        if report is not None and grid_favours(report, point["bits"], point.get("group_size", -1),
-                                               point.get("symmetric", False)):
+        if report is not None and grid_favours(
+            report, point["bits"], point.get("group_size", -1), point.get("symmetric", False)
+        ):
             point, reason = _off_grid_default(point, groups, decl.symmetric, report)
     return ParameterSpace(
         technique=name,
