@@ -84,3 +84,31 @@ def test_no_plot_of_the_app_is_left_on_its_placeholder(registry_url, tmp_path, m
             assert not any("Reading the registry" in n for n in notes), notes
     finally:
         app.close()
+
+
+def test_a_plot_asks_its_view_to_remeasure_after_drawing_and_when_its_tab_is_shown(monkeypatch):
+    # plotly draws a view that was hidden or detached at a 700 px fallback; any relayout makes it measure again.
+    import ipywidgets as W
+
+    from widgets import common
+
+    monkeypatch.setattr(common.threading, "Timer", _ImmediateTimer)
+    plot = LivePlot(lambda: _figure(2))
+    plot.refresh()
+    plot.figure._js2py_layoutDelta = {"layout_delta": {"width": 700}, "layout_edit_id": 0}
+    assert plot.figure.layout.meta == {"fit": 1}  # drawn at a new width: measure once more
+    plot.figure._js2py_layoutDelta = {"layout_delta": {"width": 700}, "layout_edit_id": 0}
+    assert plot.figure.layout.meta == {"fit": 1}  # the same width again: settled, no loop
+    other = LivePlot(lambda: _figure(3))
+    tabs = W.Tab(children=[W.VBox([plot]), W.VBox([other])])
+    common.fit_plots_when_shown(tabs)
+    tabs.selected_index = 1
+    assert other.figure.layout.meta == {"fit": 1} and plot.figure.layout.meta == {"fit": 1}
+
+
+class _ImmediateTimer:
+    def __init__(self, _delay, fn):
+        self.fn, self.daemon = fn, True
+
+    def start(self):
+        self.fn()

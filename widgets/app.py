@@ -26,7 +26,14 @@ from typing import Any
 import ipywidgets as W
 import pandas as pd
 
-from widgets.common import ErrorArea, ProgressBar, RegistryWatcher, fit_narrow_windows, render_note
+from widgets.common import (
+    ErrorArea,
+    ProgressBar,
+    RegistryWatcher,
+    fit_narrow_windows,
+    fit_plots_when_shown,
+    render_note,
+)
 from widgets.jobs import Job, Jobs
 
 Runner = Callable[..., Any]
@@ -198,6 +205,7 @@ class Workbench(W.VBox):
             ]
         )
         fit_narrow_windows(self)
+        fit_plots_when_shown(self.tabs)
         self.suite_picker.observe(lambda _c: self.watcher.notify(), names="value")
         self.refresh()
         self.watcher.start()

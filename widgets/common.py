@@ -301,6 +301,10 @@ class LivePlot(W.VBox):
         # ...and its box must be as wide as the panel: a widget box otherwise sizes it to its content, which is
         # the figure's first (fallback) width.
         self.figure.add_class("wb-figure")
+        # A browser view reports its drawn layout once it has rendered; see _on_view_layout.
+        self._view_width: Any = None
+        self._nudges = 0
+        self.figure.observe(self._on_view_layout, names="_js2py_layoutDelta")
         self.errors = ErrorArea()
         self.refreshes = 0
         self._lock = threading.Lock()
@@ -320,6 +324,24 @@ class LivePlot(W.VBox):
             self.errors.clear()
             self.refreshes += 1
 
+    def fit_width(self) -> None:
+        """Make the browser re-measure the plot's width (any relayout does): for a plot first drawn while its
+        tab was hidden or not yet attached, which plotly draws at a 700 px fallback and never resizes."""
+        with self._lock:
+            self._nudges += 1
+            self.figure.layout.meta = {"fit": self._nudges}
+
+    def _on_view_layout(self, change: dict[str, Any]) -> None:
+        # A view reports its layout after drawing; when the width it drew at changed (the first report is the
+        # fallback width), ask it once more to measure its container, until the width settles.
+        delta = change.get("new") or {}
+        width = (delta.get("layout_delta") or {}).get("width")
+        if width is not None and width != self._view_width:
+            self._view_width = width
+            timer = threading.Timer(0.3, self.fit_width)
+            timer.daemon = True
+            timer.start()
+
     def _bind_clicks(self) -> None:
         if self._on_click is None:
             return
@@ -335,6 +357,32 @@ class LivePlot(W.VBox):
     def trace_points(self, name: str | None = None) -> int:
         """How many points the plot shows (in traces called ``name``, or all): tests count with this."""
         return sum(0 if t.x is None else len(t.x) for t in self.figure.data if name is None or t.name == name)
+
+
+def plots_under(root: W.Widget) -> list[LivePlot]:
+    """Every :class:`LivePlot` inside ``root``."""
+    found, stack, seen = [], [root], set()
+    while stack:
+        widget = stack.pop()
+        if id(widget) in seen:
+            continue
+        seen.add(id(widget))
+        if isinstance(widget, LivePlot):
+            found.append(widget)
+        stack.extend(c for c in getattr(widget, "children", ()) if isinstance(c, W.Widget))
+    return found
+
+
+def fit_plots_when_shown(tabs: W.Tab) -> None:
+    """When a tab is selected, its plots re-measure their width (they were drawn while hidden)."""
+
+    def shown(change: dict[str, Any]) -> None:
+        index = change.get("new")
+        if index is not None and 0 <= index < len(tabs.children):
+            for plot in plots_under(tabs.children[index]):
+                plot.fit_width()
+
+    tabs.observe(shown, names="selected_index")
 
 
 def fit_narrow_windows(root: W.Widget) -> None:
@@ -374,6 +422,8 @@ __all__ = [
     "ProgressBar",
     "RegistryWatcher",
     "fit_narrow_windows",
+    "fit_plots_when_shown",
+    "plots_under",
     "frame_or_empty",
     "render_error",
     "render_note",
