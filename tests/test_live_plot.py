@@ -95,15 +95,20 @@ def test_a_plot_asks_its_view_to_remeasure_after_drawing_and_when_its_tab_is_sho
     monkeypatch.setattr(common.threading, "Timer", _ImmediateTimer)
     plot = LivePlot(lambda: _figure(2))
     plot.refresh()
-    plot.figure._js2py_layoutDelta = {"layout_delta": {"width": 700}, "layout_edit_id": 0}
-    assert plot.figure.layout.meta == {"fit": 1}  # drawn at a new width: measure once more
-    plot.figure._js2py_layoutDelta = {"layout_delta": {"width": 700}, "layout_edit_id": 0}
-    assert plot.figure.layout.meta == {"fit": 1}  # the same width again: settled, no loop
+    for _ in range(3):
+        plot.figure._js2py_layoutDelta = {"layout_delta": {"width": 700}, "layout_edit_id": 0}
+    assert plot.figure.layout.meta == {"fit": 2}  # measured again after drawing, twice at most (no loop)
     other = LivePlot(lambda: _figure(3))
+    other.refresh()
     tabs = W.Tab(children=[W.VBox([plot]), W.VBox([other])])
     common.fit_plots_when_shown(tabs)
+    before = other.figure
     tabs.selected_index = 1
-    assert other.figure.layout.meta == {"fit": 1} and plot.figure.layout.meta == {"fit": 1}
+    # The shown tab's plot gets a new widget (a view created while visible) with the same figure.
+    assert other.figure is not before and other.children[1] is other.figure
+    assert [list(t.x) for t in other.figure.data] == [list(t.x) for t in before.data] == [[0, 1, 2]]
+    assert other.figure.get_state()["_widget_layout"]["title"]["text"] == "trade-off"
+    assert plot.figure.layout.meta == {"fit": 2}  # the hidden one is left alone
 
 
 class _ImmediateTimer:

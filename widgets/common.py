@@ -294,17 +294,9 @@ class LivePlot(W.VBox):
         self._figure_fn = figure_fn
         # Until the first refresh draws the real figure, a blank white frame (an empty FigureWidget would show
         # plotly's grey default axes, which look like a broken plot).
-        self.figure = go.FigureWidget(_placeholder_figure())
-        # Responsive: with no fixed width the plot fills its panel and follows the window (plotly's widget
-        # otherwise draws at the 700 px it falls back to when first rendered in a hidden tab).
-        self.figure._config = {**self.figure._config, "responsive": True, "displaylogo": False}
-        # ...and its box must be as wide as the panel: a widget box otherwise sizes it to its content, which is
-        # the figure's first (fallback) width.
-        self.figure.add_class("wb-figure")
-        # A browser view reports its drawn layout once it has rendered; see _on_view_layout.
-        self._view_width: Any = None
+        self._fits_left = 2
         self._nudges = 0
-        self.figure.observe(self._on_view_layout, names="_js2py_layoutDelta")
+        self.figure = self._new_figure_widget(_placeholder_figure())
         self.errors = ErrorArea()
         self.refreshes = 0
         self._lock = threading.Lock()
@@ -324,6 +316,32 @@ class LivePlot(W.VBox):
             self.errors.clear()
             self.refreshes += 1
 
+    def _new_figure_widget(self, figure: Any) -> go.FigureWidget:
+        widget = go.FigureWidget(figure)
+        # Responsive: with no fixed width the plot fills its panel and follows the window...
+        widget._config = {**widget._config, "responsive": True, "displaylogo": False}
+        # ...and its box is as wide as the panel (a widget box otherwise sizes it to its content: the figure's
+        # first, fallback width).
+        widget.add_class("wb-figure")
+        # A browser view reports its drawn layout once it has rendered; see _on_view_layout.
+        widget.observe(self._on_view_layout, names="_js2py_layoutDelta")
+        return widget
+
+    def redraw_view(self) -> None:
+        """A fresh browser view of the current figure, for a plot whose tab has just been shown.
+
+        A view drawn while its tab was hidden has zero width: plotly draws it at a 700 px fallback for good, and
+        edits it received while hidden may be missing. The new widget starts from the figure as the kernel
+        has it, and its view is created in the now visible tab.
+        """
+        with self._lock:
+            old = self.figure
+            self.figure = self._new_figure_widget(old)
+            self._fits_left = 2
+            self.children = tuple(self.figure if child is old else child for child in self.children)
+            self._bind_clicks()
+        old.close()
+
     def fit_width(self) -> None:
         """Make the browser re-measure the plot's width (any relayout does): for a plot first drawn while its
         tab was hidden or not yet attached, which plotly draws at a 700 px fallback and never resizes."""
@@ -332,15 +350,15 @@ class LivePlot(W.VBox):
             self.figure.layout.meta = {"fit": self._nudges}
 
     def _on_view_layout(self, change: dict[str, Any]) -> None:
-        # A view reports its layout after drawing; when the width it drew at changed (the first report is the
-        # fallback width), ask it once more to measure its container, until the width settles.
-        delta = change.get("new") or {}
-        width = (delta.get("layout_delta") or {}).get("width")
-        if width is not None and width != self._view_width:
-            self._view_width = width
-            timer = threading.Timer(0.3, self.fit_width)
-            timer.daemon = True
-            timer.start()
+        # A view reports its layout after drawing (and after each edit). A view is often drawn before it is
+        # attached to the page, at plotly's fallback width; a relayout a moment later makes it measure the
+        # panel it now sits in. Twice per view at most, so the reports this causes do not loop.
+        if not change.get("new") or self._fits_left <= 0:
+            return
+        self._fits_left -= 1
+        timer = threading.Timer(0.3, self.fit_width)
+        timer.daemon = True
+        timer.start()
 
     def _bind_clicks(self) -> None:
         if self._on_click is None:
@@ -374,13 +392,18 @@ def plots_under(root: W.Widget) -> list[LivePlot]:
 
 
 def fit_plots_when_shown(tabs: W.Tab) -> None:
-    """When a tab is selected, its plots re-measure their width (they were drawn while hidden)."""
+    """When a tab is selected, its plots get fresh views (they were drawn while hidden: see redraw_view)."""
 
     def shown(change: dict[str, Any]) -> None:
         index = change.get("new")
         if index is not None and 0 <= index < len(tabs.children):
             for plot in plots_under(tabs.children[index]):
-                plot.fit_width()
+                plot.redraw_view()
+                # and once its new view sits in the page, make it measure the panel (see fit_width)
+                for delay in (1.0, 3.0):
+                    timer = threading.Timer(delay, plot.fit_width)
+                    timer.daemon = True
+                    timer.start()
 
     tabs.observe(shown, names="selected_index")
 
