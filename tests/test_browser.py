@@ -378,7 +378,11 @@ def test_dashboard_in_voila(chromium, workspace, tmp_path) -> None:
             )
             handle.focus()
             handle.press("ArrowLeft")
-            expect(plot.locator(".scatterlayer .point")).to_have_count(1, timeout=RUN_TIMEOUT_MS)
+            # Recorded, not just drawn: the provisional estimate is a point too, and a reload would stop the run.
+            expect(page.get_by_text(re.compile(r"Run \d+ · .*evaluated and recorded"))).to_be_visible(
+                timeout=RUN_TIMEOUT_MS
+            )
+            expect(plot.locator(".scatterlayer .point")).to_have_count(1, timeout=UI_TIMEOUT_MS)
 
             # A dashboard opened on a registry that already has runs (a reload is a new kernel and a new page):
             # the plots draw their points, and no placeholder note stays above them.
