@@ -478,6 +478,12 @@ def text_ids(tokenizer: Any, text: str, n_tokens: int, max_length: int | None = 
     return ids[: rows * length].view(rows, length)
 
 
+def model_text_ids(model: Any, tokenizer: Any, text: str, n_tokens: int) -> torch.Tensor:
+    """:func:`text_ids` in rows no longer than the model's context (``max_position_embeddings``)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or n_tokens
+    return text_ids(tokenizer, text, n_tokens, max_length=min(n_tokens, limit))
+
+
 def measure_routing(model: nn.Module, ids: torch.Tensor | Iterable[torch.Tensor]) -> RoutingStats:
     """Run ``model`` on ``ids`` (one (B, T) tensor or several) and return what its routers picked."""
     anat = anatomy(model)

@@ -173,19 +173,11 @@ def fit_balance_(model: nn.Module, ids: torch.Tensor, config: BalanceExpertsConf
 
 @register("balance_experts", BalanceExpertsConfig, kind="route", check=check_balance_experts)
 def _apply_balance(model: Any, config: BalanceExpertsConfig, ctx: ApplyContext) -> Any:
-    from workbench.routing import measure_routing, text_ids
+    from workbench.routing import measure_routing, model_text_ids
 
     if ctx.tokenizer is None or ctx.corpus is None:
         raise ConfigError("balance_experts fits on calibration text; give a tokenizer and a corpus.")
-    limit = (
-        getattr(getattr(model, "config", None), "max_position_embeddings", None) or config.calibration_tokens
-    )
-    ids = text_ids(
-        ctx.tokenizer,
-        ctx.corpus.text("calibration"),
-        config.calibration_tokens,
-        max_length=min(config.calibration_tokens, limit),
-    )
+    ids = model_text_ids(model, ctx.tokenizer, ctx.corpus.text("calibration"), config.calibration_tokens)
     first = measure_routing(model, ids)
     fit = fit_balance_(model, ids, config)
     last = measure_routing(model, ids)

@@ -382,19 +382,11 @@ def prune_experts_(model: nn.Module, keep: dict[str, list[int]]) -> nn.Module:
 @register("prune_experts", PruneExpertsConfig, kind="prune", check=check_prune_experts)
 def _apply_prune_experts(model: Any, config: PruneExpertsConfig, ctx: ApplyContext) -> Any:
     from workbench.models import size_report
-    from workbench.routing import measure_routing, text_ids
+    from workbench.routing import measure_routing, model_text_ids
 
     if ctx.tokenizer is None or ctx.corpus is None:
         raise ConfigError("prune_experts scores experts on calibration text; give a tokenizer and a corpus.")
-    limit = (
-        getattr(getattr(model, "config", None), "max_position_embeddings", None) or config.calibration_tokens
-    )
-    ids = text_ids(
-        ctx.tokenizer,
-        ctx.corpus.text("calibration"),
-        config.calibration_tokens,
-        max_length=min(config.calibration_tokens, limit),
-    )
+    ids = model_text_ids(model, ctx.tokenizer, ctx.corpus.text("calibration"), config.calibration_tokens)
     before = size_report(model).n_params
     loads = measure_routing(model, ids)  # the load before pruning, for a before/after heatmap
     record: dict[str, Any] = {"method": config.method, "layers": loads.layers, "load_before": loads.load}

@@ -289,16 +289,14 @@ def _apply_route(model: Any, config: RouteConfig, ctx: ApplyContext) -> Any:
 
 def _budget_k(model: Any, config: RouteConfig, ctx: ApplyContext) -> dict[int, int]:
     """Per-layer k for ``config.budget`` from the sensitivity on calibration text (recorded in extras)."""
-    from workbench.routing import text_ids
+    from workbench.routing import model_text_ids
 
     if ctx.tokenizer is None or ctx.corpus is None:
         raise ConfigError(
             "route: budget measures each layer's sensitivity on calibration text; give a tokenizer "
             "and a corpus (run it through run_experiment or the workspace)."
         )
-    n = DEFAULT_MEASURE_TOKENS
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or n
-    ids = text_ids(ctx.tokenizer, ctx.corpus.text("calibration"), n, max_length=min(n, limit))
+    ids = model_text_ids(model, ctx.tokenizer, ctx.corpus.text("calibration"), DEFAULT_MEASURE_TOKENS)
     sens = layer_k_sensitivity(model, ids)
     chosen = dict(route_for_budget(model, sens, fraction=float(config.budget)).k_per_layer)
     ctx.extras["route_budget"] = {
@@ -311,14 +309,11 @@ def _budget_k(model: Any, config: RouteConfig, ctx: ApplyContext) -> dict[int, i
 def record_routing(model: Any, n_tokens: int, ctx: ApplyContext, key: str = "routing") -> Any:
     """Measure the routing on the first ``n_tokens`` of the evaluation text into ``ctx.metrics`` and
     ``ctx.extras[key]``; nothing when the context has no text or tokenizer, or ``n_tokens`` is 0."""
-    from workbench.routing import measure_routing, text_ids
+    from workbench.routing import measure_routing, model_text_ids
 
     if not n_tokens or ctx.tokenizer is None or ctx.corpus is None:
         return None
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    ids = text_ids(
-        ctx.tokenizer, ctx.corpus.text("evaluation"), n_tokens, max_length=min(n_tokens, limit or n_tokens)
-    )
+    ids = model_text_ids(model, ctx.tokenizer, ctx.corpus.text("evaluation"), n_tokens)
     stats = measure_routing(model, ids)
     ctx.metrics.update(stats.metrics())
     ctx.extras[key] = stats.extras()
