@@ -100,8 +100,13 @@ def size_report(model: nn.Module) -> SizeReport:
 
     "Linear" means what :func:`workbench.anatomy.anatomy` lists as the decoder's linears and fused routed-expert
     weights, the ones weight quantizers change; embeddings, the output head, norms, MoE routers, shared-expert
-    gates and expert biases are not in it.
+    gates and expert biases are not in it. A model with a ``wb_size_report()`` method (a variant running in a
+    runtime) reports its own.
     """
+    # A variant running in a runtime (workbench.runtimes) knows its own bytes: those of the exported file.
+    own = getattr(model, "wb_size_report", None)
+    if callable(own):
+        return own()
     anat = anatomy(model)
     linear_names = {lin.name for lin in anat.linears}
     expert_names = {spec.name for _, spec in anat.expert_tensors()}

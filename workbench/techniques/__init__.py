@@ -46,9 +46,13 @@ BUILTIN = (
 )
 
 
+# Runtimes (kind "deploy", the last step of a pipeline) live with their exporters in workbench/runtimes/.
+RUNTIME_MODULES: tuple[str, ...] = ()
+
+
 def _import_builtin(names: Iterable[str]) -> None:
     for name in names:
-        module = f"{__name__}.{name}"
+        module = name if "." in name else f"{__name__}.{name}"
         try:
             importlib.import_module(module)
         except ImportError as err:
@@ -59,7 +63,7 @@ def _import_builtin(names: Iterable[str]) -> None:
             ) from err
 
 
-_import_builtin(BUILTIN)
+_import_builtin(BUILTIN + RUNTIME_MODULES)
 
 __all__ = [
     "BUILTIN",

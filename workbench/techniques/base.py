@@ -33,7 +33,9 @@ from typing import Any
 from workbench.errors import ConfigError
 from workbench.progress import Progress
 
-KINDS = ("quantize", "route", "distill", "prune", "other")
+# "deploy": the step runs the variant in a real runtime (llama.cpp, torch packed kernels) after exporting it; its
+# apply returns a module that executes there (see workbench.runtimes). It must be the pipeline's last step.
+KINDS = ("quantize", "route", "distill", "prune", "deploy", "other")
 
 
 @dataclass
@@ -309,8 +311,14 @@ def check_pipeline(model: Any, pipeline: Sequence[Any], *, start: int = 0) -> li
         ConfigError: a step's parameters do not fit (``Step 3 of 3 (rtn): ...`` in a stacked pipeline).
     """
     n = len(pipeline)
-    for config in pipeline:
-        technique_for(config)  # an unknown config type fails before any check runs
+    for i, config in enumerate(pipeline):
+        tech = technique_for(config)  # an unknown config type fails before any check runs
+        if tech.kind == "deploy" and i != n - 1:
+            later = ", ".join(technique_for(c).name for c in pipeline[i + 1 :])
+            raise ConfigError(
+                f"Step {i + 1} of {n} ({tech.name}) runs the variant in a runtime, so it must be the last "
+                f"step; move {later} before it."
+            )
     view: Any | None = model
     deferred = []
     for i in range(start, n):
