@@ -10,8 +10,10 @@ TOKEN ?= workbench
 export WORKBENCH_HOME ?= $(CURDIR)/.cache/workbench-home
 # torch first, pinned to the CPU build this machine serves from disk; a looser requirement would pull CUDA wheels.
 TORCH_VERSION ?= 2.13.0
+# llama-cpp-python builds llama.cpp from source; a fixed version keeps runtime numbers comparable.
+LLAMA_CPP_VERSION ?= 0.3.36
 
-.PHONY: lab dashboard test test-fast setup setup-test demo browser bench lint clean
+.PHONY: lab dashboard test test-fast setup setup-test demo browser bench lint clean llama-cpp
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +25,19 @@ $(VENV)/.installed: $(PY) pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION)
 	@$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-pin.txt
 	$(PIP) install -q -c $(VENV)/torch-pin.txt -e '.[quant,dashboard]'
+	@$(MAKE) --no-print-directory llama-cpp
 	@touch $@
+
+# llama.cpp, the CPU runtime variants are exported to (GGUF), through llama-cpp-python: PyPI has only its source,
+# so pip builds llama.cpp with cmake once (several minutes on 2 cores) and keeps the wheel in its cache.
+# The multimodal library is not needed and not built.
+llama-cpp: $(PY)
+	@if ! $(PY) -c "import llama_cpp" 2>/dev/null; then \
+	  echo "Building llama.cpp (llama-cpp-python) from source: several minutes, once; pip keeps the wheel."; \
+	  CMAKE_ARGS="-DLLAVA_BUILD=OFF $$CMAKE_ARGS" $(PIP) install -c $(VENV)/torch-pin.txt \
+	    --progress-bar off 'llama-cpp-python==$(LLAMA_CPP_VERSION)' 2>&1 | grep -E --line-buffered "Building|Successfully|ERROR|error:" || true; \
+	  $(PY) -c "import llama_cpp" || { echo "llama-cpp-python did not install: GGUF runs in llama.cpp will say so."; exit 1; }; \
+	fi
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -q -c $(VENV)/torch-pin.txt -e '.[quant,dashboard,test,postgres]'
