@@ -14,7 +14,8 @@ layout: per token, uint16 codes of the full-vocabulary log-probabilities with a 
 (the step is ~1e-3 nats; KL from it agrees with the exact value to well under 1%).
 
 Files are written into a temporary folder and renamed into place, so a concurrent process sees a complete
-entry or none; two processes computing the same entry both succeed and one copy is kept.
+entry or none; two processes computing the same entry both succeed and one copy is kept. The temporary folder
+names its process (:mod:`workbench.tempdirs`): one left by a killed process is removed by the next call here.
 """
 
 from __future__ import annotations
@@ -46,10 +47,12 @@ from workbench.evaluation.scoring import (
 )
 from workbench.evaluation.suites import Suite, suite_chunks, tokenizer_id
 from workbench.progress import Progress
+from workbench.tempdirs import owned_tempdir, remove_leftovers
 
 FORMAT = 3  # bump when the on-disk layout changes; old entries are then simply not found
 _FLOOR = -60.0  # log-probs below this (p < 1e-26) are stored as the floor: they cannot move KL
 _LRU_SIZE = 4
+_TMP_PREFIX = ".tmp-"  # entries being computed; a finished one is renamed to its entry name
 
 
 @dataclass
@@ -260,10 +263,11 @@ def base_outputs(
             _LRU.move_to_end(name)
             return hit[0]
     root = cache_root()
+    remove_leftovers(root, _TMP_PREFIX)  # what killed processes left half-written (their owner is gone)
     out = _load(root / name, rows) if base_fingerprint else None
     if out is None:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+        tmp = owned_tempdir(root, _TMP_PREFIX)
         try:
             out = _compute(base_model, tokenizer, suite, chunks, tmp, progress)
         except BaseException:

@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import zipfile
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from workbench.errors import ConfigError
 from workbench.models.memory import _gguf_dense_bytes, check_fits_in_memory
 from workbench.progress import Progress, ProgressCallback, as_progress
+from workbench.tempdirs import owned_tempdir, remove_leftovers
 
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_FOLDER = "smollm2-135m-instruct"
@@ -205,7 +205,8 @@ def prepare_demo(progress: Progress | ProgressCallback | None = None) -> Path:
         progress.check()
         progress.update(0.75, "saving a safetensors copy")
         home.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=home, prefix=f".{DEMO_FOLDER}-"))
+        remove_leftovers(home, f".{DEMO_FOLDER}-")  # half-saved copies of killed processes (~0.5 GB each)
+        tmp = owned_tempdir(home, f".{DEMO_FOLDER}-")
         try:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
