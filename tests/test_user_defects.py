@@ -3,6 +3,7 @@ GGUF files, spreadsheet formulas and markup in exports, a fixed JupyterLab token
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -10,6 +11,8 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+
+import pytest
 
 from workbench import evaluate as ev
 from workbench.tempdirs import owned_tempdir, remove_leftovers
@@ -121,3 +124,73 @@ def test_leftovers_of_dead_pids_go_and_live_processes_folders_stay(tmp_path):
         sleeper.kill()
         sleeper.wait()
     assert remove_leftovers(tmp_path, ".x-") == [running]
+
+
+# ---- 2. input errors found after a run started ----------------------------------------------------------
+
+
+def _paragraphs(path: Path, n: int, length: int) -> Path:
+    # The tiny models' byte tokenizer makes one token per character: lengths are token counts.
+    body = [f"{i:03d} " + "x" * (length - 4) for i in range(n)]
+    path.write_text("\n\n".join(body))
+    return path
+
+
+def _recorded(url: str) -> int:
+    from workbench.registry import Registry
+
+    reg = Registry.open(url)
+    try:
+        return len(reg.runs_frame(status=None))
+    finally:
+        reg.close()
+
+
+def _one_error_line(err: str) -> str:
+    # Progress bars may have been drawn (and cleared) before the message: the message is the last line.
+    lines = [line for line in err.replace("\r", "\n").split("\n") if line.strip()]
+    assert lines and lines[-1].startswith("error: ") and err.count("error:") == 1 and "Traceback" not in err
+    return lines[-1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "needles"),
+    [
+        # 12 paragraphs of 20 tokens: the evaluation part (7 of them) is far below one 512-token chunk.
+        (["eval"], ["short.txt", "evaluation part", "context_length=512", "longer text"]),
+        # 10 paragraphs of 100: evaluation holds a chunk, calibration (2 paragraphs, 202 tokens) no window.
+        (["run", "--technique", "gptq"], ["gptq: seq_len=256", "calibration part", "cal.txt", "202"]),
+        (["run", "--technique", "awq", "--param", "seq_len=300"], ["awq: seq_len=300", "lower seq_len"]),
+        (["sweep", "--technique", "gptq", "--bits", "4", "3"], ["gptq: seq_len=256", "cal.txt"]),
+    ],
+)
+def test_a_text_too_short_is_refused_before_a_run_is_recorded(argv, needles, tmp_path, registry_url, capsys):
+    from workbench.cli import main
+
+    _paragraphs(tmp_path / "short.txt", 12, 20)
+    text = _paragraphs(tmp_path / "cal.txt", 10, 100)
+    if argv == ["eval"]:
+        text = tmp_path / "short.txt"
+    code = main([*argv, "--model", "tiny-llama", "--text", str(text), "--registry", registry_url])
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 2, line
+    assert all(n in line for n in needles), line
+    assert _recorded(registry_url) == 0
+
+
+def test_run_experiment_checks_calibration_text_of_every_step_before_recording(tmp_path, registry_url):
+    from workbench.errors import ConfigError
+    from workbench.experiment import run_experiment
+    from workbench.techniques import make_config
+
+    text = _paragraphs(tmp_path / "cal.txt", 10, 100)
+    suite = dataclasses.replace(ev.get_suite("quick"), corpus=str(text))
+    pipeline = [make_config("rtn", bits=4), make_config("gptq", bits=4, seq_len=256)]
+    with pytest.raises(ConfigError, match=r"^Step 2 of 2 \(gptq\): gptq: seq_len=256 needs 257 tokens"):
+        run_experiment("tiny-llama", pipeline, suite, registry=registry_url)
+    with pytest.raises(ConfigError, match="distill: batch_size=4 windows of seq_len=256 needs 1024"):
+        run_experiment("tiny-llama", [make_config("distill", steps=1)], suite, registry=registry_url)
+    assert _recorded(registry_url) == 0
+    # Windows the text holds: the run goes ahead and is recorded.
+    ok = run_experiment("tiny-llama", [make_config("gptq", bits=4, seq_len=64)], suite, registry=registry_url)
+    assert ok.status == "done" and _recorded(registry_url) == 1

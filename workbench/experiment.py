@@ -254,7 +254,9 @@ def _run(
 ) -> RunResult:
     from workbench.corpus import get_corpus
     from workbench.evaluate import evaluate
+    from workbench.evaluation.suites import check_suite_text
     from workbench.models import LoadedModel, load_model
+    from workbench.techniques._calibration import check_text_needs
 
     label = describe_pipeline(steps)
     pipeline_json = pipeline_to_json(steps)
@@ -282,6 +284,11 @@ def _run(
     # the steps before it will produce (a cached prefix is its real output).
     check_pipeline(check_model, steps, start=start)
     del check_model
+    # The text is input too: a suite's evaluation part shorter than one chunk, or calibration / training text
+    # shorter than a step's windows, is refused here, before a run is recorded.
+    check_suite_text(loaded.tokenizer, suite)
+    if corpus is not None:
+        check_text_needs(steps, loaded.tokenizer, corpus)
     if parent_id is None and n > 1:
         parent_id = _recorded_prefix(loaded, steps, suite, reg)
 

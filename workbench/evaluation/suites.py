@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -181,28 +182,14 @@ def _wants_bos(tokenizer: Any, suite: Suite) -> bool:
     return suite.add_bos
 
 
-def _token_ids(tokenizer: Any, text: str, need: int) -> list[int]:
-    """The first tokens of ``tokenizer(text)``, tokenizing only as much text as that takes.
-
-    Tokenization is local (pre-tokenizers split on whitespace and punctuation), so a prefix cut at a blank line
-    well beyond the tokens kept gives the same leading tokens as the whole text; the margin of 64 tokens covers
-    the few tokens near the cut that can differ. Saves a second per suite on the 380 kB python-docs text.
-    """
-    chars = max(4 * need, 4096)
-    while True:
-        if chars >= len(text):
-            return tokenizer(text, add_special_tokens=False)["input_ids"]
-        cut = text.find("\n\n", chars)
-        if cut < 0:
-            return tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids = tokenizer(text[:cut], add_special_tokens=False)["input_ids"]
-        if len(ids) >= need + 64:
-            return ids[: need + 64]
-        chars = 2 * cut
-
-
 _CHUNK_CACHE: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
 _CHUNK_LOCK = threading.Lock()
+
+
+def check_suite_text(tokenizer: Any, suite: Suite | str) -> None:
+    """Refuse (ConfigError) a suite whose evaluation text holds less than one chunk for ``tokenizer``: what a
+    run checks before it is recorded (the chunks are kept, so the evaluation does not cut them again)."""
+    suite_chunks(tokenizer, suite)
 
 
 def suite_chunks(tokenizer: Any, suite: Suite | str) -> torch.Tensor:
@@ -212,7 +199,7 @@ def suite_chunks(tokenizer: Any, suite: Suite | str) -> torch.Tensor:
     ``n_tokens // context_length`` consecutive chunks. When the tokenizer asks for BOS (or ``add_bos=True``),
     each chunk's first token is *replaced* by BOS, as llama.cpp's perplexity does, so chunks keep their length.
     """
-    from workbench.corpus import get_corpus
+    from workbench.corpus import describe_part, get_corpus, leading_token_ids, part_share
 
     suite = get_suite(suite)
     key = (tokenizer_id(tokenizer), suite.base_key)
@@ -221,12 +208,15 @@ def suite_chunks(tokenizer: Any, suite: Suite | str) -> torch.Tensor:
             _CHUNK_CACHE.move_to_end(key)
             return _CHUNK_CACHE[key]
     add_bos = _wants_bos(tokenizer, suite)
-    ids = _token_ids(tokenizer, get_corpus(suite.corpus).text("evaluation"), suite.n_tokens)
+    corpus = get_corpus(suite.corpus)
+    ids = leading_token_ids(tokenizer, corpus.text("evaluation"), suite.n_tokens)
     n_chunks = min(suite.n_tokens, len(ids)) // suite.context_length
     if n_chunks < 1:
+        whole = math.ceil(suite.context_length / part_share("evaluation"))
         raise ConfigError(
-            f"Suite {suite.name}: the evaluation text has {len(ids)} tokens, fewer than one chunk of "
-            f"{suite.context_length}. Use a longer text or a shorter context."
+            f"Suite {suite.name}: {describe_part(corpus, 'evaluation')} has {len(ids)} tokens, fewer than one "
+            f"chunk of context_length={suite.context_length}. Use a longer text (about {whole} tokens or "
+            "more in all) or a suite with a shorter context_length."
         )
     chunks = torch.tensor(ids[: n_chunks * suite.context_length], dtype=torch.long).view(n_chunks, -1).clone()
     if add_bos:
@@ -238,4 +228,4 @@ def suite_chunks(tokenizer: Any, suite: Suite | str) -> torch.Tensor:
     return chunks
 
 
-__all__ = ["SUITES", "Suite", "get_suite", "suite_chunks", "tokenizer_id"]
+__all__ = ["SUITES", "Suite", "check_suite_text", "get_suite", "suite_chunks", "tokenizer_id"]

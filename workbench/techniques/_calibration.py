@@ -8,7 +8,9 @@ the next layer's inputs, as in the GPTQ and AWQ reference implementations.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,6 +18,102 @@ from torch import nn
 
 from workbench.anatomy import decoder_layer_list, layer_linears
 from workbench.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TextNeed:
+    """Text one step reads from a corpus part before it can work: ``tokens`` at least, asked for by
+    ``setting`` (e.g. ``"seq_len=256"``), and what lowers the need (``fix``, e.g. ``"lower seq_len"``)."""
+
+    part: str
+    tokens: int
+    setting: str
+    fix: str
+
+
+# technique name -> its config's TextNeed (None: this config reads no text). Declared here for the built-in
+# techniques that draw calibration or training windows; another technique calls declare_text_need beside its
+# register() call.
+_TEXT_NEEDS: dict[str, Callable[[Any], TextNeed | None]] = {}
+
+
+def declare_text_need(technique: str, need: Callable[[Any], TextNeed | None]) -> None:
+    """Say how many tokens of which corpus part a technique's config needs, so that a run with too short a
+    text is refused before it is recorded (:func:`check_text_needs`)."""
+    _TEXT_NEEDS[technique] = need
+
+
+def _window_need(name: str, seq_len: int) -> TextNeed:
+    # calibration_ids needs one window and the token after it.
+    return TextNeed("calibration", seq_len + 1, f"{name}: seq_len={seq_len}", "lower seq_len")
+
+
+def _prune_need(config: Any) -> TextNeed | None:
+    ranks = (config.drop and not config.layers) or config.ffn_size is not None or config.heads is not None
+    return _window_need("prune", config.seq_len) if ranks else None
+
+
+def _moefy_need(config: Any) -> TextNeed | None:
+    from workbench.techniques.moefy import CALIBRATION_SEQ_LEN
+
+    if config.mode != "carve":
+        return None  # upcycling copies the FFN: no calibration text
+    return TextNeed(
+        "calibration",
+        CALIBRATION_SEQ_LEN + 1,
+        f"moefy: carving clusters neurons on windows of {CALIBRATION_SEQ_LEN} tokens",
+        "use mode='upcycle'",
+    )
+
+
+def _distill_need(config: Any) -> TextNeed:
+    return TextNeed(
+        "training",
+        config.seq_len * config.batch_size,
+        f"distill: batch_size={config.batch_size} windows of seq_len={config.seq_len}",
+        "lower seq_len or batch_size",
+    )
+
+
+declare_text_need("gptq", lambda c: _window_need("gptq", c.seq_len))
+declare_text_need("awq", lambda c: _window_need("awq", c.seq_len))
+declare_text_need("prune", _prune_need)
+declare_text_need("moefy", _moefy_need)
+declare_text_need("distill", _distill_need)
+
+
+def _short_text(need: TextNeed, corpus: Any, have: int) -> ConfigError:
+    from workbench.corpus import describe_part, part_share
+
+    whole = math.ceil(need.tokens / part_share(need.part))
+    return ConfigError(
+        f"{need.setting} needs {need.tokens} tokens of text, but {describe_part(corpus, need.part)} has "
+        f"{have}. Use a longer text (about {whole} tokens or more in all), or {need.fix}."
+    )
+
+
+def check_text_needs(steps: Sequence[Any], tokenizer: Any, corpus: Any) -> None:
+    """Refuse (ConfigError) a pipeline whose steps need more calibration or training text than ``corpus``
+    holds for ``tokenizer``: checked before a run is recorded, so too short a file is bad input, not a failed
+    run. A stacked pipeline's message starts ``Step i of n (name)``."""
+    from workbench.corpus import leading_token_ids
+    from workbench.techniques.base import technique_for
+
+    counts: dict[tuple[str, int], int] = {}
+    for i, step in enumerate(steps):
+        name = technique_for(step).name
+        declared = _TEXT_NEEDS.get(name)
+        need = declared(step) if declared is not None else None
+        if need is None:
+            continue
+        key = (need.part, need.tokens)
+        if key not in counts:
+            counts[key] = len(leading_token_ids(tokenizer, corpus.text(need.part), need.tokens))
+        if counts[key] < need.tokens:
+            err = _short_text(need, corpus, counts[key])
+            if len(steps) > 1:
+                raise ConfigError(f"Step {i + 1} of {len(steps)} ({name}): {err}")
+            raise err
 
 
 def calibration_ids(ctx: Any, n_samples: int, seq_len: int, name: str) -> torch.Tensor:
@@ -28,9 +126,7 @@ def calibration_ids(ctx: Any, n_samples: int, seq_len: int, name: str) -> torch.
     ids = ctx.tokenizer(ctx.corpus.text("calibration"), add_special_tokens=False)["input_ids"]
     ids = torch.tensor(ids, dtype=torch.long)
     if ids.numel() < seq_len + 1:
-        raise ConfigError(
-            f"{name}: the calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}."
-        )
+        raise _short_text(_window_need(name, seq_len), ctx.corpus, ids.numel())
     n_windows = ids.numel() // seq_len
     if n_windows >= n_samples:
         # Non-overlapping windows in a seeded random order: as much distinct text as the part holds.
