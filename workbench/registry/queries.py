@@ -39,6 +39,8 @@ BASE_COLUMNS = (
     "parent_id",
     "error",
     "duration_s",
+    "host",  # the machine the run ran on (its environment's host): timings compare only within one
+    "device",  # where it computed (cpu, cuda:0)
 )
 
 _FETCHED = (
@@ -59,6 +61,8 @@ _FETCHED = (
     RunRow.error,
     RunRow.metrics_json,
     RunRow.revision,
+    RunRow.hostname,
+    RunRow.environment_json,
 )
 _NAMES = (
     "run_id",
@@ -78,6 +82,8 @@ _NAMES = (
     "error",
     "metrics_json",
     "revision",
+    "hostname",
+    "environment_json",
 )
 
 
@@ -154,11 +160,9 @@ def _stage_columns(steps: list[Any]) -> tuple[dict[str, Any], dict[str, Any], tu
     return first, columns, tuple(names)
 
 
-def _parsed(
-    registry: Registry, raw: pd.DataFrame
-) -> list[tuple[int, dict[str, Any], dict[str, Any], dict[str, Any], tuple[str, ...]]]:
-    """(revision, metrics, first-step params, stage columns, techniques) per row, parsed once per (run, revision)
-    and kept on the registry object.
+def _parsed(registry: Registry, raw: pd.DataFrame) -> list[tuple[Any, ...]]:
+    """(revision, metrics, first-step params, stage columns, techniques, (host, device)) per row, parsed once per
+    (run, revision) and kept on the registry object.
 
     A panel re-reads the registry every time it changes; runs rarely change once finished, so after the
     first call only new or edited runs are parsed again.
@@ -172,9 +176,54 @@ def _parsed(
         metric_texts, pipeline_texts = raw["metrics_json"].tolist(), raw["pipeline_json"].tolist()
         parsed_metrics = _bulk_json([metric_texts[i] for i in missing], "{}")
         parsed_steps = _bulk_json([pipeline_texts[i] for i in missing], "[]")
-        for i, found, steps in zip(missing, parsed_metrics, parsed_steps):
-            cache[ids[i]] = (revisions[i], found, *_stage_columns(steps))
+        env_texts, hosts = raw["environment_json"].tolist(), raw["hostname"].tolist()
+        envs = _bulk_json([env_texts[i] for i in missing], "{}")
+        for i, found, steps, env in zip(missing, parsed_metrics, parsed_steps, envs):
+            env = env if isinstance(env, dict) else {}
+            # The host the run measured on (its environment), else the one that wrote the row.
+            where = (env.get("host") or hosts[i], env.get("device"))
+            cache[ids[i]] = (revisions[i], found, *_stage_columns(steps), where)
     return [cache[run_id] for run_id in ids]
+
+
+def where_runs(
+    stmt: Any,
+    *,
+    model: str | None = None,
+    status: str | Sequence[str] | None = None,
+    technique: str | Sequence[str] | None = None,
+    tag: str | None = None,
+    since: datetime | timedelta | str | None = None,
+    suite: str | None = None,
+) -> Any:
+    """``stmt`` (a select over the runs table) narrowed by the filters ``runs_frame`` and ``copy_runs`` share.
+
+    ``tag`` narrows with LIKE on the stored JSON list; a caller checks the parsed tags exactly (a tag that is a
+    substring of another would match too). ``status`` None: every status.
+    """
+    statuses = _as_list(status, "status")
+    if statuses is not None:
+        unknown = [s for s in statuses if s not in RUN_STATUSES]
+        if unknown:
+            raise ConfigError(
+                f"Unknown status {', '.join(map(repr, unknown))}; use one of "
+                f"{', '.join(RUN_STATUSES)}, or None for all."
+            )
+        stmt = stmt.where(RunRow.status.in_(statuses))
+    if model is not None:
+        stmt = stmt.where(or_(RunRow.model_fingerprint == model, RunRow.model_description == model))
+    techniques = _as_list(technique, "technique")
+    if techniques is not None:
+        stmt = stmt.where(RunRow.technique.in_(techniques))
+    if suite is not None:
+        stmt = stmt.where(or_(RunRow.suite_name == suite, RunRow.suite_key == suite))
+    if since is not None:
+        stmt = stmt.where(RunRow.created_at >= _since(since))
+    if tag is not None:
+        # Tags are a JSON list in text; LIKE narrows the rows in SQL, the exact check settles it.
+        needle = json.dumps(str(tag), ensure_ascii=False)
+        stmt = stmt.where(RunRow.tags_json.like(f"%{_like_escape(needle)}%", escape="\\"))
+    return stmt
 
 
 def empty_frame() -> pd.DataFrame:
@@ -203,7 +252,8 @@ def runs_frame(
 
     Columns: ``run_id, created_at, finished_at`` (UTC), ``status, model`` (description),
     ``model_fingerprint, pipeline`` (human label), ``pipeline_json, technique`` (first step or "baseline"),
-    ``suite`` (name), ``suite_key, tags`` (comma-joined), ``notes, parent_id, error, duration_s``, then
+    ``suite`` (name), ``suite_key, tags`` (comma-joined), ``notes, parent_id, error, duration_s``, ``host``
+    and ``device`` (the machine and device the run's timings come from), then
     ``metric_<name>`` for every metric any selected run has, ``param_<name>`` for the first technique's
     parameters (as Optuna's ``trials_dataframe`` flattens ``params_x``), and for every step of every pipeline
     ``stage<i>_technique`` and ``stage<i>_param_<name>`` (1-based; a single-step run fills ``stage1_*``, so
@@ -219,26 +269,15 @@ def runs_frame(
         stage_technique: runs with a step of this technique anywhere in their pipeline (``technique`` looks
             at the first step only), or of any of several; ``"baseline"`` matches unmodified models.
     """
-    statuses = _as_list(status, "status")
-    if statuses is not None:
-        unknown = [s for s in statuses if s not in RUN_STATUSES]
-        if unknown:
-            raise ConfigError(
-                f"Unknown status {', '.join(map(repr, unknown))}; use one of "
-                f"{', '.join(RUN_STATUSES)}, or None for all."
-            )
-    stmt = select(*_FETCHED).order_by(RunRow.id)
-    if statuses is not None:
-        stmt = stmt.where(RunRow.status.in_(statuses))
-    if model is not None:
-        stmt = stmt.where(or_(RunRow.model_fingerprint == model, RunRow.model_description == model))
-    techniques = _as_list(technique, "technique")
-    if techniques is not None:
-        stmt = stmt.where(RunRow.technique.in_(techniques))
-    if suite is not None:
-        stmt = stmt.where(or_(RunRow.suite_name == suite, RunRow.suite_key == suite))
-    if since is not None:
-        stmt = stmt.where(RunRow.created_at >= _since(since))
+    stmt = where_runs(
+        select(*_FETCHED).order_by(RunRow.id),
+        model=model,
+        status=status,
+        technique=technique,
+        tag=None,
+        since=since,
+        suite=suite,
+    )
     stage_names = _as_list(stage_technique, "stage_technique")
     if stage_names is not None:
         if not stage_names:
@@ -252,9 +291,7 @@ def runs_frame(
                 likes.append(RunRow.pipeline_json.like(f"%{needle}%", escape="\\"))
         stmt = stmt.where(or_(*likes))
     if tag is not None:
-        # Tags are a JSON list in text; LIKE narrows the rows in SQL, the exact check below settles it.
-        needle = json.dumps(str(tag), ensure_ascii=False)
-        stmt = stmt.where(RunRow.tags_json.like(f"%{_like_escape(needle)}%", escape="\\"))
+        stmt = where_runs(stmt, tag=tag)
 
     rows = registry._read_rows(stmt)
     if not rows:
@@ -290,8 +327,9 @@ def runs_frame(
     metrics = _columns([p[1] for p in parsed], "metric_", raw.index)
     params = _columns([p[2] for p in parsed], "param_", raw.index, scalar=True)
     stages = _columns([p[3] for p in parsed], "", raw.index, scalar=True)
+    raw["host"], raw["device"] = [p[5][0] for p in parsed], [p[5][1] for p in parsed]
     base = raw[list(BASE_COLUMNS)]
     return pd.concat([base, metrics, params, stages], axis=1)
 
 
-__all__ = ["BASE_COLUMNS", "empty_frame", "runs_frame"]
+__all__ = ["BASE_COLUMNS", "empty_frame", "runs_frame", "where_runs"]
