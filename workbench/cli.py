@@ -8,6 +8,7 @@
     workbench techniques [rtn]                   # what exists; one technique's fields with their help
     workbench run --help-technique rtn           # the same field list
     workbench runs --technique rtn --format md   # list / filter / export the registry
+    workbench fit 12 --context 8192 --batch 4 --kv q8_0   # memory, devices it fits, larger sizes of it
     workbench registry upgrade --url sqlite:///workbench-runs.db
     workbench lab [--dashboard]                  # JupyterLab (or a Voila dashboard) on notebooks/
 
@@ -240,6 +241,34 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit(args: argparse.Namespace) -> int:
+    """Memory of a run's variant (or of a model's config at --bits) at a context and batch, the device sizes
+    that hold it, and the same precision at other sizes of its family (workbench/fit.py)."""
+    from workbench.fit import architecture_for, parse_devices, plan_fit, report
+
+    settings: dict[str, Any] = {
+        "context": args.context,
+        "batch": args.batch,
+        "kv_dtype": args.kv,
+        "devices_gb": parse_devices(",".join(args.devices)),
+        "flash_attention": not args.no_flash_attention,
+    }
+    if args.run_id is not None:
+        from workbench.registry import Registry
+
+        with Registry.open(args.registry) as reg:
+            run = reg.get_run(args.run_id)
+        plan = plan_fit(run, arch=architecture_for(args.model) if args.model else None, **settings)
+    elif args.model:
+        plan = plan_fit(architecture_for(args.model), weight_bits=args.bits, **settings)
+    else:
+        raise ConfigError(
+            "fit needs a RUN_ID (`workbench runs` lists them) or --model M (e.g. demo, Llama-2-7B)."
+        )
+    print(report(plan, args.format, extrapolation=not args.no_extrapolate))
+    return 0
+
+
 def cmd_registry(args: argparse.Namespace) -> int:
     from workbench.registry import Registry
 
@@ -370,6 +399,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="md", choices=["csv", "md", "html", "tex", "json"])
     p.add_argument("--output", help="write to this file instead of printing")
     p.set_defaults(fn=cmd_runs)
+
+    p = sub.add_parser("fit", help="memory at a context and batch, the devices that hold it, other sizes")
+    p.add_argument("run_id", nargs="?", type=int, metavar="RUN_ID", help="a recorded run (`workbench runs`)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="demo, a model folder, a downloaded Hugging Face id or a reference config (Llama-2-7B); "
+        "with RUN_ID: the architecture of the run's model",
+    )
+    p.add_argument("--registry", default=None)
+    p.add_argument("--context", type=int, default=4096, help="tokens per sequence (default 4096)")
+    p.add_argument("--batch", type=int, default=1, help="sequences served at once (default 1)")
+    p.add_argument(
+        "--kv",
+        default="f16",
+        choices=["f16", "bf16", "q8_0", "q4_0", "f32"],
+        help="KV cache type (default f16)",
+    )
+    p.add_argument("--devices", nargs="+", default=["8", "16", "24", "80"], help="device sizes in GB")
+    p.add_argument("--bits", type=float, default=16.0, help="bits per weight of a --model without a run")
+    p.add_argument(
+        "--no-flash-attention",
+        action="store_true",
+        help="count the attention scores llama.cpp keeps without flash attention",
+    )
+    p.add_argument("--no-extrapolate", action="store_true", help="only the variant, not other sizes")
+    p.add_argument("--format", default="md", choices=["md", "csv", "html", "json"])
+    p.set_defaults(fn=cmd_fit)
 
     p = sub.add_parser("registry", help="registry maintenance")
     p.add_argument("action", choices=["upgrade"])
