@@ -292,18 +292,35 @@ def _run(
     if parent_id is None and n > 1:
         parent_id = _recorded_prefix(loaded, steps, suite, reg)
 
-    run_id = reg.start_run(
-        model_fingerprint=loaded.fingerprint,
-        model_description=loaded.description,
-        pipeline_json=pipeline_json,
-        pipeline_label=label,
-        suite_key=suite.key,
-        suite_name=suite.name,
-        environment=environment(_model_device(loaded.model)),
-        parent_id=parent_id,
-        tags=tuple(tags),
-        notes=notes,
-    )
+    record: dict[str, Any] = {
+        "model_fingerprint": loaded.fingerprint,
+        "model_description": loaded.description,
+        "pipeline_json": pipeline_json,
+        "pipeline_label": label,
+        "suite_key": suite.key,
+        "suite_name": suite.name,
+        "environment": environment(_model_device(loaded.model)),
+        "parent_id": parent_id,
+        "tags": tuple(tags),
+        "notes": notes,
+    }
+    # A claim on (model, pipeline, suite): when the same run is being computed right now (by another process,
+    # thread or machine), wait for it and reuse its result instead of computing it twice. A claim whose run
+    # fails or whose process dies is claimed again (wait_for_run notices a dead one).
+    run_id, owned = reg.claim_run(**record) if reuse else (reg.start_run(**record), True)
+    while not owned:
+        try:
+            progress.update(0.1, f"waiting for run {run_id}: the same run is being computed elsewhere")
+            other = reg.wait_for_run(run_id, check=progress.check)
+        except RunInterrupted as err:
+            return RunResult(
+                None, "interrupted", error=str(err), label=label, model_fingerprint=loaded.fingerprint
+            )
+        found = find_recorded(loaded, steps, suite, reg) if other.status == "done" else None
+        if found is not None:
+            progress.update(1.0, "found in the registry")
+            return found
+        run_id, owned = reg.claim_run(**record)
     extras: dict[str, Any] = {}
     stages: list[StageRecord] = []
     try:
@@ -319,6 +336,7 @@ def _run(
                     tokenizer=loaded.tokenizer,
                     corpus=corpus,
                     base=loaded.model,
+                    model_spec=loaded.spec,
                     device=device,
                     seed=seed,
                     progress=progress.span(0.1, 0.55),

@@ -75,7 +75,14 @@ def scored_hidden(model: nn.Module, ids: torch.Tensor, start: int) -> torch.Tens
 
 
 def scored_logits(model: nn.Module, ids: torch.Tensor, start: int) -> torch.Tensor:
-    """Logits at positions ``start .. T-2`` as ``(B * T', V)`` in the model's dtype (the fallback path)."""
+    """Logits at positions ``start .. T-2`` as ``(B * T', V)`` in the model's dtype (the fallback path).
+
+    A model running in another runtime (``workbench.runtimes``) may answer this itself (``wb_scored_logits``),
+    so that only the scored rows ever become torch tensors.
+    """
+    own = getattr(model, "wb_scored_logits", None)
+    if callable(own):
+        return own(ids, start)
     out = model(input_ids=ids.to(model_device(model)), use_cache=False)
     return out.logits[:, start:-1].flatten(0, 1)
 

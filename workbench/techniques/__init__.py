@@ -47,7 +47,7 @@ BUILTIN = (
 
 
 # Runtimes (kind "deploy", the last step of a pipeline) live with their exporters in workbench/runtimes/.
-RUNTIME_MODULES: tuple[str, ...] = ("workbench.runtimes.torch_packed",)
+RUNTIME_MODULES: tuple[str, ...] = ("workbench.runtimes.llamacpp", "workbench.runtimes.torch_packed")
 
 
 def _import_builtin(names: Iterable[str]) -> None:

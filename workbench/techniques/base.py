@@ -80,6 +80,8 @@ class ApplyContext:
     tokenizer: Any = None
     corpus: Any = None
     base: Any = None
+    # The base model's ModelSpec: a runtime step exporting to GGUF keeps the metadata of a source GGUF file.
+    model_spec: Any = None
     device: str = "cpu"
     seed: int = 0
     progress: Progress = field(default_factory=Progress.null)
