@@ -5,7 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PORT ?= 8888
-TOKEN ?= workbench
+# The JupyterLab / Voila token: a new random one each start (printed in the URL) unless given as `make lab
+# TOKEN=...` (or $WORKBENCH_TOKEN). Only from the command line: a TOKEN in the environment is often another
+# service's secret, and it would be printed in the URL.
+LAB_TOKEN = $(if $(filter command line,$(origin TOKEN)),--token $(TOKEN))
 # The prepared demo model (a safetensors copy of the embedded GGUF) and cached base-model outputs live here.
 export WORKBENCH_HOME ?= $(CURDIR)/.cache/workbench-home
 # torch first, pinned to the CPU build this machine serves from disk; a looser requirement would pull CUDA wheels.
@@ -50,10 +53,10 @@ demo: setup
 	$(PY) -m workbench.cli prepare-demo
 
 lab: demo
-	$(PY) -m workbench.cli lab --port $(PORT) --token $(TOKEN)
+	$(PY) -m workbench.cli lab --port $(PORT) $(LAB_TOKEN)
 
 dashboard: demo
-	$(PY) -m workbench.cli lab --dashboard --port $(PORT) --token $(TOKEN)
+	$(PY) -m workbench.cli lab --dashboard --port $(PORT) $(LAB_TOKEN)
 
 # Debian's Chromium for the browser test (Playwright cannot download its own browser here).
 browser:

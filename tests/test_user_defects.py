@@ -337,3 +337,35 @@ def test_markdown_and_html_exports_show_markup_as_text():
     table = comparison_table(runs, columns=["run_id", "notes"])
     assert "&lt;script&gt;" in export_table(table, "md") and "<script>" not in export_table(table, "md")
     assert "'=HYPERLINK(" in export_table(table, "csv")
+
+
+# ---- 5. the JupyterLab token ----------------------------------------------------------------------------
+
+
+def test_lab_tokens_are_random_unless_the_user_sets_one():
+    from workbench.cli import lab_token
+
+    first, second = lab_token(None, {}), lab_token(None, {})
+    assert first != second and len(first) >= 32 and len(second) >= 32
+    assert "workbench" not in (first, second)
+    assert lab_token("", {}) not in ("", lab_token("", {}))  # empty would switch Jupyter's check off
+    assert lab_token("mine", {"WORKBENCH_TOKEN": "env"}) == "mine"
+    assert lab_token(None, {"WORKBENCH_TOKEN": "env"}) == "env"
+
+
+@pytest.mark.parametrize("dashboard", [False, True])
+def test_workbench_lab_serves_and_prints_the_token_it_chose(dashboard, tmp_path, monkeypatch, capsys):
+    from workbench import cli
+
+    started: list[list[str]] = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env=None: started.append(cmd) or 0)
+    monkeypatch.delenv("WORKBENCH_TOKEN", raising=False)
+    base = ["lab", "--notebooks", str(tmp_path), *(["--dashboard"] if dashboard else [])]
+    assert cli.main(base) == 0 and cli.main(base) == 0 and cli.main([*base, "--token", "given"]) == 0
+    flag = "--token=" if dashboard else "--IdentityProvider.token="
+    tokens = [next(a[len(flag) :] for a in cmd if a.startswith(flag)) for cmd in started]
+    printed = [
+        line.split("token=")[1] for line in capsys.readouterr().out.splitlines() if "open http" in line
+    ]
+    assert printed == tokens and tokens[2] == "given"
+    assert tokens[0] != tokens[1] and len(tokens[0]) >= 32

@@ -21,9 +21,10 @@ import argparse
 import ast
 import dataclasses
 import os
+import secrets
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -285,6 +286,14 @@ def cmd_prepare_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def lab_token(given: str | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """The token ``workbench lab`` protects its server with: ``--token``, else ``$WORKBENCH_TOKEN``, else a new
+    random one. A fixed, documented default would let any local process or web page that knows it run code in
+    the kernels; an empty token (which Jupyter reads as "no authentication") counts as none given."""
+    env = os.environ if environ is None else environ
+    return given or env.get("WORKBENCH_TOKEN") or secrets.token_urlsafe(24)
+
+
 def cmd_lab(args: argparse.Namespace) -> int:
     root = Path(args.notebooks).resolve()
     if not root.is_dir():
@@ -294,6 +303,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
     # commands in this folder would land in two different default registries.
     env.setdefault("WORKBENCH_REGISTRY", f"sqlite:///{Path.cwd() / 'workbench-runs.db'}")
     print(f"Registry: {env['WORKBENCH_REGISTRY']}", flush=True)
+    token = lab_token(args.token)
     if args.dashboard:
         # port_retries=0: a busy port fails with the server's message instead of moving to another port than the
         # URL printed below.
@@ -306,10 +316,10 @@ def cmd_lab(args: argparse.Namespace) -> int:
             f"--port={args.port}",
             "--Voila.ip=127.0.0.1",
             "--Voila.port_retries=0",
-            f"--token={args.token}",
+            f"--token={token}",
             "--strip_sources=True",
         ]
-        url = f"http://127.0.0.1:{args.port}/?token={args.token}"
+        url = f"http://127.0.0.1:{args.port}/?token={token}"
     else:
         cmd = [
             sys.executable,
@@ -321,11 +331,11 @@ def cmd_lab(args: argparse.Namespace) -> int:
             "--ip=127.0.0.1",
             f"--port={args.port}",
             "--ServerApp.port_retries=0",
-            f"--IdentityProvider.token={args.token}",
+            f"--IdentityProvider.token={token}",
         ]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             cmd.append("--allow-root")
-        url = f"http://127.0.0.1:{args.port}/lab?token={args.token}"
+        url = f"http://127.0.0.1:{args.port}/lab?token={token}"
     print(f"Efficiency Workbench: open {url}", flush=True)
     return subprocess.call(cmd, env=env)
 
@@ -443,7 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--notebook", default="dashboard.ipynb", help="the notebook --dashboard serves (the app alone)"
     )
     p.add_argument("--port", type=int, default=int(os.environ.get("WORKBENCH_PORT", "8888")))
-    p.add_argument("--token", default=os.environ.get("WORKBENCH_TOKEN", "workbench"))
+    p.add_argument(
+        "--token", default=None, help="the URL's token (default $WORKBENCH_TOKEN, else a new random one)"
+    )
     p.set_defaults(fn=cmd_lab)
     return parser
 
