@@ -5,6 +5,7 @@
     workbench run --model demo --technique rtn --param bits=3 --param group_size=64
     workbench sweep --model demo --technique rtn --bits 2 3 4 8
     workbench sweep --model demo --technique bnb --bits 8 4    # 8 -> int8, 4 -> nf4 (the technique's space)
+    workbench sweep examples/sweeps/quant-grid.yaml --dry-run  # a sweep file: models x pipelines x suites
     workbench techniques [rtn]                   # what exists; one technique's fields with their help
     workbench run --help-technique rtn           # the same field list
     workbench runs --technique rtn --format md   # list / filter / export the registry
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import importlib
 import os
 import secrets
 import subprocess
@@ -148,22 +150,112 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _print_results([_run_one(ws, args, pipeline)])
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
-    """One run per bit width, through the technique's parameter space (the same the Quantize panel offers):
-    bnb's 8 and 4 bits are int8 and nf4, quanto's 8/4/2 its int8/int4/int2, and the default point is the one
-    the panel starts at for this model (off a grid its weights sit on)."""
+def _flag_sweep(args: argparse.Namespace) -> Any:
+    """``--model M --technique T --bits ...`` as a one-line sweep: the technique's parameter space at those
+    widths (all of them, widest first, without --bits), the other settings fixed."""
+    from workbench.sweep import Sweep
+
     params = _params(args.param or ())
     if "bits" in params:
         raise ConfigError("sweep: give the widths with --bits, not --param bits=...")
-    axes = {k: params.pop(k) for k in ("group_size", "symmetric") if k in params}
-    with _workspace(args) as ws:
-        ws.space(args.technique)  # an unknown technique or one without a space fails before the model loads
-        ws.load()
-        space = ws.space(args.technique)
-        if space.reason and not (set(axes) & {"group_size", "symmetric"}):
-            print(f"note: {space.reason}", file=sys.stderr)
-        configs = ws.sweep_configs(args.technique, args.bits, **axes, **params)  # all built and checked first
-        return _print_results([_run_one(ws, args, [c]) for c in configs])
+    step = {"bits": list(args.bits) if args.bits else "all", **params}
+    data = {"models": [args.model or "demo"], "suites": [_suite(args)], "pipelines": [{args.technique: step}]}
+    return Sweep.from_dict(data, source="", keys=False)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """A sweep file (models x pipelines x suites, see workbench/sweep.py), or the flag form: one run per bit
+    width through the technique's parameter space (bnb's 8 and 4 bits are int8 and nf4; the default point is
+    the one the Quantize panel starts at for this model). Both run through ``run_sweep``."""
+    from workbench.sweep import Sweep, run_sweep
+
+    if args.file and args.technique:
+        raise ConfigError("sweep: give a sweep file or --technique, not both.")
+    suite_given = bool(args.suite or args.text)
+    args.suite = args.suite or "quick"
+    if args.file:
+        if args.bits or args.param:
+            raise ConfigError(
+                "sweep: --bits and --param belong to the flag form; write them in the sweep file."
+            )
+        sweep = Sweep.from_yaml(args.file)
+        if args.model:
+            sweep = sweep.replace(models=[args.model])
+        if suite_given:
+            sweep = sweep.replace(suites=[_suite(args)])
+    elif args.technique:
+        sweep = _flag_sweep(args)
+    else:
+        raise ConfigError(
+            "sweep needs a sweep file (e.g. examples/sweeps/quant-grid.yaml) or --technique NAME --bits ..."
+        )
+    if args.tag or args.notes:
+        sweep = sweep.replace(tags=(*sweep.tags, *(args.tag or ())), notes=args.notes or sweep.notes)
+    export = None
+    if args.export:
+        from workbench.export import EXPORT_FORMATS
+
+        export = Path(args.export).suffix.lstrip(".").lower()
+        if export not in EXPORT_FORMATS:
+            raise ConfigError(
+                f"--export {args.export}: name a file ending in .{', .'.join(EXPORT_FORMATS)} (the format)."
+            )
+    bar: Any = None
+
+    def start(n: int) -> None:
+        nonlocal bar
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc="dry run" if args.dry_run else "sweep", unit="run", file=sys.stderr)
+
+    def step(item: Any, _i: int, _n: int) -> None:
+        if bar is not None:
+            bar.set_postfix_str(item.configuration.label[:40], refresh=False)
+            bar.update(1)
+
+    try:
+        report = run_sweep(
+            sweep,
+            registry=args.registry,
+            executor=args.executor,
+            address=args.address,
+            dry_run=args.dry_run,
+            force=args.force,
+            max_retries=args.max_retries,
+            on_start=start,
+            on_result=step,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.dry_run:
+        from workbench.export import export_frame
+
+        plan = report.plan()
+        print(export_frame(plan, "md"))
+        if export:
+            export_frame(plan, export, path=args.export)
+            print(f"wrote the plan of {len(plan)} configuration(s) to {args.export}", file=sys.stderr)
+        print(report.summary(), file=sys.stderr)
+        return 0
+    from workbench.tables import export_table
+
+    table = report.table()
+    if table.empty:  # nothing recorded where the report looks (a runner that records elsewhere)
+        from workbench.export import export_frame
+
+        print(export_frame(report.plan(), "md"))
+    else:
+        print(export_table(table, "md"))
+        if export:
+            export_table(table, export, path=args.export)
+            print(f"wrote {len(table)} run(s) to {args.export}", file=sys.stderr)
+    for item in report.failed:
+        print(f"run {item.run_id} {item.status}: {item.configuration.label}: {item.error}", file=sys.stderr)
+    print(report.summary(), file=sys.stderr)
+    return 1 if report.failed else 0
 
 
 def technique_help(name: str) -> str:
@@ -211,10 +303,15 @@ def cmd_runs(args: argparse.Namespace) -> int:
     from workbench.export import export_frame
     from workbench.registry import Registry
 
+    if args.action == "copy":
+        return cmd_runs_copy(args)
+    if args.source or args.destination:
+        raise ConfigError("--from and --to belong to `workbench runs copy --from URL --to URL`.")
+    status = args.status or "done"
     reg = Registry.open(args.registry)
     frame = reg.runs_frame(
         model=args.model_fingerprint,
-        status=None if args.status == "all" else args.status,
+        status=None if status == "all" else status,
         technique=args.technique,
         tag=args.tag,
     )
@@ -239,6 +336,25 @@ def cmd_runs(args: argparse.Namespace) -> int:
         print(f"wrote {len(frame)} run(s) to {args.output}")
     else:
         print(text)
+    return 0
+
+
+def cmd_runs_copy(args: argparse.Namespace) -> int:
+    """`workbench runs copy --from URL --to URL [filters]`: workbench.registry.copy_runs, printed in one line."""
+    from workbench.registry import copy_runs
+
+    if not args.destination:
+        raise ConfigError("runs copy needs --to URL, e.g. --to postgresql+psycopg://user@host/runs.")
+    status = None if args.status in (None, "all") else args.status
+    report = copy_runs(
+        args.source or args.registry,
+        args.destination,
+        model=args.model_fingerprint,
+        technique=args.technique,
+        tag=args.tag,
+        status=status,
+    )
+    print(report)
     return 0
 
 
@@ -277,6 +393,47 @@ def cmd_registry(args: argparse.Namespace) -> int:
         Registry.upgrade(args.url)
         print(f"Registry at {args.url or 'the default location'} is up to date.")
     return 0
+
+
+# `workbench export --format NAME`: each format's exporter, called as fn(loaded base model, variant, folder) and
+# returning a workbench.runtimes.card.ExportInfo. A new format is one entry here.
+EXPORT_FORMATS: dict[str, Any] = {
+    "compressed-tensors": lambda loaded, variant, out: importlib.import_module(
+        "workbench.runtimes.hf_export"
+    ).export_compressed_tensors(loaded, variant, out),
+    "safetensors": lambda loaded, variant, out: importlib.import_module(
+        "workbench.runtimes.hf_export"
+    ).export_safetensors(variant, loaded.tokenizer, out),
+}
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Rebuild a recorded run's variant, export it, write its model card beside the files, say what was written."""
+    from workbench.registry import Registry
+    from workbench.runtimes.card import rebuild_variant, write_card
+
+    out = Path(args.out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} exists and is not an empty folder; give a new folder.")
+    with Registry.open(args.registry) as reg:
+        run = reg.get_run(args.run_id)
+        bar = _Bar(f"export run {run.id}")
+        try:
+            loaded, variant = rebuild_variant(run, registry=reg, model=args.model, progress=bar)
+        finally:
+            bar.close()
+        info = EXPORT_FORMATS[args.format](loaded, variant, out)
+        card = write_card(out, run, registry=reg, export_info=info)
+    print(f"Exported run {run.id} ({run.pipeline_label}) as {info.format} to {out}:")
+    for name in info.files + ([card.name] if card.name not in info.files else []):
+        print(f"  {name}  ({(out / name).stat().st_size / 1e6:.2f} MB)")
+    check = info.details.get("reload_check")
+    if check is not None:
+        diff = info.details.get("reload_max_abs_logit_diff")
+        print(f"Reloaded through transformers: {check} (max |logit difference| {diff:.3g}).")
+    for note in info.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return 1 if check == "FAILED" else 0
 
 
 def cmd_prepare_demo(args: argparse.Namespace) -> int:
@@ -377,9 +534,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=cmd_run)
 
-    p = sub.add_parser("sweep", help="run a technique at several bit widths (its parameter space)")
+    p = sub.add_parser(
+        "sweep", help="run a sweep file (models x pipelines x suites), or a technique at several bit widths"
+    )
     common(p)
-    p.add_argument("--technique", required=True)
+    p.set_defaults(model=None, suite=None)  # with a file, the file's unless given here
+    p.add_argument("file", nargs="?", help="a sweep file (YAML; examples/sweeps/ has examples)")
+    p.add_argument("--technique", help="the flag form: one technique at several bit widths")
     p.add_argument(
         "--bits",
         type=int,
@@ -393,15 +554,38 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help="fixed for every run, e.g. group_size=64 or symmetric=true",
     )
+    p.add_argument("--dry-run", action="store_true", help="list what would run and what the registry has")
+    p.add_argument("--executor", default="local", choices=["local", "ray"], help="local: one run at a time")
+    p.add_argument(
+        "--address", default=None, help="the Ray cluster to join (default: start a local instance)"
+    )
+    p.add_argument("--max-retries", type=int, default=2, help="ray: retries of a task whose worker was lost")
+    p.add_argument(
+        "--export", metavar="FILE", help="also write the table to FILE (.csv .md .html .tex .json)"
+    )
     p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("techniques", help="list techniques, or one technique's fields with their help")
     p.add_argument("name", nargs="?")
     p.set_defaults(fn=cmd_techniques)
 
-    p = sub.add_parser("runs", help="list, filter and export recorded runs")
+    p = sub.add_parser("runs", help="list, filter and export recorded runs; `runs copy` copies them")
+    p.add_argument(
+        "action",
+        nargs="?",
+        default="list",
+        choices=["list", "copy"],
+        help="list (default), or copy --from URL --to URL: the matching runs with their lineage, never twice",
+    )
     p.add_argument("--registry", default=None)
-    p.add_argument("--status", default="done", choices=["done", "failed", "interrupted", "running", "all"])
+    p.add_argument("--from", dest="source", default=None, help="copy: the registry to copy from (--registry)")
+    p.add_argument("--to", dest="destination", default=None, help="copy: the registry to copy into")
+    p.add_argument(
+        "--status",
+        default=None,
+        choices=["done", "failed", "interrupted", "running", "all"],
+        help="list: default done; copy: default every finished run (running runs are never copied)",
+    )
     p.add_argument("--technique")
     p.add_argument("--tag")
     p.add_argument("--model-fingerprint", default=None)
@@ -445,6 +629,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare-demo", help="extract the embedded demo model and cache a safetensors copy")
     p.set_defaults(fn=cmd_prepare_demo)
+
+    p = sub.add_parser("export", help="export a recorded run's variant to a folder, with its model card")
+    p.add_argument("run_id", type=int, metavar="RUN_ID")
+    p.add_argument("--format", required=True, choices=sorted(EXPORT_FORMATS))
+    p.add_argument("--out", required=True, metavar="FOLDER", help="a new (or empty) folder to write")
+    p.add_argument(
+        "--model",
+        default="demo",
+        help="the model the run was recorded on (the registry keeps its fingerprint, which is checked)",
+    )
+    p.add_argument("--registry", default=None, help="SQLAlchemy URL (default $WORKBENCH_REGISTRY)")
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("lab", help="open the workbench in JupyterLab (or as a dashboard)")
     p.add_argument("--dashboard", action="store_true", help="serve the app alone with Voila")

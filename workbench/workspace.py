@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any, Self
 
@@ -352,6 +354,61 @@ class Workspace:
             self.check([config])
         return configs
 
+    # ---- a sweep over one slider ----------------------------------------------------------------------
+
+    def slider_values(self, technique: str, field: str) -> tuple[Any, ...]:
+        """The whole range of the slider over ``field`` of ``technique`` for the loaded model, in sweep order:
+        a parameter space's ``bits`` (widest first), ``group_size`` or ``symmetric``; route's ``k`` (E down to
+        1); prune's ``drop`` (0 to L-1). See :func:`workbench.sweep.axis_values`."""
+        from workbench.sweep import axis_values
+
+        space = None
+        if field in ("bits", "group_size", "symmetric"):
+            try:
+                space = self.space(technique)
+            except ConfigError:
+                space = None  # no parameter space: axis_values says which fields have a range
+        loaded = self.loaded_model()
+        return axis_values(technique, field, None if loaded is None else loaded.model, space=space)
+
+    def slider_sweep(
+        self, pipeline: Sequence[Any], technique: str, field: str, values: Sequence[Any] | None = None
+    ) -> list[list[Any]]:
+        """``pipeline`` at every value of one slider (``values``, else its whole range for the loaded model):
+        the pipelines a panel's "Run as sweep" runs, each built (:func:`workbench.sweep.vary`: at route's k the
+        dynamic settings are cleared; at ``drop`` 0 the prune step is left out, or added for other depths)."""
+        from workbench.sweep import vary
+
+        chosen = self.slider_values(technique, field) if values is None else tuple(values)
+        return vary(pipeline, technique, field, chosen)
+
+    def plan_sweep(self, pipelines: Sequence[Sequence[Any]]) -> SweepPlan:
+        """Split ``pipelines`` into those the registry answers now, those to queue, and those the loaded model
+        refuses (each with its ConfigError), by :meth:`answer_now`; the same pipeline twice counts once.
+
+        Raises:
+            ConfigError: no registry is open (nothing can be answered or recorded).
+        """
+        _ = self.registry
+        plan = SweepPlan()
+        seen: set[tuple[str, ...]] = set()
+        for pipeline in pipelines:
+            steps = list(pipeline)
+            key = self.run_key(steps)
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                found = self.answer_now(steps)
+            except ConfigError as err:
+                plan.refused.append((steps, err))
+                continue
+            if found is not None:
+                plan.found.append((steps, found))
+            else:
+                plan.to_run.append(steps)
+        return plan
+
     def cancel_queue(self) -> list[Job]:
         """Stop the running job and drop every queued one (a sweep given up on); returns the jobs cancelled."""
         return self.queue.cancel_all()
@@ -364,6 +421,20 @@ class Workspace:
         self._registry = None
 
 
+@dataclass
+class SweepPlan:
+    """What :meth:`Workspace.plan_sweep` found: ``found`` (pipeline, reused RunResult) pairs the registry
+    answers now, ``to_run`` pipelines to queue, ``refused`` (pipeline, ConfigError) pairs."""
+
+    found: list[tuple[list[Any], Any]] = dataclass_field(default_factory=list)
+    to_run: list[list[Any]] = dataclass_field(default_factory=list)
+    refused: list[tuple[list[Any], ConfigError]] = dataclass_field(default_factory=list)
+
+    @property
+    def first_refusal(self) -> ConfigError | None:
+        return self.refused[0][1] if self.refused else None
+
+
 def _label(pipeline: Sequence[Any]) -> str:
     try:
         from workbench.techniques import describe_pipeline
@@ -373,4 +444,4 @@ def _label(pipeline: Sequence[Any]) -> str:
         return "run"
 
 
-__all__ = ["NO_REGISTRY", "Workspace"]
+__all__ = ["NO_REGISTRY", "SweepPlan", "Workspace"]

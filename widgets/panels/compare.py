@@ -4,8 +4,10 @@ One refresh reads the registry once (``runs_frame`` with the filters), then draw
 (:func:`workbench.views.tradeoff_figure`) and the table (:func:`workbench.tables.comparison_table`, the same
 table ``workbench runs`` prints) from that same frame, so both always show the same runs. The panel builds
 widgets over those library calls and decides nothing about columns, units or formats itself.
-The Suite filter starts on the app's evaluation suite and follows it while left there: metrics from different
-suites (other text, other scoring) are not comparable, so runs of other suites show only on request.
+The Host filter keeps the runs of one machine, and a note above the plot says when the runs shown were measured
+on several (latency from two machines is not comparable). The Suite filter starts on the app's evaluation suite
+and follows it while left there: metrics from different suites (other text, other scoring) are not comparable,
+so runs of other suites show only on request.
 Exports go through :func:`workbench.export.export_frame` (tables) and plotly's ``write_html`` (the plot) into
 the export folder set in the app's settings row, and come back as download links that carry the file itself
 (a ``data:`` URI): they work in JupyterLab, Notebook and Voilà whatever the server's root or routes.
@@ -129,6 +131,7 @@ class ComparePanel(W.VBox):
         self._links: list[str] = []  # export links, newest first
         self._suite_follows_app = True  # the Suite filter tracks the app's suite until someone picks another
         self._all_runs = 0  # runs in the registry, whatever the filters
+        self._every_host = pd.DataFrame()  # the runs the other filters leave, from every host
 
         # Filters.
         self.model = W.Dropdown(
@@ -145,6 +148,14 @@ class ComparePanel(W.VBox):
             layout=W.Layout(width="200px"),
         )
         self.since = W.DatePicker(description="Since", value=None, layout=W.Layout(width="230px"))
+        self.host = W.Dropdown(
+            options=[("All hosts", "")],
+            value="",
+            description="Host",
+            tooltip="The machine runs were measured on: latency compares only within one",
+            layout=W.Layout(width="260px"),
+        )
+        self.host_note = W.HTML("")  # says so when the runs shown were measured on several machines
         app_suite = app.suite_filter
         self.suite = W.Dropdown(
             options=[("All suites", ""), (_suite_label(app.suite), app_suite)],
@@ -232,7 +243,7 @@ class ComparePanel(W.VBox):
         self.outputs_html = W.HTML("")
         self.errors = ErrorArea()
 
-        for control in (self.model, self.technique, self.tag, self.since):
+        for control in (self.model, self.technique, self.tag, self.since, self.host):
             control.observe(lambda _c: None if self._updating else self.refresh(), names="value")
         self.suite.observe(self._suite_picked, names="value")
         for control in (self.y, self.x, self.color, self.log_y, self.labels):
@@ -251,13 +262,14 @@ class ComparePanel(W.VBox):
         super().__init__(
             [
                 W.HBox(
-                    [self.model, self.technique, self.suite, self.tag, self.since],
+                    [self.model, self.technique, self.suite, self.tag, self.since, self.host],
                     layout=W.Layout(flex_flow="row wrap"),
-                ),  # five filters: wrap rather than clip on a narrow page
+                ),  # six filters: wrap rather than clip on a narrow page
                 W.HBox(
                     [self.y, self.x, self.color, self.log_y, self.labels],
                     layout=W.Layout(flex_flow="row wrap"),
                 ),
+                self.host_note,
                 self.plot,
                 W.HBox(
                     [self.sort_by, self.descending, self.more_columns], layout=W.Layout(flex_flow="row wrap")
@@ -318,6 +330,8 @@ class ComparePanel(W.VBox):
                 else:
                     frame = full
                 frame = with_display_metrics(frame)
+                every_host = frame
+                frame = _only_host(frame, self.host.value)
             except ConfigError as err:
                 self.errors.show(err)
                 return
@@ -325,7 +339,8 @@ class ComparePanel(W.VBox):
                 self.errors.show(err)
                 return
             self.errors.clear()
-            self.frame, self.full = frame, full
+            self.frame, self.full, self._every_host = frame, full, every_host
+            self._show_host_note(every_host)
             self._update_choices()
             self.plot.refresh()
             self._render_table()
@@ -351,10 +366,14 @@ class ComparePanel(W.VBox):
                 app_suite,
                 True,
             )  # a suite no longer offered falls back to the app's
+        hosts = [("All hosts", "")]
+        if not full.empty and "host" in full.columns:
+            hosts += [(h, h) for h in sorted(full["host"].dropna().astype(str).unique())]
         self._updating = True  # new options may reset a value; that must not start a refresh inside this one
         try:
             _set_options(self.model, models)
             _set_options(self.technique, techniques)
+            _set_options(self.host, hosts)
             _set_options(self.suite, suites, quiet=True)
             self.suite.value = picked
         finally:
@@ -388,7 +407,30 @@ class ComparePanel(W.VBox):
 
     def empty_message(self) -> str:
         """Why nothing shows: no runs at all, or which filter to loosen (``workbench.tables.no_match_message``)."""
+        if self.host.value and not self._every_host.empty:
+            return (
+                f"No run measured on {self.host.value} matches the other filters; "
+                f'{len(self._every_host)} from other machines do: pick "All hosts" to see them.'
+            )
         return no_match_message(self.full, self._filters(), self._filter_labels())
+
+    def hosts_shown(self) -> list[str]:
+        """The machines the runs on show were measured on (one: latency is comparable across them)."""
+        return _hosts(self.frame)
+
+    def _show_host_note(self, every_host: pd.DataFrame) -> None:
+        """Warn when the runs on show come from several machines: their latencies are not comparable."""
+        hosts = _hosts(every_host)
+        if self.host.value or len(hosts) < 2:
+            self.host_note.value = ""
+            return
+        counts = every_host["host"].fillna("unknown").astype(str).value_counts()
+        listed = ", ".join(f"{h} ({counts.get(h, 0)})" for h in hosts)  # render_note escapes
+        self.host_note.value = render_note(
+            f"These runs were measured on {len(hosts)} machines: {listed}. Latency compares only within one "
+            "machine; pick one under Host.",
+            "warn",
+        )
 
     # ---- drawing --------------------------------------------------------------------------------------
 
@@ -559,6 +601,19 @@ class ComparePanel(W.VBox):
             'font-size:12px">' + _text_table(table) + "</div>"
         )
         return table
+
+
+def _hosts(frame: pd.DataFrame) -> list[str]:
+    if frame.empty or "host" not in frame.columns:
+        return []
+    return sorted(frame["host"].dropna().astype(str).unique())
+
+
+def _only_host(frame: pd.DataFrame, host: str) -> pd.DataFrame:
+    """The runs measured on ``host`` ("" keeps every run)."""
+    if not host or frame.empty or "host" not in frame.columns:
+        return frame
+    return frame[frame["host"] == host].reset_index(drop=True)
 
 
 def _suite_label(suite: Any) -> str:

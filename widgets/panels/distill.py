@@ -5,7 +5,8 @@ FFN width) then ``distill`` (loss, T, alpha, teacher targets, budget), and optio
 the student ("Quantize student", which reuses the distilled student through the prefix cache). While a run
 trains, its progress partials draw the training loss and the evaluation points (perplexity against training
 tokens: the recovery curve) live; the recorded curves replace them when the run ends. "Hard baseline" runs the
-same student, budget and data order on labels only, its curves beside the KD ones. Stop keeps the student
+same student, budget and data order on labels only, its curves beside the KD ones. "Run as sweep" runs the
+settings at every depth of the Drop layers slider (the workspace decides the pipelines). Stop keeps the student
 trained so far (the run is recorded interrupted with its checkpoint) and "Resume" continues it.
 """
 
@@ -90,6 +91,11 @@ class DistillPanel(W.VBox):
             icon="balance-scale",
             tooltip="The same student, budget and data on hard labels only",
         )
+        self.sweep_button = W.Button(
+            description="Run as sweep",
+            icon="forward",
+            tooltip="These settings at every depth of the Drop layers slider (measured ones answer at once)",
+        )
         self.resume_button = W.Button(
             description="Resume",
             icon="step-forward",
@@ -124,6 +130,7 @@ class DistillPanel(W.VBox):
 
         self.train_button.on_click(lambda _b: self.train())
         self.hard_button.on_click(lambda _b: self.train(hard=True))
+        self.sweep_button.on_click(lambda _b: self.sweep())
         self.resume_button.on_click(lambda _b: self.resume())
         self.quantize_button.on_click(lambda _b: self.quantize_student())
         for control in (self.drop, self.ffn):
@@ -140,7 +147,15 @@ class DistillPanel(W.VBox):
                 W.HTML("<b>Training</b>"),
                 W.HBox([self.loss, self.temperature, self.alpha]),
                 W.HBox([self.teacher, self.steps, self.eval_every]),
-                W.HBox([self.train_button, self.hard_button, self.resume_button, self.progress]),
+                W.HBox(
+                    [
+                        self.train_button,
+                        self.hard_button,
+                        self.sweep_button,
+                        self.resume_button,
+                        self.progress,
+                    ]
+                ),
                 W.HBox([self.quant_bits, self.quantize_button]),
                 self.errors,
                 self.message,
@@ -215,6 +230,35 @@ class DistillPanel(W.VBox):
         except ConfigError as err:
             self.errors.show(err)
             return None
+
+    def sweep(self) -> list[Job]:
+        """Run as sweep: the controls' settings at every student depth of the Drop layers slider (0 to L-1
+        layers dropped). Which pipelines the range means (no prune step at depth 0 unless the FFN width is
+        cut) and which the registry already answers come from the workspace; the rest are queued."""
+        self.errors.clear()
+        self.message.value = ""
+        try:
+            plan = self.ws.plan_sweep(self.ws.slider_sweep(self.pipeline(), "prune", "drop"))
+        except ConfigError as err:
+            self.errors.show(err)
+            return []
+        for steps, result in plan.found:
+            self._show_result(result, steps)
+        jobs = []
+        try:
+            for steps in plan.to_run:
+                job = self._submit(steps)
+                if job is not None:
+                    jobs.append(job)
+        except ConfigError as err:
+            self.errors.show(err)
+        note = f"Sweep over student depths: queued {len(jobs)}, found {len(plan.found)} in the registry"
+        if plan.refused:
+            note += f", refused {len(plan.refused)} (see the message above)"
+        self.message.value = render_note(note + ".")
+        if plan.first_refusal is not None:
+            self.errors.show(plan.first_refusal)
+        return jobs
 
     def resume(self) -> Job | None:
         """Run the stopped pipeline again: the distill step continues from its checkpoint."""

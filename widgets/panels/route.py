@@ -132,10 +132,10 @@ class RoutePanel(W.VBox):
             description="Run", icon="play", button_style="primary", layout=W.Layout(width="90px")
         )
         self.sweep_button = W.Button(
-            description="Sweep k",
+            description="Run as sweep",
             icon="forward",
-            tooltip="Queue every k from E down to 1",
-            layout=W.Layout(width="110px"),
+            tooltip="These settings at every k of the slider, E down to 1 (measured ones answer at once)",
+            layout=W.Layout(width="130px"),
         )
         self.prune_method = W.Dropdown(
             options=[
@@ -345,14 +345,36 @@ class RoutePanel(W.VBox):
         return self._run([config])
 
     def sweep(self) -> list[Any]:
-        """Queue fixed k from E down to 1 (settings already measured are shown from the registry)."""
+        """Run as sweep: the controls' settings at every k of the slider's range (E down to 1) as fixed-k
+        routing. Which configs the range means and which the registry already answers come from the workspace
+        (``slider_sweep``, ``plan_sweep``); the rest go to the app's queue, which runs a request once."""
         if self.space is None:
             return []
+        self.errors.clear()
+        self.message.value = ""
+        try:
+            plan = self.ws.plan_sweep(self.ws.slider_sweep([self.config()], "route", "k"))
+        except ConfigError as err:
+            self.errors.show(err)
+            return []
+        for _steps, result in plan.found:
+            self._show_result(result)
         jobs = []
-        for k in sorted(self.space.ks, reverse=True):
-            job = self.submit(k)
-            if job is not None:
-                jobs.append(job)
+        try:
+            for steps in plan.to_run:
+                jobs.append(
+                    self.app.run(
+                        steps, progress_bar=self.progress, errors=self.errors, on_result=self._on_result
+                    )
+                )
+        except ConfigError as err:  # the registry went away meanwhile
+            self.errors.show(err)
+        note = f"Sweep over k: queued {len(jobs)}, found {len(plan.found)} in the registry"
+        if plan.refused:
+            note += f", refused {len(plan.refused)} (see the message above)"
+        self.message.value = render_note(note + ".")
+        if plan.first_refusal is not None:
+            self.errors.show(plan.first_refusal)
         return jobs
 
     def prune(self) -> Any:
