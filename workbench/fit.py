@@ -1194,10 +1194,15 @@ def _run_architecture(
             return _with_pipeline(model, facts, model_name)
         return tiny, []
     raise ConfigError(
-        f"Run {facts.get('run_id', '?')}: the architecture of {model_name or 'its model'} is not known here. Load "
+        f"{_whose(facts)}: the architecture of {model_name or 'its model'} is not known here. Load "
         "its model in the workspace, or pass arch= (a transformers config, a model, or a reference name such "
         f"as {REFERENCES[1].name})."
     )
+
+
+def _whose(facts: Mapping[str, Any]) -> str:
+    run_id = facts.get("run_id")
+    return f"Run {run_id}" if run_id is not None else "These metrics"
 
 
 def _changes_shapes(step: Mapping[str, Any]) -> bool:
