@@ -116,12 +116,9 @@ def recover_codes(weight: torch.Tensor, bits: int, group_size: int, form: str) -
         return None
     w = w2.reshape(-1, g)  # (N, g) groups
     n_groups = in_f // g
-    if form == "symmetric":
-        found = _symmetric(w, bits)
-    elif form == "float_min":
-        found = _float_min(w, bits)
-    else:
-        found = _int_zero(w, bits)
+    if w.shape[0] > 256 and _find(w[:256], bits, form) is None:
+        return None  # a weight off the grid shows it in its first groups: no full search (grid detection)
+    found = _find(w, bits, form)
     if found is None:
         return None
     q, d, z = found
@@ -134,6 +131,14 @@ def recover_codes(weight: torch.Tensor, bits: int, group_size: int, form: str) -
     if not torch.equal(codes.dequantize(), w2):  # the search checks each group; this guards the whole
         return None
     return codes
+
+
+def _find(w: torch.Tensor, bits: int, form: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    if form == "symmetric":
+        return _symmetric(w, bits)
+    if form == "float_min":
+        return _float_min(w, bits)
+    return _int_zero(w, bits)
 
 
 def _symmetric(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
