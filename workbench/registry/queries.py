@@ -17,6 +17,7 @@ from sqlalchemy import String, or_, select, type_coerce
 
 from workbench.errors import ConfigError
 from workbench.registry.models import RUN_STATUSES, RunRow
+from workbench.runtimes import runtime_of_names
 
 if TYPE_CHECKING:
     from workbench.registry.store import Registry
@@ -41,6 +42,7 @@ BASE_COLUMNS = (
     "duration_s",
     "host",  # the machine the run ran on (its environment's host): timings compare only within one
     "device",  # where it computed (cpu, cuda:0)
+    "runtime",  # what executed the variant: "simulated (torch float)", "llama.cpp", "torch packed" (its last step)
 )
 
 _FETCHED = (
@@ -328,6 +330,7 @@ def runs_frame(
     params = _columns([p[2] for p in parsed], "param_", raw.index, scalar=True)
     stages = _columns([p[3] for p in parsed], "", raw.index, scalar=True)
     raw["host"], raw["device"] = [p[5][0] for p in parsed], [p[5][1] for p in parsed]
+    raw["runtime"] = [runtime_of_names(p[4]) for p in parsed]
     base = raw[list(BASE_COLUMNS)]
     return pd.concat([base, metrics, params, stages], axis=1)
 

@@ -22,6 +22,61 @@ from typing import Any
 SIMULATED = "simulated (torch float)"
 
 
+def runtime_of_names(techniques: Sequence[str]) -> str:
+    """:func:`runtime_of` from a stored pipeline's technique names (what the registry keeps)."""
+    from workbench.techniques.base import _TECHNIQUES, _load_builtin
+
+    _load_builtin()
+    if techniques:
+        tech = _TECHNIQUES.get(str(techniques[-1]))
+        if tech is not None and tech.kind == "deploy":
+            return str(getattr(tech.config_cls, "RUNTIME", tech.name))
+    return SIMULATED
+
+
+def runtime_choices() -> dict[str, Any]:
+    """What a front end offers as "runtime": label -> the deploy step to append (None: simulated).
+
+    Each registered deploy technique contributes its config class's ``PRESETS`` (label -> parameters), or one
+    choice with its defaults, labelled by its ``RUNTIME``.
+    """
+    from workbench.techniques.base import get_technique, technique_names
+
+    choices: dict[str, Any] = {SIMULATED: None}
+    for name in technique_names(kind="deploy"):
+        cls = get_technique(name).config_cls
+        presets = getattr(cls, "PRESETS", None) or {str(getattr(cls, "RUNTIME", name)): {}}
+        for label, params in presets.items():
+            choices[label] = cls(**params)
+    return choices
+
+
+def with_runtime(pipeline: Sequence[Any], runtime: str | None) -> list[Any]:
+    """``pipeline`` measured in ``runtime`` (a label of :func:`runtime_choices`): the deploy step appended.
+
+    A llama.cpp runtime on a pipeline whose last quantizer writes no exact GGUF type is refused here, before
+    anything is queued, with the closest type named (the exporter would refuse it after quantizing).
+
+    Raises:
+        ConfigError: an unknown runtime, or a variant llama.cpp cannot hold exactly.
+    """
+    from workbench.errors import ConfigError
+
+    steps = list(pipeline)
+    if runtime in (None, "", SIMULATED):
+        return steps
+    choices = runtime_choices()
+    if runtime not in choices:
+        raise ConfigError(f"Unknown runtime {runtime!r}. Choose one of: {', '.join(choices)}.")
+    step = choices[runtime]
+    if getattr(step, "RUNTIME", "") == "llama.cpp" and getattr(step, "quant", "exact") == "exact":
+        from workbench.runtimes.gguf import static_gguf_check
+
+        for config in steps:
+            static_gguf_check(config)
+    return [*steps, step]
+
+
 def runtime_of(pipeline: Sequence[Any]) -> str:
     """The runtime a pipeline's variant is measured in: its deploy step's ``RUNTIME``, else :data:`SIMULATED`."""
     from workbench.techniques.base import technique_for
@@ -33,4 +88,4 @@ def runtime_of(pipeline: Sequence[Any]) -> str:
     return SIMULATED
 
 
-__all__ = ["SIMULATED", "runtime_of"]
+__all__ = ["SIMULATED", "runtime_choices", "runtime_of", "runtime_of_names", "with_runtime"]

@@ -160,6 +160,43 @@ def closest_type(quant: dict[str, Any]) -> str:
     return "Q8_0"
 
 
+def static_gguf_check(config: Any) -> None:
+    """Refuse, from its settings alone, a weight quantizer whose result no GGUF type holds exactly.
+
+    Configs without a weight grid (bnb, quanto, routing, distillation) pass; their weights are checked when
+    exported. Raises :class:`NoExactType` naming the closest type.
+    """
+    fields = ("bits", "group_size", "symmetric", "zero_point")
+    if not all(hasattr(config, f) for f in fields):
+        return
+    if getattr(config, "technique", "") not in ("rtn", "gptq", "awq", "mixed"):
+        return
+    quant = {f: getattr(config, f) for f in fields}
+    bits_set = {int(quant["bits"])}
+    if getattr(config, "high_bits", None) is not None:  # mixed precision's kept modules
+        bits_set.add(int(config.high_bits))
+    if getattr(config, "include_embeddings", False) or getattr(config, "include_head", False):
+        bits_set.add(int(getattr(config, "embedding_bits", quant["bits"])))
+    for bits in sorted(bits_set):
+        q = {**quant, "bits": bits}
+        form = _form_of(q)
+        if EXACT_TYPES.get((form, bits)) is None or int(q["group_size"]) != GROUP:
+            label = config.label() if hasattr(config, "label") else type(config).__name__
+            why = (
+                f"{bits}-bit {form.replace('_', ' ')} has no GGUF block type"
+                if EXACT_TYPES.get((form, bits)) is None
+                else f"GGUF blocks hold {GROUP} weights, not groups of {q['group_size']}"
+            )
+            closest = closest_type(q)
+            raise NoExactType(
+                f"{label} fits no GGUF type exactly ({why}). The closest is {closest}: choose the runtime "
+                f"'llama.cpp {closest}' (llama.cpp's quantizer converts the variant, the run measures the cost), "
+                f"or quantize with group_size={GROUP} at 4, 5 or 8 bits, symmetric or with a float minimum.",
+                label,
+                closest,
+            )
+
+
 def exact_codes(weight: torch.Tensor, quant: dict[str, Any] | None, name: str) -> tuple[str, Codes | None]:
     """(type, codes) for one (rows, in) weight; codes None for a float type. Raises :class:`NoExactType`."""
     if quant is None:
@@ -605,4 +642,5 @@ __all__ = [
     "pack",
     "read_gguf_weights",
     "source_gguf",
+    "static_gguf_check",
 ]

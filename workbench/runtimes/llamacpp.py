@@ -75,6 +75,14 @@ class LlamaCppConfig:
 
     RUNTIME: ClassVar[str] = "llama.cpp"
     technique: ClassVar[str] = "llama_cpp"
+    # What a front end's runtime choice offers (workbench.runtimes.runtime_choices): the exact export, and
+    # llama.cpp's own conversion for variants no GGUF type holds exactly.
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "llama.cpp": {},
+        "llama.cpp Q4_0": {"quant": "Q4_0"},
+        "llama.cpp Q4_1": {"quant": "Q4_1"},
+        "llama.cpp Q8_0": {"quant": "Q8_0"},
+    }
 
     def label(self) -> str:
         return "llama.cpp" if self.quant == "exact" else f"llama.cpp {self.quant}"
