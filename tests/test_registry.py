@@ -1,7 +1,7 @@
 """The run registry: opening and schema checks, the run life cycle, DataFrames, stale runs, many writers.
 
-Every test that takes ``url`` runs on SQLite and, when ``WORKBENCH_TEST_POSTGRES_URL`` is set (the CI script
-starts a local server), also on PostgreSQL, each test in a schema of its own.
+Every test that takes ``url`` runs on SQLite and on PostgreSQL (``WORKBENCH_TEST_POSTGRES_URL``, else the private
+server of the ``postgres_url`` fixture in conftest.py), each test in a schema of its own.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -24,8 +23,6 @@ from sqlalchemy import create_engine, text, update
 from workbench.errors import ConfigError, RegistryError
 from workbench.registry import BASE_COLUMNS, SCHEMA_VERSION, Registry
 from workbench.registry.models import VERSION_TABLE, Base, RunRow
-
-PG_URL = os.environ.get("WORKBENCH_TEST_POSTGRES_URL")
 
 RTN4 = json.dumps([{"technique": "rtn", "version": 1, "params": {"bits": 4, "group_size": 32}}])
 RTN3 = json.dumps([{"technique": "rtn", "version": 1, "params": {"bits": 3, "group_size": 64}}])
@@ -40,19 +37,8 @@ GPTQ = json.dumps(
 @pytest.fixture(params=["sqlite", "postgres"])
 def url(request: pytest.FixtureRequest, tmp_path: Path):
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'runs.db'}"
-        return
-    if not PG_URL:
-        pytest.skip("set WORKBENCH_TEST_POSTGRES_URL to run the registry tests on PostgreSQL")
-    schema = f"wb_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    sep = "&" if "?" in PG_URL else "?"
-    yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
+        return f"sqlite:///{tmp_path / 'runs.db'}"
+    return request.getfixturevalue("postgres_schema_url")
 
 
 @pytest.fixture()

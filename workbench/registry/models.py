@@ -11,6 +11,7 @@ PostgreSQL, and Python's ``json`` keeps NaN and infinity, which PostgreSQL's JSO
 from __future__ import annotations
 
 import json
+import uuid as uuid_module
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -19,12 +20,20 @@ from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # The alembic revision this code reads and writes; a database at another revision is refused on open.
-SCHEMA_VERSION = "0.2"
+SCHEMA_VERSION = "0.3"
 
 # Our own version table name, so a database that another alembic-managed application also uses keeps both.
 VERSION_TABLE = "workbench_alembic_version"
 
+# Key/value facts about the registry itself (schema 0.3): which workbench wrote its schema, so that an older
+# workbench that meets a newer schema can name the release to install.
+INFO_TABLE = "workbench_registry_info"
+
 RUN_STATUSES = ("running", "done", "failed", "interrupted")
+
+
+def new_run_uuid() -> str:
+    return str(uuid_module.uuid4())
 
 
 class Base(DeclarativeBase):
@@ -41,6 +50,7 @@ class RunRow(Base):
         Index("ix_runs_lookup", "model_fingerprint", "pipeline_hash", "suite_key", "status"),
         Index("ix_runs_status", "status"),
         Index("ix_runs_created_at", "created_at"),
+        Index("ix_runs_uuid", "uuid", unique=True),
         {"sqlite_autoincrement": True},
     )
 
@@ -70,6 +80,10 @@ class RunRow(Base):
     hostname: Mapped[str | None] = mapped_column(String(255))
     # Bumped by every change a reader could see (not by heartbeats); change_token() sums it. Schema 0.2.
     revision: Mapped[int] = mapped_column(Integer, nullable=False, default=1, server_default="1")
+    # Who the run is across registries (schema 0.3): set once when the run starts, kept when it is copied to
+    # another registry (copy_runs never adds a run whose uuid is there already) and used to make a retried
+    # start_run exactly-once when a lost connection hid whether the first attempt committed.
+    uuid: Mapped[str] = mapped_column(String(36), nullable=False, default=new_run_uuid)
 
     def to_run(self) -> Run:
         return Run(
@@ -96,7 +110,17 @@ class RunRow(Base):
             parent_id=self.parent_id,
             pid=self.pid,
             hostname=self.hostname,
+            uuid=self.uuid,
         )
+
+
+class InfoRow(Base):
+    """One fact about the registry: ``schema_version`` and ``workbench_version`` (the release that wrote it)."""
+
+    __tablename__ = INFO_TABLE
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text, nullable=False)
 
 
 @dataclass(frozen=True)
@@ -126,6 +150,7 @@ class Run:
     parent_id: int | None = None
     pid: int | None = None
     hostname: str | None = None
+    uuid: str = ""
 
     @property
     def pipeline(self) -> list[dict[str, Any]]:
@@ -145,4 +170,14 @@ def _aware(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=timezone.utc)
 
 
-__all__ = ["RUN_STATUSES", "SCHEMA_VERSION", "VERSION_TABLE", "Base", "Run", "RunRow"]
+__all__ = [
+    "INFO_TABLE",
+    "RUN_STATUSES",
+    "SCHEMA_VERSION",
+    "VERSION_TABLE",
+    "Base",
+    "InfoRow",
+    "Run",
+    "RunRow",
+    "new_run_uuid",
+]

@@ -20,11 +20,16 @@ branch_labels = None
 depends_on = None
 
 
+# SQLite's batch mode rebuilds the table from its reflection, which forgets AUTOINCREMENT; without it ids of
+# deleted runs could be handed out again (lineage and change_token rely on ids never coming back).
+TABLE_KWARGS = {"sqlite_autoincrement": True}
+
+
 def upgrade() -> None:
-    with op.batch_alter_table("runs") as batch:
+    with op.batch_alter_table("runs", table_kwargs=TABLE_KWARGS) as batch:
         batch.add_column(sa.Column("revision", sa.Integer(), nullable=False, server_default="1"))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("runs") as batch:
+    with op.batch_alter_table("runs", table_kwargs=TABLE_KWARGS) as batch:
         batch.drop_column("revision")
