@@ -1,12 +1,19 @@
-"""Registry at scale: 10,000 runs queried into a DataFrame and plotted, against the 1 s target.
+"""Registry at scale: insert and query rates for 10,000 runs on SQLite and on PostgreSQL, and the time to build
+the comparison table and the trade-off plot from them, against the 1 s target.
 
-    .venv/bin/python bench/registry_scale.py [--runs 10000] [--url sqlite:///path.db]
+    .venv/bin/python bench/registry_scale.py [--runs 10000] [--url sqlite:///path.db] [--pg-url URL]
 
-Fills a fresh registry (a temporary SQLite file unless --url names an empty database) with synthetic runs
-through the same table the workbench writes, then times ``runs_frame()`` and a plotly scatter of its rows.
-A plain ``pd.read_sql`` of the same rows (raw columns, no JSON parsing) is timed in the same run as the
-reference: ``query_vs_read_sql`` says what the flattening costs on top of just reading. A few real
-``start_run``/``finish_run`` pairs give the cost of recording one run.
+For each backend a fresh registry is filled with synthetic runs through the same table the workbench writes
+(a bulk insert: runs/s), then real ``start_run``/``finish_run`` pairs are recorded one by one (what a sweep pays
+per run: runs/s), then ``runs_frame()`` reads every run (runs/s; the first call parses every run's JSON, later
+calls reuse it) and the Compare tab's table (``comparison_table``) and the trade-off plot (``tradeoff_figure``)
+are built from the frame. A plain ``pd.read_sql`` of the same rows (raw columns, no JSON parsing) is timed in the
+same run as the reference.
+
+SQLite: a temporary file unless --url names an empty database. PostgreSQL: --pg-url (the runs go into a schema
+of their own, dropped afterwards); without it, a private server is started the way the tests start one
+(``workbench.registry.localpg``: initdb and pg_ctl, fsync on) when the PostgreSQL programs are installed;
+otherwise the PostgreSQL figures are reported as not measured.
 """
 
 from __future__ import annotations
@@ -17,12 +24,12 @@ import random
 import sys
 import tempfile
 import time
+import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pandas as pd
-import plotly.graph_objects as go
-from sqlalchemy import insert, select
+from sqlalchemy import create_engine, insert, select, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -32,6 +39,7 @@ from workbench.registry.store import canonical_pipeline
 
 TARGET_S = 1.0  # DESIGN.md: 10,000 runs queried and plotted in under 1 s
 METHODS = ("rtn", "gptq", "awq", "hqq", "bnb", "quanto")
+RECORDED = 200  # start_run + finish_run pairs timed one by one
 
 
 def _rows(n: int) -> list[dict]:
@@ -104,27 +112,24 @@ def _best(fn, repeat: int = 5) -> tuple[float, object]:
     return best, out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=10_000)
-    parser.add_argument("--url", default=None, help="an empty database (default: a temporary SQLite file)")
-    args = parser.parse_args()
+def measure(name: str, url: str, n: int) -> dict[str, float]:
+    """Fill the empty registry at ``url`` and time inserts, queries, the table and the plot; print one block."""
+    from workbench.tables import comparison_table
+    from workbench.views import tradeoff_figure
 
-    with tempfile.TemporaryDirectory() as tmp:
-        url = args.url or f"sqlite:///{Path(tmp) / 'bench-runs.db'}"
-        reg = Registry.open(url)
+    reg = Registry.open(url)
+    try:
+        rows = _rows(n)
         t0 = time.perf_counter()
-        rows = _rows(args.runs)
         with reg.session_scope() as session:
             session.execute(insert(RunRow), rows)
-        print(f"inserted {args.runs} runs in {time.perf_counter() - t0:.2f} s (bulk, synthetic)")
+        t_bulk = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        for i in range(50):
+        for i in range(RECORDED):
             run_id = reg.start_run("fp-x", "m", "[]", "baseline", "quick:abc", "quick", {"i": i})
             reg.finish_run(run_id, {"ppl": 12.0 + i})
-        record_ms = (time.perf_counter() - t0) / 50 * 1000
-        print(f"record_one_run = {record_ms:.1f} ms (start_run + finish_run, two transactions)")
+        t_record = time.perf_counter() - t0
 
         t_first = time.perf_counter()
         reg.runs_frame()
@@ -132,49 +137,82 @@ def main() -> None:
         t_query, frame = _best(lambda: reg.runs_frame())
         assert isinstance(frame, pd.DataFrame)
         t_token, token = _best(reg.change_token, repeat=20)
-
         stmt = select(RunRow.__table__).where(RunRow.status == "done").order_by(RunRow.id)
         with reg.connect() as conn:
             t_raw, _raw = _best(lambda: pd.read_sql(stmt, conn))
-
-        def plot() -> go.Figure:
-            return go.Figure(
-                go.Scatter(
-                    x=frame["metric_bits_per_weight"],
-                    y=frame["metric_kl_mean"],
-                    mode="markers",
-                    marker={"color": frame["metric_decode_tok_s"], "colorbar": {"title": "decode tok/s"}},
-                    hovertext=frame["pipeline"],
-                    customdata=frame["run_id"],
-                )
-            ).to_plotly_json()
-
-        t_plot, _ = _best(plot)
-        try:  # the workbench's own trade-off view, when present, is what a panel really draws
-            from workbench.views import tradeoff_figure
-
-            t_view, _ = _best(lambda: tradeoff_figure(frame), repeat=3)
-        except Exception as err:  # noqa: BLE001 - the view is optional here; say why it was skipped
-            t_view = None
-            print(f"tradeoff_figure skipped: {type(err).__name__}: {err}")
+        t_table, table = _best(lambda: comparison_table(frame), repeat=3)
+        t_plot, _fig = _best(lambda: tradeoff_figure(frame).to_plotly_json(), repeat=3)
+    finally:
         reg.close()
 
-    n = len(frame)
-    total = t_query + t_plot
-    print(f"rows = {n} done runs, {frame.shape[1]} columns")
+    rows_read = len(frame)
+    total = t_query + t_table + t_plot
+    print(f"[{name}] {url.split('?')[0]}")
+    print(f"  insert_bulk = {n / t_bulk:,.0f} runs/s ({n} runs in {t_bulk:.2f} s, one transaction)")
     print(
-        f"query_{args.runs // 1000}k_runs = {t_query:.3f} s (target < {TARGET_S:g} s; ratio {t_query / TARGET_S:.2f})"
+        f"  insert_recorded = {RECORDED / t_record:,.0f} runs/s ({t_record / RECORDED * 1000:.1f} ms per run: "
+        f"start_run + finish_run, two transactions)"
     )
-    print(f"query_first_call = {t_first:.3f} s")
-    print(f"read_sql_reference = {t_raw:.3f} s (query_vs_read_sql = {t_query / t_raw:.2f}x)")
-    print(f"scatter_figure = {t_plot:.3f} s")
-    print(f"query_plus_plot = {total:.3f} s (target < {TARGET_S:g} s; ratio {total / TARGET_S:.2f})")
-    if t_view is not None:
-        print(
-            f"tradeoff_figure = {t_view:.3f} s; query_plus_tradeoff = {t_query + t_view:.3f} s "
-            f"(ratio to target {(t_query + t_view) / TARGET_S:.2f})"
-        )
-    print(f"change_token = {t_token * 1000:.1f} ms ({token})")
+    print(
+        f"  query = {rows_read / t_query:,.0f} runs/s (runs_frame of {rows_read} done runs, {frame.shape[1]} "
+        f"columns: {t_query:.3f} s; first call {t_first:.3f} s)"
+    )
+    print(f"  read_sql_reference = {t_raw:.3f} s (query_vs_read_sql = {t_query / t_raw:.2f}x)")
+    print(f"  comparison_table = {t_table:.3f} s ({len(table)} rows)")
+    print(f"  tradeoff_figure = {t_plot:.3f} s")
+    print(
+        f"  query_table_plot = {total:.3f} s (target < {TARGET_S:g} s; ratio {total / TARGET_S:.2f}; "
+        f"first query instead: {t_first + t_table + t_plot:.3f} s)"
+    )
+    print(f"  change_token = {t_token * 1000:.1f} ms ({token})")
+    return {"query_table_plot": total}
+
+
+def _postgres(args: argparse.Namespace) -> tuple[str | None, str, object]:
+    """(URL to measure, how it was obtained, something to close) — URL None when PostgreSQL is not measured."""
+    if args.pg_url:
+        schema = f"wb_bench_{uuid.uuid4().hex[:10]}"
+        engine = create_engine(args.pg_url)
+        with engine.begin() as conn:
+            conn.execute(text(f"CREATE SCHEMA {schema}"))
+        sep = "&" if "?" in args.pg_url else "?"
+
+        def drop() -> None:
+            with engine.begin() as conn:
+                conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+            engine.dispose()
+
+        return f"{args.pg_url}{sep}options=-csearch_path%3D{schema}", "--pg-url", drop
+    from workbench.registry.localpg import LocalPostgres, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        return None, reason, None
+    server = LocalPostgres(port=0, fsync=True).start()
+    return server.url, "a private server started with pg_ctl (fsync on)", server.close
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=10_000)
+    parser.add_argument("--url", default=None, help="an empty SQLite database (default: a temporary file)")
+    parser.add_argument(
+        "--pg-url", default=None, help="a PostgreSQL database (default: a private server, if pg_ctl is here)"
+    )
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        measure("sqlite", args.url or f"sqlite:///{Path(tmp) / 'bench-runs.db'}", args.runs)
+    pg_url, how, close = _postgres(args)
+    if pg_url is None:
+        print(f"[postgresql] not measured: {how}; pass --pg-url to measure a server")
+        return
+    print(f"(postgresql: {how})")
+    try:
+        measure("postgresql", pg_url, args.runs)
+    finally:
+        if callable(close):
+            close()
 
 
 if __name__ == "__main__":
