@@ -79,6 +79,7 @@ bench: setup-test demo
 	$(PY) bench/quant_quality.py
 	$(PY) bench/registry_scale.py
 	$(PY) bench/ui_refresh.py
+	$(PY) bench/sweep.py
 
 # ruff comes with the test extras; the code is kept in `ruff format` style.
 LINTED := workbench widgets tests bench

@@ -17,7 +17,7 @@ from workbench.cli import main
 from workbench.errors import ConfigError
 from workbench.evaluate import Suite
 from workbench.registry import Registry
-from workbench.sweep import Sweep, known_fingerprint, run_sweep, vary, worker_url
+from workbench.sweep import Sweep, known_fingerprint, run_sweep, start_local_ray, vary, worker_url
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "sweeps"
@@ -302,7 +302,7 @@ def ray_instance():
         import ray
     except ImportError:
         pytest.fail("Ray is not installed: pip install 'ray>=2.9' (or set WORKBENCH_SKIP_RAY=1 to skip)")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(2)  # what run_sweep starts without an address (tried again if Ray's start times out)
     yield ray
     ray.shutdown()
 

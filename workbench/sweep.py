@@ -1158,6 +1158,33 @@ def _ray_task(payload: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def start_local_ray(num_cpus: int = 2, *, attempts: int = 3) -> None:
+    """Start a local Ray instance with ``num_cpus`` CPUs (workers see this process's ``WORKBENCH_HOME``).
+
+    On a machine whose cores are busy, Ray's raylet can give up waiting for its own agents to start (a fixed
+    wait inside Ray: ray-project/ray#65983) and the start fails with "The current node timed out during
+    startup"; that start is tried again, up to ``attempts`` times.
+    """
+    import os
+
+    import ray
+
+    env = {k: os.environ[k] for k in ("WORKBENCH_HOME",) if k in os.environ}
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                runtime_env={"env_vars": env} if env else None,
+                log_to_driver=False,
+            )
+            return
+        except Exception as err:  # Ray raises a bare Exception when its start times out
+            ray.shutdown()
+            if "timed out during startup" not in str(err) or attempt == attempts:
+                raise
+
+
 def _worker_lost(err: BaseException) -> bool:
     return any(type(e).__name__ in WORKER_LOST for e in (err, getattr(err, "cause", None)) if e is not None)
 
@@ -1175,21 +1202,14 @@ def _run_ray(
     cpus_per_task: float,
     max_retries: int,
 ) -> tuple[list[SweepItem], list[int]]:
-    import os
 
     import ray
 
     url = worker_url(str(reg.url))
     started = False
     if not ray.is_initialized():
-        env = {k: os.environ[k] for k in ("WORKBENCH_HOME",) if k in os.environ}
         if address is None:
-            ray.init(
-                num_cpus=num_cpus,
-                include_dashboard=False,
-                runtime_env={"env_vars": env} if env else None,
-                log_to_driver=False,
-            )
+            start_local_ray(num_cpus)
         else:
             ray.init(address=address, log_to_driver=False)
         started = True
@@ -1310,6 +1330,7 @@ __all__ = [
     "known_fingerprint",
     "n_layers",
     "run_sweep",
+    "start_local_ray",
     "vary",
     "worker_url",
 ]
