@@ -141,6 +141,23 @@ def _run_all_until_app_shows(page, retries: int = 2) -> None:
     raise AssertionError("the app did not render after Run All Cells")
 
 
+def _expect_plot_fills_panel(page, plot, panel, what: str) -> None:
+    """The drawn plot is about as wide as its panel, not plotly's 700 px fallback.
+
+    A plot view that plotly drew before it was attached (or while its tab was hidden) is measured again a moment
+    after it is laid out (widgets.common._WidthWatcher), so the width is polled, not read once.
+    """
+    deadline = time.monotonic() + UI_TIMEOUT_MS / 1000
+    while True:
+        svg_width = plot.locator(".main-svg").first.evaluate("el => el.getBoundingClientRect().width")
+        panel_width = panel.evaluate("el => el.clientWidth")
+        if svg_width > 0.8 * panel_width or time.monotonic() > deadline:
+            break
+        page.wait_for_timeout(250)
+    print(f"{what} width: {svg_width:.0f} px of a {panel_width} px panel")
+    assert svg_width > 0.8 * panel_width, f"{what} is {svg_width:.0f} px wide in a {panel_width} px panel"
+
+
 def _button(scope, label: str):
     """An ipywidgets button by its exact label (icons carry no text, so the label is the accessible name)."""
     return scope.locator(".widget-button").filter(has_text=re.compile(rf"^\s*{re.escape(label)}\s*$"))
@@ -261,6 +278,10 @@ def test_workbench_in_jupyterlab(chromium, workspace) -> None:
             expect(points).to_have_count(8, timeout=RUN_TIMEOUT_MS)
             expect(status).to_have_count(0, timeout=RUN_TIMEOUT_MS)
             expect(plot.locator(".legendtext", has_text="quanto")).to_have_count(1)
+            # Redrawn after every run, the plot still fills its panel.
+            _expect_plot_fills_panel(
+                page, plot, app.locator(".widget-tab").first, "quantize plot in JupyterLab"
+            )
             plot.scroll_into_view_if_needed()
             _shot(page, "lab-07-quantize-sweep-and-two-methods")
 
@@ -275,12 +296,10 @@ def test_workbench_in_jupyterlab(chromium, workspace) -> None:
             )  # a shown tab's plots get fresh views (widgets.common.LivePlot.redraw_view)
             compare_plot = app.locator(".js-plotly-plot:visible").first
             expect(compare_plot.locator(".legendtext", has_text="quanto")).to_have_count(1)
-            # How wide the drawn plot is, against its panel (printed: in JupyterLab it can still be plotly's 700 px).
-            svg_width = compare_plot.locator(".main-svg").first.evaluate(
-                "el => el.getBoundingClientRect().width"
+            # The plot of a tab shown after it was drawn fills the panel (not plotly's 700 px fallback).
+            _expect_plot_fills_panel(
+                page, compare_plot, app.locator(".widget-tab").first, "compare plot in JupyterLab"
             )
-            panel_width = app.locator(".widget-tab").first.evaluate("el => el.clientWidth")
-            print(f"compare plot width in JupyterLab: {svg_width:.0f} px of a {panel_width} px panel")
             compare_plot.evaluate("el => el.scrollIntoView()")
             _shot(page, "lab-08-compare")
             # A run's continuations (prompt, base, this run), another run beside it.
@@ -401,12 +420,12 @@ def test_dashboard_in_voila(chromium, workspace, tmp_path) -> None:
             compare_plot = page.locator(".js-plotly-plot:visible").first
             expect(compare_plot.locator(".scatterlayer .point").first).to_be_attached(timeout=UI_TIMEOUT_MS)
             expect(page.get_by_text("Reading the registry")).to_have_count(0)
-            # The plot of a tab shown after it was drawn fills the panel (not plotly's 700 px fallback).
+            # The plot of a tab shown after it was drawn fills the panel (not plotly's 700 px fallback), also
+            # once its fresh view (LivePlot.redraw_view) has replaced the one drawn hidden.
             page.wait_for_timeout(4000)
-            svg = page.locator(".js-plotly-plot:visible .main-svg").first
-            svg_width = svg.evaluate("el => el.getBoundingClientRect().width")
-            panel_width = page.locator(".widget-tab").first.evaluate("el => el.clientWidth")
-            assert svg_width > 0.8 * panel_width, (svg_width, panel_width)
+            _expect_plot_fills_panel(
+                page, compare_plot, page.locator(".widget-tab").first, "compare plot in Voila"
+            )
             _shot(page, "voila-04-compare-with-runs")
         except Exception:
             _shot(page, "voila-fail")

@@ -86,34 +86,38 @@ def test_no_plot_of_the_app_is_left_on_its_placeholder(registry_url, tmp_path, m
         app.close()
 
 
-def test_a_plot_asks_its_view_to_remeasure_after_drawing_and_when_its_tab_is_shown(monkeypatch):
-    # plotly draws a view that was hidden or detached at a 700 px fallback; any relayout makes it measure again.
+def test_a_plot_sits_beside_the_watcher_that_sizes_its_views_to_the_panel():
+    # plotly draws a view that was hidden or not yet attached at a 700 px fallback; the watcher's script makes
+    # it measure again once it is laid out (see widgets.common._WIDTH_WATCHER_ESM), for elements of this class.
+    from widgets import common
+
+    plot = LivePlot(lambda: _figure(2))
+    watcher = plot.children[0]
+    assert isinstance(watcher, common._WidthWatcher) and plot.children[1] is plot.figure
+    assert "wb-figure" in plot.figure._dom_classes
+    assert ".wb-figure" in watcher._css and ".wb-figure" in watcher._esm
+    assert 'new Event("resize")' in watcher._esm
+    assert watcher.layout.display == "none"  # it shows nothing
+
+
+def test_a_shown_tab_gives_its_plots_new_views_and_keeps_their_watchers():
     import ipywidgets as W
 
     from widgets import common
 
-    monkeypatch.setattr(common.threading, "Timer", _ImmediateTimer)
-    plot = LivePlot(lambda: _figure(2))
+    plot, other = LivePlot(lambda: _figure(2)), LivePlot(lambda: _figure(3))
     plot.refresh()
-    for _ in range(3):
-        plot.figure._js2py_layoutDelta = {"layout_delta": {"width": 700}, "layout_edit_id": 0}
-    assert plot.figure.layout.meta == {"fit": 2}  # measured again after drawing, twice at most (no loop)
-    other = LivePlot(lambda: _figure(3))
     other.refresh()
     tabs = W.Tab(children=[W.VBox([plot]), W.VBox([other])])
     common.fit_plots_when_shown(tabs)
-    before = other.figure
+    before, watcher, kept = other.figure, other.children[0], plot.figure
     tabs.selected_index = 1
-    # The shown tab's plot gets a new widget (a view created while visible) with the same figure.
+    # The shown tab's plot gets a new widget (a view created while visible) with the same figure...
     assert other.figure is not before and other.children[1] is other.figure
     assert [list(t.x) for t in other.figure.data] == [list(t.x) for t in before.data] == [[0, 1, 2]]
     assert other.figure.get_state()["_widget_layout"]["title"]["text"] == "trade-off"
-    assert plot.figure.layout.meta == {"fit": 2}  # the hidden one is left alone
-
-
-class _ImmediateTimer:
-    def __init__(self, _delay, fn):
-        self.fn, self.daemon = fn, True
-
-    def start(self):
-        self.fn()
+    assert "wb-figure" in other.figure._dom_classes and other.figure._config["responsive"] is True
+    # ...in front of the same watcher (a box redraws the views after the first child that changed), and the
+    # plot of the hidden tab is left alone.
+    assert other.children[0] is watcher
+    assert plot.figure is kept

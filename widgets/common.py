@@ -14,6 +14,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import anywidget
 import ipywidgets as W
 import pandas as pd
 import plotly.graph_objects as go
@@ -278,7 +279,69 @@ def _placeholder_figure() -> go.Figure:
     return fig.update_layout(height=420, template=TEMPLATE)
 
 
-_FIGURE_CSS = "<style>.wb-figure { width: 100%; align-self: stretch; }</style>"
+# The browser side of _WidthWatcher. plotly's widget view calls Plotly.newPlot as soon as the view exists, before
+# ipywidgets attaches it to the page (and in a hidden tab it stays at zero width): plotly then draws at its 700 px
+# fallback and, with `responsive`, measures again only on a window "resize" event. This watches the plot
+# elements (.wb-figure, 100 % of the panel) in the LivePlot's box; whenever one is laid out at a width its drawn
+# svg does not have (just attached, its tab shown, the panel resized without the window), it fires that event,
+# once per frame. A resize makes the svg as wide as its element, so the check then holds and nothing loops.
+# Before that it drops the plot's width from the view's layout: a relayout from the kernel that sets the height
+# (every replace_figure does) makes plotly.js pin the width it had then, and plotly does not resize a plot whose
+# width and height are both set. No LivePlot has a width of its own, so there is nothing else to lose.
+_WIDTH_WATCHER_ESM = """
+export default {
+  render({ el }) {
+    let box = null, frame = 0, tries = 0, timer = 0;
+    const misdrawn = (gd) => {
+      const svg = gd.querySelector(".main-svg");
+      return gd.clientWidth > 0 && svg && Math.abs(svg.getBoundingClientRect().width - gd.clientWidth) > 1;
+    };
+    const check = () => {
+      if (frame) return;
+      frame = requestAnimationFrame(() => {
+        frame = 0;
+        const plots = [...box.querySelectorAll(".wb-figure")].filter(misdrawn);
+        for (const gd of plots) if (gd.layout) delete gd.layout.width;
+        if (plots.length) window.dispatchEvent(new Event("resize"));
+      });
+    };
+    const sizes = new ResizeObserver(check);
+    const watch = () => {
+      sizes.disconnect();
+      for (const gd of box.querySelectorAll(".wb-figure")) sizes.observe(gd);
+    };
+    const children = new MutationObserver(watch);
+    const attach = () => {
+      box = el.parentElement;
+      if (box) {
+        children.observe(box, { childList: true });
+        watch();
+      } else if (tries++ < 200) {
+        timer = setTimeout(attach, 50);
+      }
+    };
+    attach();
+    return () => {
+      clearTimeout(timer);
+      cancelAnimationFrame(frame);
+      sizes.disconnect();
+      children.disconnect();
+    };
+  },
+};
+"""
+
+
+class _WidthWatcher(anywidget.AnyWidget):
+    """Makes the plots of the box it sits in fill their panel (see _WIDTH_WATCHER_ESM); shows nothing.
+
+    Its stylesheet gives a plot's element the panel's width (a widget box otherwise sizes it to its content:
+    the figure's first, fallback width); anywidget adds it to the page with the widget's model, so it applies
+    in a hidden tab too.
+    """
+
+    _esm = _WIDTH_WATCHER_ESM
+    _css = ".wb-figure { width: 100%; align-self: stretch; }"
 
 
 class LivePlot(W.VBox):
@@ -294,15 +357,14 @@ class LivePlot(W.VBox):
         self._figure_fn = figure_fn
         # Until the first refresh draws the real figure, a blank white frame (an empty FigureWidget would show
         # plotly's grey default axes, which look like a broken plot).
-        self._fits_left = 2
-        self._nudges = 0
         self.figure = self._new_figure_widget(_placeholder_figure())
         self.errors = ErrorArea()
         self.refreshes = 0
         self._lock = threading.Lock()
         self._on_click = on_click
-        style = W.HTML(_FIGURE_CSS, layout=W.Layout(display="none"))  # a <style> applies while hidden too
-        super().__init__([style, self.figure, self.errors])
+        # First, so that a new figure widget (redraw_view) leaves its browser view in place.
+        watcher = _WidthWatcher(layout=W.Layout(display="none"))
+        super().__init__([watcher, self.figure, self.errors])
 
     def refresh(self) -> None:
         with self._lock:  # the watcher thread and a worker may both refresh; draw one at a time
@@ -320,45 +382,23 @@ class LivePlot(W.VBox):
         widget = go.FigureWidget(figure)
         # Responsive: with no fixed width the plot fills its panel and follows the window...
         widget._config = {**widget._config, "responsive": True, "displaylogo": False}
-        # ...and its box is as wide as the panel (a widget box otherwise sizes it to its content: the figure's
-        # first, fallback width).
+        # ...and its element is as wide as the panel (the class _WidthWatcher styles and watches).
         widget.add_class("wb-figure")
-        # A browser view reports its drawn layout once it has rendered; see _on_view_layout.
-        widget.observe(self._on_view_layout, names="_js2py_layoutDelta")
         return widget
 
     def redraw_view(self) -> None:
         """A fresh browser view of the current figure, for a plot whose tab has just been shown.
 
-        A view drawn while its tab was hidden has zero width: plotly draws it at a 700 px fallback for good, and
-        edits it received while hidden may be missing. The new widget starts from the figure as the kernel
-        has it, and its view is created in the now visible tab.
+        Edits a view received while its tab was hidden may be missing from it. The new widget starts from the
+        figure as the kernel has it, and its view is created in the now visible tab (and sized to the panel by
+        the box's _WidthWatcher once it is attached).
         """
         with self._lock:
             old = self.figure
             self.figure = self._new_figure_widget(old)
-            self._fits_left = 2
             self.children = tuple(self.figure if child is old else child for child in self.children)
             self._bind_clicks()
         old.close()
-
-    def fit_width(self) -> None:
-        """Make the browser re-measure the plot's width (any relayout does): for a plot first drawn while its
-        tab was hidden or not yet attached, which plotly draws at a 700 px fallback and never resizes."""
-        with self._lock:
-            self._nudges += 1
-            self.figure.layout.meta = {"fit": self._nudges}
-
-    def _on_view_layout(self, change: dict[str, Any]) -> None:
-        # A view reports its layout after drawing (and after each edit). A view is often drawn before it is
-        # attached to the page, at plotly's fallback width; a relayout a moment later makes it measure the
-        # panel it now sits in. Twice per view at most, so the reports this causes do not loop.
-        if not change.get("new") or self._fits_left <= 0:
-            return
-        self._fits_left -= 1
-        timer = threading.Timer(0.3, self.fit_width)
-        timer.daemon = True
-        timer.start()
 
     def _bind_clicks(self) -> None:
         if self._on_click is None:
@@ -399,11 +439,6 @@ def fit_plots_when_shown(tabs: W.Tab) -> None:
         if index is not None and 0 <= index < len(tabs.children):
             for plot in plots_under(tabs.children[index]):
                 plot.redraw_view()
-                # and once its new view sits in the page, make it measure the panel (see fit_width)
-                for delay in (1.0, 3.0):
-                    timer = threading.Timer(delay, plot.fit_width)
-                    timer.daemon = True
-                    timer.start()
 
     tabs.observe(shown, names="selected_index")
 
