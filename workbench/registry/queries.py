@@ -64,7 +64,6 @@ _FETCHED = (
     RunRow.metrics_json,
     RunRow.revision,
     RunRow.hostname,
-    RunRow.environment_json,
 )
 _NAMES = (
     "run_id",
@@ -85,7 +84,6 @@ _NAMES = (
     "metrics_json",
     "revision",
     "hostname",
-    "environment_json",
 )
 
 
@@ -162,6 +160,18 @@ def _stage_columns(steps: list[Any]) -> tuple[dict[str, Any], dict[str, Any], tu
     return first, columns, tuple(names)
 
 
+def _environments(registry: Registry, run_ids: list[int]) -> dict[int, str]:
+    """The stored environment JSON of ``run_ids``, read only for runs not parsed before (every refresh would
+    otherwise fetch a few hundred bytes per run it never parses again), in chunks under SQLite's variable
+    limit."""
+    out: dict[int, str] = {}
+    for start in range(0, len(run_ids), 900):
+        chunk = run_ids[start : start + 900]
+        stmt = select(RunRow.id, RunRow.environment_json).where(RunRow.id.in_(chunk))
+        out.update({int(run_id): text for run_id, text in registry._read_rows(stmt)})
+    return out
+
+
 def _parsed(registry: Registry, raw: pd.DataFrame) -> list[tuple[Any, ...]]:
     """(revision, metrics, first-step params, stage columns, techniques, (host, device)) per row, parsed once per
     (run, revision) and kept on the registry object.
@@ -178,8 +188,8 @@ def _parsed(registry: Registry, raw: pd.DataFrame) -> list[tuple[Any, ...]]:
         metric_texts, pipeline_texts = raw["metrics_json"].tolist(), raw["pipeline_json"].tolist()
         parsed_metrics = _bulk_json([metric_texts[i] for i in missing], "{}")
         parsed_steps = _bulk_json([pipeline_texts[i] for i in missing], "[]")
-        env_texts, hosts = raw["environment_json"].tolist(), raw["hostname"].tolist()
-        envs = _bulk_json([env_texts[i] for i in missing], "{}")
+        env_texts, hosts = _environments(registry, [ids[i] for i in missing]), raw["hostname"].tolist()
+        envs = _bulk_json([env_texts.get(ids[i]) for i in missing], "{}")
         for i, found, steps, env in zip(missing, parsed_metrics, parsed_steps, envs):
             env = env if isinstance(env, dict) else {}
             # The host the run measured on (its environment), else the one that wrote the row.
