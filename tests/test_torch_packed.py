@@ -163,6 +163,21 @@ def test_int4_at_the_variants_own_grid_reproduces_it_and_another_grid_is_measure
     assert ctx.metrics["packed_exact_linears"] == 0
 
 
+def test_int4_weights_unpacked_from_the_packed_tensors_are_what_the_kernel_computes():
+    if why := _int4_runs():
+        pytest.skip(f"torchao's int4 CPU kernel does not run here: {why}")
+    from workbench.runtimes.torch_packed import _int4_weight, _probe_weight
+
+    model = apply_(_variant(), TorchPackedConfig(kind="int4", group_size=64))
+    shapes = set()
+    for name, lin in decoder_linears(model):
+        torch.testing.assert_close(
+            _int4_weight(lin.weight.data), _probe_weight(lin), rtol=0, atol=1e-6, msg=name
+        )
+        shapes.add(tuple(lin.weight.shape))
+    assert len(shapes) >= 4  # several (out, in) shapes: the learned layout is per shape
+
+
 def test_bfloat16_casts_the_rest_of_the_model_and_keeps_generating():
     if why := _int4_runs():
         pytest.skip(f"torchao's int4 CPU kernel does not run here: {why}")

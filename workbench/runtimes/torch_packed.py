@@ -18,8 +18,10 @@ minimum and maximum on the end codes) the packed weights equal the variant's up 
 differ by up to half a step of the coarser grid. The step measures this, for every converted linear, against
 the weights it received: ``packed_max_abs_diff`` (largest absolute difference) and ``packed_rel_error``
 (Frobenius norm of the difference over the norm of the variant's weights, all converted linears together) are
-stage metrics of the run. The packed weights are read back as the kernel uses them (``dequantize()``; for the
-int4 tensor, which has none, the kernel's product with the identity matrix).
+stage metrics of the run. The packed weights are read back from the packed tensors (``dequantize()``; the int4
+tensor, which has none, is unpacked here, its layout learned from the packing op, and checked in the tests
+against the kernel's own product with the identity matrix). These cover the weights only:
+``int8_dynamic`` also rounds every activation to int8, which shows in the run's quality metrics, not here.
 
 **Size.** Each converted linear reports ``wb_storage_bytes``, the bytes of the plain tensors inside its packed
 weight (codes, scales, zero points; :func:`workbench.models.packed_weight_bytes`), which is also what
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
 import time
 import warnings
@@ -134,13 +137,19 @@ class TorchPackedConfig:
 
 def import_torchao() -> Any:
     """torchao, imported quietly (it logs every optional CUDA/SM90 extension it cannot load on a CPU build)."""
+    # torch's own log handler holds the real stderr: its pytree notices about torchao's enums are muted by level.
+    pytree = logging.getLogger("torch.utils._pytree")
+    level = pytree.level
     try:
+        pytree.setLevel(logging.ERROR)
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             import torchao
             import torchao.quantization
     except ImportError:
         raise ConfigError(f"torch_packed needs the torchao package: {INSTALL_HINT}.") from None
+    finally:
+        pytree.setLevel(level)
     return torchao
 
 
@@ -191,25 +200,83 @@ def check_torch_packed(model: Any, config: TorchPackedConfig) -> None:
             )
 
 
-def _kernel_weight(linear: nn.Linear) -> torch.Tensor:
-    """The (out, in) weight the packed kernel computes with, in float32."""
+_INT4_LAYOUTS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _int4_layout(n: int, k: int) -> torch.Tensor:
+    """Where each weight's 4-bit code sits in a CPU int4-packed (n, k) weight: for weight (row r, column c), at
+    flat position r·k + c, the index of its nibble (low then high nibble of each packed byte).
+
+    The packing (``_convert_weight_to_int4pack_for_cpu``) interleaves rows and columns in blocks; rather than
+    restate that layout, it is read from the op itself: codes that spell each weight's row and column base 16,
+    digit by digit, are packed and read back. Learned once per shape.
+    """
+    key = (n, k)
+    if key not in _INT4_LAYOUTS:
+
+        def origin(values: torch.Tensor) -> torch.Tensor:  # per packed nibble: the value its weight had
+            out, place, rest = torch.zeros(n * k, dtype=torch.int64), 1, values.clone()
+            while True:
+                digit = (rest % 16).to(torch.int32).contiguous()
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(digit, 1)
+                out += torch.stack([packed & 0xF, packed >> 4], -1).flatten().to(torch.int64) * place
+                rest, place = rest // 16, place * 16
+                if not bool(rest.any()):
+                    return out
+
+        rows = torch.arange(n).view(n, 1).expand(n, k)
+        cols = torch.arange(k).view(1, k).expand(n, k)
+        source = origin(rows) * k + origin(cols)  # the flat (row, column) of every packed nibble
+        layout = torch.empty(n * k, dtype=torch.int64)
+        layout[source] = torch.arange(n * k)
+        _INT4_LAYOUTS[key] = layout
+    return _INT4_LAYOUTS[key]
+
+
+def _int4_weight(w: Any) -> torch.Tensor | None:
+    """An int4 weight-only ``Int4OpaqueTensor`` unpacked from its own tensors: codes q (0..15) and per group a
+    scale s and zero z (``scale_and_zero``, (K/g, N, 2)), w = (q - 8) · s + z in the tensor's dtype, as torchao's
+    tinygemm dequantization computes it. None for any other tensor."""
+    if type(w).__name__ != "Int4OpaqueTensor" or getattr(w, "act_mapping_type", None) is not None:
+        return None
+    n, k = w.shape
+    g = int(w.block_size[-1])
+    nibbles = torch.stack([w.qdata & 0xF, w.qdata >> 4], -1).flatten().to(torch.int64)
+    q = nibbles[_int4_layout(n, k)].view(n, k // g, g)
+    sz = w.scale_and_zero
+    scale, zero = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]  # (N, K/g, 1)
+    return ((q.to(sz.dtype) - 8) * scale + zero).view(n, k).float()
+
+
+def _probe_weight(linear: nn.Linear) -> torch.Tensor:
+    """The (out, in) weight a linear's kernel computes with, read through the kernel: its product with the
+    identity matrix (in blocks of rows), in float32."""
     w = linear.weight
+    out_f, in_f = linear.out_features, linear.in_features
+    rows = []
+    with torch.no_grad():
+        for start in range(0, in_f, _PROBE_ROWS):
+            n = min(_PROBE_ROWS, in_f - start)
+            eye = torch.zeros(n, in_f, dtype=w.dtype, device=w.device)
+            eye[torch.arange(n), torch.arange(start, start + n)] = 1
+            rows.append(nn.functional.linear(eye, w).float())  # (n, out): columns start.. of W, transposed
+    return torch.cat(rows, 0).t().reshape(out_f, in_f)
+
+
+def _kernel_weight(linear: nn.Linear) -> torch.Tensor:
+    """The (out, in) weight the packed kernel computes with, in float32: the tensor's own ``dequantize()``, the
+    int4 tensor unpacked (it has none), else read through the kernel (:func:`_probe_weight`)."""
+    w = linear.weight
+    unpacked = _int4_weight(w.data)
+    if unpacked is not None:
+        return unpacked
     dequantize = getattr(w, "dequantize", None)
     if callable(dequantize):
         try:
             return dequantize().float()
         except (NotImplementedError, RuntimeError, TypeError):
-            pass  # Int4OpaqueTensor implements no dequantize: read it through its kernel below
-    out_f, in_f = linear.out_features, linear.in_features
-    dtype = w.dtype
-    rows = []
-    with torch.no_grad():
-        for start in range(0, in_f, _PROBE_ROWS):
-            n = min(_PROBE_ROWS, in_f - start)
-            eye = torch.zeros(n, in_f, dtype=dtype, device=w.device)
-            eye[torch.arange(n), torch.arange(start, start + n)] = 1
-            rows.append(nn.functional.linear(eye, w).float())  # (n, out): columns start.. of W, transposed
-    return torch.cat(rows, 0).t().reshape(out_f, in_f)
+            pass
+    return _probe_weight(linear)
 
 
 def _cast_rest_(model: nn.Module, converted: set[int], dtype: torch.dtype) -> None:
