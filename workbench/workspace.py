@@ -12,7 +12,9 @@ decisions a panel would otherwise make itself.
 The Quantize panel, the app and ``workbench sweep`` all go through one of these, so what a panel can decide
 the library can decide in code: which config a slider position means (:mod:`workbench.techniques.space`),
 whether the registry already answers it (the lookup ``run_experiment`` makes first), whether the loaded model
-can take it (the technique's own ``check``), and what runs next (:class:`workbench.jobs.JobQueue`).
+can take it (the technique's own ``check``), and what runs next (:class:`workbench.jobs.JobQueue`). A panel's
+"Run as sweep" asks it too: which pipelines one slider's whole range means (``slider_sweep``, from
+:mod:`workbench.sweep`) and which of them the registry answers at once (``plan_sweep``).
 
 Threads: ``submit_run`` work and model-loaded listeners run on the queue's worker thread; ``answer_now``,
 ``check`` and ``space`` run on the caller's thread and touch nothing the worker writes except ``loaded``
