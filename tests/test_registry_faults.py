@@ -304,6 +304,7 @@ def test_registry_upgrade_command_migrates_an_older_registry_in_place(url, revis
 
     out = _cli("registry", "upgrade", "--url", url)
     assert out.returncode == 0, out.stderr
+    assert f"is up to date (schema {SCHEMA_VERSION}; runs kept)" in out.stdout
     with Registry.open(url) as reg:
         old = [reg.get_run(1), reg.get_run(2)]
         assert [r.metrics for r in old] == [{"ppl": 11.0}, {"ppl": 12.0}]

@@ -387,11 +387,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_registry(args: argparse.Namespace) -> int:
-    from workbench.registry import Registry
+    from workbench.registry import Registry, safe_url
 
     if args.action == "upgrade":
-        Registry.upgrade(args.url)
-        print(f"Registry at {args.url or 'the default location'} is up to date.")
+        schema = Registry.upgrade(args.url)
+        print(f"Registry at {safe_url(args.url)} is up to date (schema {schema}; runs kept).")
     return 0
 
 

@@ -11,7 +11,7 @@ In this project "registry" means this run store; the technique name table lives 
 from workbench.registry.copy import CopyReport, copy_runs
 from workbench.registry.models import RUN_STATUSES, SCHEMA_VERSION, Run
 from workbench.registry.queries import BASE_COLUMNS
-from workbench.registry.store import DEFAULT_URL, ENV_VAR, STALE_AFTER_S, Registry, resolve_url
+from workbench.registry.store import DEFAULT_URL, ENV_VAR, STALE_AFTER_S, Registry, resolve_url, safe_url
 
 __all__ = [
     "BASE_COLUMNS",
@@ -25,4 +25,5 @@ __all__ = [
     "Run",
     "copy_runs",
     "resolve_url",
+    "safe_url",
 ]

@@ -102,6 +102,7 @@ def copy_runs(
         raise ConfigError(
             f"Unknown status {', '.join(map(repr, unknown))}; use one of {', '.join(RUN_STATUSES)}, or all."
         )
+    count_running = status is None  # say how many were left out only when every finished run was asked for
     src, own_src = _open(source, mark_stale=False)
     try:
         dst, own_dst = _open(destination, mark_stale=False)
@@ -110,7 +111,7 @@ def copy_runs(
                 raise ConfigError(
                     f"--from and --to are the same registry ({_safe(src.url)}); copy into another one."
                 )
-            return _copy(src, dst, statuses, model, technique, tag, since, suite)
+            return _copy(src, dst, statuses, count_running, model, technique, tag, since, suite)
         finally:
             if own_dst:
                 dst.close()
@@ -129,6 +130,7 @@ def _copy(
     src: Registry,
     dst: Registry,
     statuses: list[str],
+    count_running: bool,
     model: str | None,
     technique: str | Sequence[str] | None,
     tag: str | None,
@@ -143,8 +145,9 @@ def _copy(
         import json
 
         rows = [r for r in rows if str(tag) in json.loads(r["tags_json"] or "[]")]
-    running = where_runs(select(func.count(RunRow.id)), status="running", **filters)
-    report.running_left_out = int(src._transact(lambda s: s.execute(running).scalar() or 0, write=False))
+    if count_running:
+        running = where_runs(select(func.count(RunRow.id)), status="running", **filters)
+        report.running_left_out = int(src._transact(lambda s: s.execute(running).scalar() or 0, write=False))
     selected = {r["id"] for r in rows}
     by_id = {r["id"]: r for r in rows}
 

@@ -114,6 +114,11 @@ def resolve_url(url: str | os.PathLike[str] | None = None) -> str:
     return url
 
 
+def safe_url(url: str | os.PathLike[str] | None) -> str:
+    """The registry URL ``url`` resolves to (see resolve_url), with its password hidden: for messages."""
+    return _safe(resolve_url(url))
+
+
 def _safe(url: str | URL) -> str:
     """The URL without its password, for messages and repr."""
     try:
@@ -1413,4 +1418,5 @@ __all__ = [
     "Registry",
     "canonical_pipeline",
     "resolve_url",
+    "safe_url",
 ]
