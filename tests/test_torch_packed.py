@@ -97,6 +97,16 @@ def test_a_group_size_that_does_not_divide_a_layer_is_named_before_any_work(tiny
     assert all(type(lin.weight.data) is torch.Tensor for _, lin in decoder_linears(model))
 
 
+def test_int4_refuses_output_rows_its_cpu_packing_cannot_take_before_any_work():
+    from workbench.tiny import tiny_llama
+
+    model = tiny_llama(hidden_size=40)  # q_proj: 40 output rows, not a multiple of 16
+    with pytest.raises(
+        ConfigError, match=r"multiples of 16; 'model.layers.0.self_attn.q_proj' has out_features=40"
+    ):
+        check(model, TorchPackedConfig(kind="int4"))
+
+
 def test_missing_torchao_names_the_install_command(monkeypatch, tiny_llama):
     real_import = builtins.__import__
 

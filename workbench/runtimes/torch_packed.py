@@ -55,6 +55,7 @@ from workbench.techniques.base import ApplyContext, register
 KINDS = ("int4", "int8", "int8_dynamic")
 DTYPES = ("float32", "bfloat16")
 INT4_GROUP_SIZES = (32, 64, 128)  # what Int4OpaqueTensor accepts
+INT4_ROW_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
 INSTALL_HINT = "pip install torchao (or pip install 'efficiency-workbench[deploy]')"
 # The group size each kind takes when none is given: int4 at 32, the workbench's default grid (a default 4-bit
 # variant then lands on nearly the same grid); int8 per output row, the layout torchao's fast int8 paths use.
@@ -188,6 +189,11 @@ def check_torch_packed(model: Any, config: TorchPackedConfig) -> None:
             raise ConfigError(
                 f"torch_packed: torchao's int4 kernel here runs on the CPU; '{name}' is on {data.device}. "
                 "Load the model on the CPU, or choose kind='int8'."
+            )
+        if config.kind == "int4" and lin.out_features % INT4_ROW_MULTIPLE:
+            raise ConfigError(
+                f"torch_packed: torchao's int4 CPU packing takes output rows in multiples of "
+                f"{INT4_ROW_MULTIPLE}; '{name}' has out_features={lin.out_features}. Choose kind='int8'."
             )
         width = lin.in_features
         if config.group_size != -1 and width % config.group_size:
