@@ -129,6 +129,16 @@ class QuantizePanel(W.VBox):
             tooltip="Logarithmic quality axis (one 2-bit point no longer flattens the rest)",
             layout=W.Layout(width="110px"),
         )
+        from workbench.runtimes import SIMULATED, runtime_choices
+
+        self.runtime = W.Dropdown(
+            options=list(runtime_choices()),
+            value=SIMULATED,
+            description="Runtime",
+            tooltip="Where the variant is measured: simulated in torch (float weights), or exported and run "
+            "in llama.cpp / with torch's packed kernels (real size and latency)",
+            layout=W.Layout(width="300px"),
+        )
         self.grid_warning = W.HTML("")
         self.space_note = W.HTML("")  # what the method takes, and why the default point is what it is
         self.message = W.HTML("")  # the last point: recorded, found again, or stopped
@@ -148,6 +158,7 @@ class QuantizePanel(W.VBox):
         self.method.observe(self._on_method, names="value")
         for control in (self.group_size, self.symmetric):
             control.observe(self._on_setting, names="value")
+        self.runtime.observe(self._on_runtime, names="value")
         for control in (self.quality, self.size_axis, self.log_y):
             control.observe(lambda _c: self.plot.refresh(), names="value")
         self.run_button.on_click(lambda _b: self.submit())
@@ -160,7 +171,7 @@ class QuantizePanel(W.VBox):
 
         super().__init__(
             [
-                W.HBox([self.method, self.bits, self.group_size, self.symmetric]),
+                W.HBox([self.method, self.bits, self.group_size, self.symmetric, self.runtime]),
                 W.HBox([self.run_button, self.sweep_button, self.cancel_button, self.progress]),
                 self.errors,
                 self.grid_warning,
@@ -217,6 +228,12 @@ class QuantizePanel(W.VBox):
         if not self._syncing:
             self._clear_progress()
 
+    def _on_runtime(self, _change: Any) -> None:
+        self.message.value = ""
+        self.errors.clear()
+        self._clear_progress()
+        self.plot.refresh()
+
     def _on_bits(self, _change: Any) -> None:
         self.submit()
 
@@ -239,6 +256,13 @@ class QuantizePanel(W.VBox):
             group_size=self.group_size.value if space.group_sizes else None,
             symmetric=self.symmetric.value if space.symmetric else None,
         )
+
+    def pipeline(self, bits: int | None = None) -> list[Any]:
+        """What one slider position runs: the method's config, then the chosen runtime's deploy step (the
+        library's :func:`workbench.runtimes.with_runtime`, which refuses a variant the runtime cannot hold)."""
+        from workbench.runtimes import with_runtime
+
+        return with_runtime([self.config(bits)], self.runtime.value)
 
     # ---- stale state ---------------------------------------------------------------------------------
 
@@ -280,17 +304,17 @@ class QuantizePanel(W.VBox):
             self.message.value = ""
             self._clear_progress()
         try:
-            config = self.config(bits)
-            found = self.ws.answer_now([config])
+            steps = self.pipeline(bits)
+            found = self.ws.answer_now(steps)
             if found is not None:
                 self._show_result(found)
                 return None
             return self.app.run(
-                [config],
+                steps,
                 progress_bar=self.progress,
                 errors=self.errors,
                 on_result=self._on_result,
-                on_partial=self._partial_listener(config),
+                on_partial=self._partial_listener(steps),
             )
         except ConfigError as err:  # bad settings, settings the model cannot take, or no registry open
             self.errors.show(err)
@@ -321,8 +345,8 @@ class QuantizePanel(W.VBox):
         reason: ConfigError | None = None
         for bits in widths:
             try:
-                config = self.config(bits)
-                if self.ws.answer_now([config]) is not None:
+                steps = self.pipeline(bits)
+                if self.ws.answer_now(steps) is not None:
                     self._show_result(self.ws.last_result)
                     found.append(str(bits))
                     continue
@@ -333,11 +357,11 @@ class QuantizePanel(W.VBox):
             try:
                 jobs.append(
                     self.app.run(
-                        [config],
+                        steps,
                         progress_bar=self.progress,
                         errors=self.errors,
                         on_result=self._on_result,
-                        on_partial=self._partial_listener(config),
+                        on_partial=self._partial_listener(steps),
                     )
                 )
             except ConfigError as err:  # no registry open
@@ -373,12 +397,12 @@ class QuantizePanel(W.VBox):
             self._show_result(job.result)
         self._hide_later()
 
-    def _partial_listener(self, config: Any) -> Any:
+    def _partial_listener(self, steps: list[Any]) -> Any:
         """What hears a run's provisional metrics: a hollow point on the plot, refined as chunks finish."""
         from workbench.techniques import describe_pipeline
         from workbench.techniques.base import technique_for
 
-        label, technique = describe_pipeline([config]), technique_for(config).name
+        label, technique = describe_pipeline(steps), technique_for(steps[0]).name
 
         def listen(metrics: dict[str, Any]) -> None:
             point = {f"metric_{k}": v for k, v in metrics.items() if k != "provisional"}
@@ -424,12 +448,17 @@ class QuantizePanel(W.VBox):
     # ---- the plot -------------------------------------------------------------------------------------
 
     def frame(self) -> pd.DataFrame:
-        """The runs this panel plots: the loaded model (once known), the current suite, quantizers + baseline."""
+        """The runs this panel plots: the loaded model (once known), the current suite, quantizers measured in
+        the chosen runtime, and the baseline (the simulated one: the float model every runtime is compared to)."""
+        from workbench.runtimes import SIMULATED
+
         frame = self.ws.runs_frame(model=self.ws.fingerprint, suite=self.ws.suite_filter)
         if frame.empty:
             return frame
-        keep = set(self.method.options) | {"baseline"}
-        return frame[frame["technique"].isin(keep)]
+        runtime = frame["runtime"] if "runtime" in frame else pd.Series(SIMULATED, index=frame.index)
+        methods = frame["technique"].isin(set(self.method.options)) & (runtime == self.runtime.value)
+        baseline = (frame["technique"] == "baseline") & (runtime == SIMULATED)
+        return frame[methods | baseline]
 
     def _figure(self) -> go.Figure:
         from workbench.views import bits_figure
