@@ -220,6 +220,52 @@ def test_postgres_restarted_while_writing_loses_nothing(own_postgres):
     _assert_complete(url, workers, n)
 
 
+def test_writes_retried_after_a_lost_commit_acknowledgement_happen_exactly_once(
+    postgres_schema_url, monkeypatch
+):
+    # The worst moment for a connection to drop: the server committed, the client never heard. The retry must
+    # find the first attempt's work instead of doing it again.
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.orm import Session
+
+    real_commit = Session.commit
+    lost: list[int] = []
+
+    def commit_then_lose_the_answer(self: Session) -> None:
+        real_commit(self)
+        if not lost:
+            lost.append(1)
+            raise OperationalError(
+                "COMMIT",
+                {},
+                Exception("server closed the connection unexpectedly"),
+                connection_invalidated=True,
+            )
+
+    with Registry.open(postgres_schema_url) as reg:
+        keep = _done(reg, "kept")
+        for write in ("start", "finish", "delete"):
+            lost.clear()
+            if write == "start":
+                monkeypatch.setattr(Session, "commit", commit_then_lose_the_answer)
+                run_id = reg.start_run("fp", "m", "[]", "once", "quick:k", "quick")
+            elif write == "finish":
+                monkeypatch.setattr(Session, "commit", commit_then_lose_the_answer)
+                reg.finish_run(run_id, {"ppl": 3.0})
+            else:
+                monkeypatch.setattr(Session, "commit", commit_then_lose_the_answer)
+                reg.delete_run(run_id)
+            monkeypatch.setattr(Session, "commit", real_commit)
+            assert lost == [1]  # the answer was lost once, and the call still succeeded
+            frame = reg.runs_frame(status=None)
+            if write == "start":
+                assert list(frame["pipeline"]).count("once") == 1
+            elif write == "finish":
+                assert reg.get_run(run_id).status == "done" and reg.get_run(run_id).metrics == {"ppl": 3.0}
+            else:
+                assert list(frame["run_id"]) == [keep]
+
+
 def test_registry_that_cannot_be_reached_is_one_clear_line_with_the_password_hidden(monkeypatch):
     from workbench.registry import store
 

@@ -950,8 +950,12 @@ class Registry:
 
     def delete_run(self, run_id: int) -> None:
         """Delete ``run_id``; runs that named it as parent keep existing with no parent."""
+        tries: list[int] = []
 
         def write(session: Session) -> None:
+            tries.append(1)
+            if len(tries) > 1 and session.get(RunRow, int(run_id)) is None:
+                return  # an earlier attempt deleted it before its connection was lost
             row = self._row(session, run_id)
             now = _now()
             session.execute(
