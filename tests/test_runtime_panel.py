@@ -56,6 +56,19 @@ def test_a_point_measured_in_llama_cpp_is_its_own_run_plotted_apart(app, registr
     panel.runtime.value = SIMULATED
     assert set(panel.frame()["runtime"]) == {SIMULATED}
 
+    # Compare filters by runtime, and a runtime's latency is not marked simulated.
+    from workbench.views import simulated_latency
+
+    compare = app.compare
+    compare.refresh()
+    assert "llama.cpp" in [v for _, v in compare.runtime.options]
+    compare.runtime.value = "llama.cpp"
+    assert list(compare.frame["runtime"]) == ["llama.cpp"]
+    assert not simulated_latency(compare.frame).any()
+    compare.runtime.value = ""
+    flags = dict(zip(compare.frame["pipeline"], simulated_latency(compare.frame)))
+    assert flags["rtn 4b g32 sym"] and not flags["rtn 4b g32 sym → llama.cpp"]
+
 
 def test_a_variant_llama_cpp_cannot_hold_is_refused_before_anything_runs(app, registry_url):
     panel = app.quantize

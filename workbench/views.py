@@ -70,7 +70,8 @@ def direction(column: str) -> str:
 # Techniques whose variants are only simulated: weights are rounded onto the low-bit grid and stored back as
 # floats, so the variant runs at the float model's speed (often a little slower) and its latency says nothing
 # about a deployed low-bit model. bnb and quanto run packed kernels for real, so theirs is measured. A pipeline
-# is simulated when any of its steps is. Until variants run in a real runtime, plots and tables say so.
+# is simulated when any of its steps is, unless it ends in a runtime step (workbench.runtimes), which measures
+# the exported variant for real.
 SIMULATED_LATENCY = frozenset({"rtn", "gptq", "awq", "mixed"})
 LATENCY_METRICS = frozenset(
     {"metric_decode_tok_s", "metric_prefill_tok_s", "metric_decode_ms_per_tok", "metric_prefill_ms_per_tok"}
@@ -82,6 +83,12 @@ def _pipeline_simulated(pipeline_json: Any) -> bool:
         steps = json.loads(pipeline_json) if isinstance(pipeline_json, str) else []
     except ValueError:
         return False
+    if not isinstance(steps, list) or not steps:
+        return False
+    from workbench.runtimes import SIMULATED, runtime_of_names
+
+    if runtime_of_names([str(s.get("technique", "")) for s in steps if isinstance(s, dict)]) != SIMULATED:
+        return False  # measured in a real runtime (llama.cpp, torch packed): its latency is real
     return any(isinstance(step, dict) and step.get("technique") in SIMULATED_LATENCY for step in steps)
 
 

@@ -156,6 +156,14 @@ class ComparePanel(W.VBox):
             layout=W.Layout(width="260px"),
         )
         self.host_note = W.HTML("")  # says so when the runs shown were measured on several machines
+        self.runtime = W.Dropdown(
+            options=[("All runtimes", "")],
+            value="",
+            description="Runtime",
+            tooltip="Where runs were measured: simulated in torch (float weights), or exported and run in "
+            "llama.cpp / torch's packed kernels (real size and latency)",
+            layout=W.Layout(width="300px"),
+        )
         app_suite = app.suite_filter
         self.suite = W.Dropdown(
             options=[("All suites", ""), (_suite_label(app.suite), app_suite)],
@@ -243,7 +251,7 @@ class ComparePanel(W.VBox):
         self.outputs_html = W.HTML("")
         self.errors = ErrorArea()
 
-        for control in (self.model, self.technique, self.tag, self.since, self.host):
+        for control in (self.model, self.technique, self.tag, self.since, self.host, self.runtime):
             control.observe(lambda _c: None if self._updating else self.refresh(), names="value")
         self.suite.observe(self._suite_picked, names="value")
         for control in (self.y, self.x, self.color, self.log_y, self.labels):
@@ -262,9 +270,9 @@ class ComparePanel(W.VBox):
         super().__init__(
             [
                 W.HBox(
-                    [self.model, self.technique, self.suite, self.tag, self.since, self.host],
+                    [self.model, self.technique, self.suite, self.tag, self.since, self.host, self.runtime],
                     layout=W.Layout(flex_flow="row wrap"),
-                ),  # six filters: wrap rather than clip on a narrow page
+                ),  # seven filters: wrap rather than clip on a narrow page
                 W.HBox(
                     [self.y, self.x, self.color, self.log_y, self.labels],
                     layout=W.Layout(flex_flow="row wrap"),
@@ -330,6 +338,7 @@ class ComparePanel(W.VBox):
                 else:
                     frame = full
                 frame = with_display_metrics(frame)
+                frame = _only(frame, "runtime", self.runtime.value)
                 every_host = frame
                 frame = _only_host(frame, self.host.value)
             except ConfigError as err:
@@ -369,8 +378,12 @@ class ComparePanel(W.VBox):
         hosts = [("All hosts", "")]
         if not full.empty and "host" in full.columns:
             hosts += [(h, h) for h in sorted(full["host"].dropna().astype(str).unique())]
+        runtimes = [("All runtimes", "")]
+        if not full.empty and "runtime" in full.columns:
+            runtimes += [(r, r) for r in sorted(full["runtime"].dropna().astype(str).unique())]
         self._updating = True  # new options may reset a value; that must not start a refresh inside this one
         try:
+            _set_options(self.runtime, runtimes)
             _set_options(self.model, models)
             _set_options(self.technique, techniques)
             _set_options(self.host, hosts)
@@ -607,6 +620,13 @@ def _hosts(frame: pd.DataFrame) -> list[str]:
     if frame.empty or "host" not in frame.columns:
         return []
     return sorted(frame["host"].dropna().astype(str).unique())
+
+
+def _only(frame: pd.DataFrame, column: str, value: str) -> pd.DataFrame:
+    """The runs whose ``column`` is ``value`` ("" keeps every run)."""
+    if not value or frame.empty or column not in frame.columns:
+        return frame
+    return frame[frame[column] == value].reset_index(drop=True)
 
 
 def _only_host(frame: pd.DataFrame, host: str) -> pd.DataFrame:
