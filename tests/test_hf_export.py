@@ -156,6 +156,19 @@ def test_variants_without_a_pack_quantized_form_are_refused(steps, needle, tmp_p
         export_compressed_tensors(_loaded(None), _variant(*steps), tmp_path / "ct")
 
 
+def test_fused_moe_experts_are_refused_by_compressed_tensors_and_kept_by_safetensors(
+    tmp_path, byte_tokenizer
+):
+    from workbench.tiny import tiny_moe
+
+    variant = apply_(tiny_moe(), RTNConfig(bits=4, group_size=32, symmetric=True))
+    with pytest.raises(ConfigError, match=r"keeps its routed experts fused \('model.layers.0.mlp.experts"):
+        export_compressed_tensors(_loaded(byte_tokenizer), variant, tmp_path / "ct")
+    info = export_safetensors(variant, byte_tokenizer, tmp_path / "st")
+    assert info.details["reload_check"] == "passed"
+    assert torch.equal(_logits(_reload(tmp_path / "st")), _logits(variant))
+
+
 def test_weights_off_their_recorded_grid_are_refused(tmp_path):
     variant = _variant(RTNConfig(bits=4, group_size=32, symmetric=True))
     with torch.no_grad():

@@ -14,8 +14,10 @@ take). The codes come from :func:`workbench.runtimes.codes.recover_codes`, which
 the variant's float weights bit for bit, so the folder computes exactly what the workbench measured. The
 float-minimum form (``zero_point="float"``, llama.cpp's Q4_1: w = q · d + m) has no exact compressed-tensors
 equivalent; it is refused with the closest form (the integer zero point) and what converting would move. Decoder
-linears no step quantized, the embeddings and head (even when quantized: compressed-tensors packs linears)
-and fused MoE expert tensors are written dense with the variant's values, and the card says so.
+linears no step quantized and the embeddings and head (even when quantized: compressed-tensors packs linears)
+are written dense with the variant's values, and the card says so. Models that keep their routed experts fused
+(transformers' MoE layout) are refused: transformers reads compressed-tensors MoE checkpoints only with each
+expert's linears packed on their own, which this exporter does not write.
 
 :func:`export_safetensors` writes any variant as a plain folder (dequantized float weights, config, tokenizer).
 
@@ -41,7 +43,7 @@ from torch import nn
 
 from workbench.errors import ConfigError
 from workbench.runtimes.card import ExportInfo
-from workbench.techniques._quant import decoder_linears
+from workbench.techniques._quant import decoder_linears, fused_expert_tensors
 
 CT_BITS = (4, 8)
 # The workbench's weight-grid forms (module.wb_quant) and recover_codes' names for them.
@@ -129,6 +131,13 @@ def compressed_tensors_plan(model: nn.Module) -> tuple[list[PackedLinear], list[
 
     what = "compressed-tensors export"
     _check_not_packed(model, what)
+    fused = fused_expert_tensors(model)
+    if fused:
+        raise ConfigError(
+            f"{what}: this model keeps its routed experts fused ('{fused[0][0]}'); transformers reads "
+            "compressed-tensors MoE checkpoints only with every expert's linears packed on their own, which "
+            "this exporter does not write. Export it as GGUF or as plain safetensors."
+        )
     linears = list(decoder_linears(model))
     quantized = [(n, m, m.wb_quant) for n, m in linears if isinstance(getattr(m, "wb_quant", None), dict)]
     if not quantized:
@@ -465,7 +474,7 @@ def export_compressed_tensors(
     if dense:
         info.details["quantized_but_dense"] = dense
         info.notes.append(
-            "Quantized tensors compressed-tensors does not pack here (embeddings, head, fused experts) are "
+            "Quantized tensors compressed-tensors does not pack here (embeddings, head) are "
             f"stored dense with the variant's values: {', '.join(dense)}."
         )
     if any(p.symmetric and bool((p.codes.scale < 0).any()) for p in packed):
