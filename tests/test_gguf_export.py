@@ -220,3 +220,38 @@ def test_demo_export_keeps_its_types_and_tokenizes_like_the_workbench(tmp_path):
         ours = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
         theirs = llm.tokenize(text.encode(), add_bos=False, special=False)
         assert ours == theirs, text
+
+
+def test_cli_exports_a_recorded_run_as_gguf_with_its_card(tmp_path, capsys):
+    from workbench.cli import main
+    from workbench.experiment import run_experiment
+    from workbench.registry import Registry
+
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    rtn = RTNConfig(bits=4, group_size=32, symmetric=True)
+    with Registry.open(url) as reg:
+        run = run_experiment("tiny-llama", [rtn], "quick", registry=reg)
+    out = tmp_path / "export"
+    rc = main(
+        [
+            "export",
+            str(run.run_id),
+            "--format",
+            "gguf",
+            "--out",
+            str(out),
+            "--model",
+            "tiny-llama",
+            "--registry",
+            url,
+        ]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "model.gguf" in printed and "README.md" in printed
+    card = (out / "README.md").read_text()
+    assert "gguf" in card.lower() and "Q4_0" in card
+    _, model = _variant("tiny-llama", rtn)
+    got = read_gguf_weights(out / "model.gguf", config=model.config)
+    want = expected_weights(model)
+    assert all(torch.equal(got[k], want[k].reshape(got[k].shape)) for k in want)

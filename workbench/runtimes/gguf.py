@@ -474,6 +474,7 @@ def export_gguf(
     spec: Any = None,
     float_type: str = "F32",
     detect: bool = True,
+    packed: bool = True,
     progress: Any = None,
 ) -> GGUFExport:
     """Write ``model`` (a variant, or a loaded model itself) to a GGUF file, bit-exact.
@@ -485,6 +486,8 @@ def export_gguf(
         float_type: F32 (default: exact), F16 or BF16 for weights that are not quantized; a tensor not exactly
             representable in F16/BF16 stays F32, so the file is always exact.
         detect: write unquantized weights that already lie on a GGUF grid in that type (lossless).
+        packed: write quantized weights in their GGUF type; False writes every weight as a float (the input
+            llama.cpp's own quantizer converts from).
 
     Raises:
         NoExactType: a quantized weight fits no GGUF type (the message names it and the closest type).
@@ -514,7 +517,9 @@ def export_gguf(
         tensors = list(_tensors(model, arch))
         for i, t in enumerate(tensors):
             progress.update(i / max(len(tensors), 1), f"exporting {t.name}")
-            array, raw, qtype = _encode(t, float_type, detect)
+            array, raw, qtype = _encode(
+                t if packed else _Tensor(t.name, t.weight, None, t.linear), float_type, detect
+            )
             writer.add_tensor(t.name, array, raw_dtype=raw)
             report.types[t.name] = qtype
             n = t.weight.numel()
@@ -638,9 +643,46 @@ __all__ = [
     "exact_codes",
     "expected_weights",
     "export_gguf",
+    "export_gguf_folder",
     "gguf_size",
     "pack",
     "read_gguf_weights",
     "source_gguf",
     "static_gguf_check",
 ]
+
+
+def export_gguf_folder(loaded: Any, variant: nn.Module, folder: str | Path) -> Any:
+    """``workbench export --format gguf``: ``folder/model.gguf`` (bit-exact), as a card's
+    :class:`~workbench.runtimes.card.ExportInfo`. A variant already running in llama.cpp (a run whose last step
+    is the llama.cpp runtime) is written as the very file that runtime measured."""
+    import shutil
+
+    from workbench.runtimes.card import ExportInfo
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "model.gguf"
+    source_file = getattr(variant, "path", None)
+    if isinstance(source_file, Path) and source_file.suffix == ".gguf":
+        shutil.copyfile(source_file, target)
+        n_bytes, n_params = gguf_size(target)
+        details = {
+            "file": "the file the llama.cpp run measured",
+            "bits_per_weight": f"{8 * n_bytes / n_params:.3f}",
+        }
+        return ExportInfo("gguf", str(folder), [target.name], target.stat().st_size, details, [])
+    report = export_gguf(variant, target, tokenizer=loaded.tokenizer, spec=loaded.spec)
+    notes = []
+    floats = [n for n, t in report.types.items() if t == "F32" and n.endswith(".weight") and "norm" not in n]
+    if floats:
+        notes.append(
+            f"{len(floats)} weight tensors are F32 (not quantized by the pipeline), e.g. {floats[0]}."
+        )
+    details = {
+        "types": bits_label(report),
+        "bits_per_weight": f"{report.bits_per_weight:.3f}",
+        "metadata and tokenizer": report.metadata_from,
+        "exact": "dequantized tensors equal the workbench's weights bit for bit",
+    }
+    return ExportInfo("gguf", str(folder), [target.name], target.stat().st_size, details, notes)

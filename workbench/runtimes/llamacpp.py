@@ -66,7 +66,7 @@ class LlamaCppConfig:
 
     quant: str = _field(
         "'exact': write the variant's weights bit for bit (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 where they fit, F32 "
-        "otherwise); a llama.cpp type such as Q4_K_M, Q3_K_M, Q2_K, Q5_K_M, Q6_K, IQ4_XS: export F32, then "
+        "otherwise); 'F32': every weight in F32 (the fidelity reference); a llama.cpp type such as Q4_K_M, Q3_K_M, Q2_K, Q5_K_M, Q6_K, IQ4_XS: export F32, then "
         "llama.cpp's quantizer converts it",
         "exact",
     )
@@ -95,12 +95,12 @@ def check_llama_cpp(model: Any, config: LlamaCppConfig) -> None:
         raise ConfigError(
             f"llama_cpp: float_type={config.float_type!r}; choose one of {', '.join(FLOAT_TYPES)}."
         )
-    if config.quant != "exact":
+    if config.quant not in ("exact", "F32"):
         known = quantizer_types()
         if config.quant not in known:
             raise ConfigError(
-                f"llama_cpp: quant={config.quant!r} is not a type this llama.cpp build writes. Choose 'exact' "
-                f"or one of: {', '.join(known)}."
+                f"llama_cpp: quant={config.quant!r} is not a type this llama.cpp build writes. Choose 'exact', "
+                f"'F32' or one of: {', '.join(known)}."
             )
     if not isinstance(config.threads, int) or config.threads < 0:
         raise ConfigError(f"llama_cpp: threads={config.threads!r}; give 0 (as torch) or a positive number.")
@@ -381,13 +381,15 @@ def export_for_llama_cpp(
     model: nn.Module, config: LlamaCppConfig, *, tokenizer: Any, spec: Any, folder: Path, progress: Any = None
 ) -> tuple[Path, GGUFExport | None]:
     """The GGUF file the step runs: the exact export, or llama.cpp's conversion of the F32 export."""
-    if config.quant == "exact":
+    if config.quant in ("exact", "F32"):
         report = export_gguf(
             model,
             folder / "model.gguf",
             tokenizer=tokenizer,
             spec=spec,
-            float_type=config.float_type,
+            float_type=config.float_type if config.quant == "exact" else "F32",
+            detect=config.quant == "exact",
+            packed=config.quant == "exact",
             progress=progress,
         )
         return report.path, report
@@ -398,6 +400,7 @@ def export_for_llama_cpp(
         spec=spec,
         float_type="F32",
         detect=False,
+        packed=False,
         progress=progress,
     )
     out = folder / f"model-{config.quant}.gguf"
