@@ -28,9 +28,10 @@ weight (codes, scales, zero points; :func:`workbench.models.packed_weight_bytes`
 ``torch.save`` writes for it. Quantized tensors this runtime does not convert (embeddings, fused MoE experts)
 run as float here, so their simulated packed sizes are dropped and they count their float bytes.
 
-**Speed** is measured, not assumed: on a CPU without AVX512-BF16/AMX, torchao's int4 kernel in float32 is far
-slower than a float matmul for prompts (it is tuned for bfloat16: ``dtype="bfloat16"``), and int8 weight-only
-converts its int8 codes to float on every call. The run's speed metrics show what this machine does.
+**Speed** is measured, not assumed: torchao's int4 CPU kernel is tuned for bfloat16 (``dtype="bfloat16"``); in
+float32 it prefilled the demo model 38x slower than the float model on the development machine, and int8
+weight-only converts its int8 codes to float on every call (docs/deployment.md has the numbers). The run's
+speed metrics show what the machine it runs on does.
 """
 
 from __future__ import annotations
