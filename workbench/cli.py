@@ -10,6 +10,7 @@
     workbench run --help-technique rtn           # the same field list
     workbench runs --technique rtn --format md   # list / filter / export the registry
     workbench fit 12 --context 8192 --batch 4 --kv q8_0   # memory, devices it fits, larger sizes of it
+    workbench export 12 --format compressed-tensors --out out/ct   # run 12's variant as files + README.md card
     workbench registry upgrade --url sqlite:///workbench-runs.db
     workbench lab [--dashboard]                  # JupyterLab (or a Voila dashboard) on notebooks/
 
