@@ -255,3 +255,11 @@ def test_cli_exports_a_recorded_run_as_gguf_with_its_card(tmp_path, capsys):
     got = read_gguf_weights(out / "model.gguf", config=model.config)
     want = expected_weights(model)
     assert all(torch.equal(got[k], want[k].reshape(got[k].shape)) for k in want)
+
+
+def test_builtin_runtime_names_match_the_registered_runtime_steps():
+    from workbench.runtimes import BUILTIN_RUNTIMES
+    from workbench.techniques.base import get_technique, technique_names
+
+    registered = {name: get_technique(name).config_cls.RUNTIME for name in technique_names(kind="deploy")}
+    assert registered == BUILTIN_RUNTIMES

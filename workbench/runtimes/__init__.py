@@ -22,15 +22,26 @@ from typing import Any
 SIMULATED = "simulated (torch float)"
 
 
+# The built-in runtime steps by technique name, so that reading runs (the runs frame's ``runtime`` column) needs
+# no import of the techniques (torch). ``tests/test_gguf_export.py`` checks it against the registered ones.
+BUILTIN_RUNTIMES = {"llama_cpp": "llama.cpp", "torch_packed": "torch packed"}
+
+
 def runtime_of_names(techniques: Sequence[str]) -> str:
     """:func:`runtime_of` from a stored pipeline's technique names (what the registry keeps)."""
-    from workbench.techniques.base import _TECHNIQUES, _load_builtin
+    import sys
 
-    _load_builtin()
-    if techniques:
-        tech = _TECHNIQUES.get(str(techniques[-1]))
-        if tech is not None and tech.kind == "deploy":
-            return str(getattr(tech.config_cls, "RUNTIME", tech.name))
+    if not techniques:
+        return SIMULATED
+    last = str(techniques[-1])
+    if last in BUILTIN_RUNTIMES:
+        return BUILTIN_RUNTIMES[last]
+    base = sys.modules.get(
+        "workbench.techniques.base"
+    )  # a runtime registered by a plug-in is imported already
+    tech = getattr(base, "_TECHNIQUES", {}).get(last) if base is not None else None
+    if tech is not None and tech.kind == "deploy":
+        return str(getattr(tech.config_cls, "RUNTIME", tech.name))
     return SIMULATED
 
 
@@ -88,4 +99,11 @@ def runtime_of(pipeline: Sequence[Any]) -> str:
     return SIMULATED
 
 
-__all__ = ["SIMULATED", "runtime_choices", "runtime_of", "runtime_of_names", "with_runtime"]
+__all__ = [
+    "BUILTIN_RUNTIMES",
+    "SIMULATED",
+    "runtime_choices",
+    "runtime_of",
+    "runtime_of_names",
+    "with_runtime",
+]
