@@ -405,9 +405,9 @@ EXPORT_FORMATS: dict[str, Any] = {
     "safetensors": lambda loaded, variant, out: importlib.import_module(
         "workbench.runtimes.hf_export"
     ).export_safetensors(variant, loaded.tokenizer, out),
-    "gguf": lambda loaded, variant, out: importlib.import_module("workbench.runtimes.gguf").export_gguf_folder(
-        loaded, variant, out
-    ),
+    "gguf": lambda loaded, variant, out: importlib.import_module(
+        "workbench.runtimes.gguf"
+    ).export_gguf_folder(loaded, variant, out),
 }
 
 
