@@ -33,11 +33,14 @@ $(VENV)/.installed: $(PY) pyproject.toml
 
 # llama.cpp, the CPU runtime variants are exported to (GGUF), through llama-cpp-python: PyPI has only its source,
 # so pip builds llama.cpp with cmake once (several minutes on 2 cores) and keeps the wheel in its cache.
-# The multimodal library is not needed and not built.
+# The multimodal library is not needed and not built. AMX tiles are left out: they need the kernel to grant them,
+# and where it does not (some VMs and sandboxes) every quantized model crashes; AVX-512/AVX2 kernels run anywhere.
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF '-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \
+	'-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'
 llama-cpp: $(PY)
 	@if ! $(PY) -c "import llama_cpp" 2>/dev/null; then \
 	  echo "Building llama.cpp (llama-cpp-python) from source: several minutes, once; pip keeps the wheel."; \
-	  CMAKE_ARGS="-DLLAVA_BUILD=OFF $$CMAKE_ARGS" $(PIP) install -c $(VENV)/torch-pin.txt \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" $(PIP) install -c $(VENV)/torch-pin.txt \
 	    --progress-bar off 'llama-cpp-python==$(LLAMA_CPP_VERSION)' 2>&1 | grep -E --line-buffered "Building|Successfully|ERROR|error:" || true; \
 	  $(PY) -c "import llama_cpp" || { echo "llama-cpp-python did not install: GGUF runs in llama.cpp will say so."; exit 1; }; \
 	fi

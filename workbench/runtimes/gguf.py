@@ -314,7 +314,11 @@ def _copy_metadata(writer: Any, source: Path) -> None:
 
     reader = gguf.GGUFReader(source)
     for key, fld in reader.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+        if key.startswith("GGUF.") or key in (
+            "general.architecture",
+            "general.file_type",
+            "general.quantization_version",
+        ):  # what describes the source's own tensors is written anew
             continue
         vtype = fld.types[0]
         sub = fld.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None

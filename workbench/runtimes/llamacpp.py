@@ -196,7 +196,8 @@ def extra_buffers_work() -> bool:
         cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
     except OSError:
         cpu = platform.processor()
-    key = f"{llama_cpp.__version__}|{cpu}|{platform.node()}"
+    build = llama_cpp.llama_print_system_info().decode(errors="replace")  # the kernels this build has (AMX…)
+    key = f"{llama_cpp.__version__}|{build}|{cpu}|{platform.node()}"
     memo = demo_home() / "runtime" / "llama-extra-buffers.json"
     try:
         known = json.loads(memo.read_text())
