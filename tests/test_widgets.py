@@ -406,7 +406,7 @@ def test_tabs_come_from_the_panel_files_and_a_real_panel_replaces_its_placeholde
 
     bench = Workbench(registry_url, model="tiny-llama", poll_interval=0)
     try:
-        assert bench.tabs.titles == ("Quantize", "Route experts", "Distill", "Compare")
+        assert bench.tabs.titles == ("Quantize", "Route experts", "Distill", "Compare", "Deploy")
         assert bench.panels["quantize"] is bench.quantize and bench.compare in bench.tabs.children
     finally:
         bench.close()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import importlib
 import os
 import secrets
 import subprocess
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from workbench.errors import ConfigError, WorkbenchError
+from workbench.runtimes.exporting import EXPORT_FORMATS
 
 SHOWN_METRICS = (
     "ppl",
@@ -396,25 +396,12 @@ def cmd_registry(args: argparse.Namespace) -> int:
     return 0
 
 
-# `workbench export --format NAME`: each format's exporter, called as fn(loaded base model, variant, folder) and
-# returning a workbench.runtimes.card.ExportInfo. A new format is one entry here.
-EXPORT_FORMATS: dict[str, Any] = {
-    "compressed-tensors": lambda loaded, variant, out: importlib.import_module(
-        "workbench.runtimes.hf_export"
-    ).export_compressed_tensors(loaded, variant, out),
-    "safetensors": lambda loaded, variant, out: importlib.import_module(
-        "workbench.runtimes.hf_export"
-    ).export_safetensors(variant, loaded.tokenizer, out),
-    "gguf": lambda loaded, variant, out: importlib.import_module(
-        "workbench.runtimes.gguf"
-    ).export_gguf_folder(loaded, variant, out),
-}
-
-
+# `workbench export --format NAME`: the formats are workbench.runtimes.exporting.EXPORT_FORMATS (a new format is
+# one entry there); the Deploy tab exports through the same export_run.
 def cmd_export(args: argparse.Namespace) -> int:
     """Rebuild a recorded run's variant, export it, write its model card beside the files, say what was written."""
     from workbench.registry import Registry
-    from workbench.runtimes.card import rebuild_variant, write_card
+    from workbench.runtimes.exporting import export_run
 
     out = Path(args.out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -423,15 +410,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         run = reg.get_run(args.run_id)
         bar = _Bar(f"export run {run.id}")
         try:
-            loaded, variant = rebuild_variant(run, registry=reg, model=args.model, progress=bar)
+            done = export_run(run, args.format, out, registry=reg, model=args.model, progress=bar)
         finally:
             bar.close()
-        info = EXPORT_FORMATS[args.format](loaded, variant, out)
-        card = write_card(out, run, registry=reg, export_info=info)
+    info = done.info
     print(f"Exported run {run.id} ({run.pipeline_label}) as {info.format} to {out}:")
-    for name in info.files + ([card.name] if card.name not in info.files else []):
-        print(f"  {name}  ({(out / name).stat().st_size / 1e6:.2f} MB)")
-    check = info.details.get("reload_check")
+    for name, size in done.sizes.items():
+        print(f"  {name}  ({size / 1e6:.2f} MB)")
+    check = done.reload_check
     if check is not None:
         diff = info.details.get("reload_max_abs_logit_diff")
         print(f"Reloaded through transformers: {check} (max |logit difference| {diff:.3g}).")

@@ -297,13 +297,17 @@ def write_card(
     return path
 
 
-def rebuild_variant(run: Any, *, registry: Any, model: Any = "demo", progress: Any = None) -> tuple[Any, Any]:
+def rebuild_variant(
+    run: Any, *, registry: Any, model: Any = "demo", progress: Any = None, suite: Any = None
+) -> tuple[Any, Any]:
     """The variant a recorded run measured: ``(loaded base model, variant model)``.
 
     Loads ``model`` (a spec; the registry keeps the weights' fingerprint, not where they came from) and refuses
     it unless its fingerprint is the run's; then applies the run's pipeline (``pipeline_from_json``) to a copy
     with the run's suite's corpus for calibrated steps and seed 0, as ``run_experiment`` does. A run whose last
     step is a deploy step measured a runtime, not a variant: its parent is named instead.
+    ``suite``: the run's suite when it is a custom :class:`~workbench.evaluate.Suite` (the registry keeps only
+    its name and key; the key must be the run's); a built-in suite is found by name.
 
     Raises:
         ConfigError: the run is not done, is a runtime run, or ``model`` is not the model it was recorded on.
@@ -337,7 +341,15 @@ def rebuild_variant(run: Any, *, registry: Any, model: Any = "demo", progress: A
         )
     if not pipeline:
         return loaded, copy.deepcopy(loaded.model)
-    corpus = get_corpus(get_suite(run.suite_name).corpus)
+    if suite is not None and not isinstance(suite, str) and suite.name == run.suite_name:
+        if suite.key != run.suite_key:
+            raise ConfigError(
+                f"Run {run.id} was measured on another suite named {run.suite_name!r} (key {run.suite_key}); "
+                "pass the suite it was recorded with."
+            )
+        corpus = get_corpus(suite.corpus)
+    else:
+        corpus = get_corpus(get_suite(run.suite_name).corpus)
     ctx = ApplyContext(
         tokenizer=loaded.tokenizer,
         corpus=corpus,
