@@ -68,7 +68,13 @@ def variants(loaded, only: set[str] | None) -> list[tuple[str, list, list | None
         from workbench.runtimes.torch_packed import TorchPackedConfig
 
         rows.append(("torch packed int8", [TorchPackedConfig(kind="int8")], []))
-        rows.append(("torch packed int4", [TorchPackedConfig(kind="int4", group_size=32)], []))
+        rows.append(
+            (
+                "torch packed int4 (bf16)",
+                [TorchPackedConfig(kind="int4", group_size=32, dtype="bfloat16")],
+                [],
+            )
+        )
     except ImportError:
         print("torch packed runtime not available: its rows are not measured")
     if only is None or any(name.startswith("mixed") for name in only):
