@@ -303,7 +303,7 @@ def test_workbench_in_jupyterlab(chromium, workspace) -> None:
             compare_plot.evaluate("el => el.scrollIntoView()")
             _shot(page, "lab-08-compare")
             # A run's continuations (prompt, base, this run), another run beside it.
-            app.get_by_label("Run", exact=True).select_option(index=1)
+            app.get_by_label("Run", exact=True).filter(visible=True).select_option(index=1)
             outputs_box = app.locator(".wb-outputs")
             expect(outputs_box).to_be_visible(timeout=UI_TIMEOUT_MS)
             expect(outputs_box).to_contain_text("base", timeout=UI_TIMEOUT_MS)
