@@ -263,3 +263,32 @@ def test_builtin_runtime_names_match_the_registered_runtime_steps():
 
     registered = {name: get_technique(name).config_cls.RUNTIME for name in technique_names(kind="deploy")}
     assert registered == BUILTIN_RUNTIMES
+
+
+def test_a_killed_runtime_steps_files_are_removed_by_the_next_one():
+    _need_llama_cpp()
+    import subprocess
+    import sys
+
+    from workbench.models.demo import demo_home
+    from workbench.runtimes.llamacpp import LlamaCppConfig
+
+    root = demo_home() / "runtime"
+    root.mkdir(parents=True, exist_ok=True)
+    made = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"from workbench.tempdirs import owned_tempdir; print(owned_tempdir({str(root)!r}, 'llama-cpp-'))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    leftover = root / made.rsplit("/", 1)[-1]
+    (leftover / "model.gguf").write_bytes(b"GGUF" + bytes(64))  # what a killed step leaves behind
+    loaded = load_model("tiny-llama")
+    module = apply_(copy.deepcopy(loaded.model), LlamaCppConfig(), ApplyContext(tokenizer=loaded.tokenizer))
+    assert not leftover.exists()
+    assert module.path.is_file()
+    module.close()

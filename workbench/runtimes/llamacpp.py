@@ -371,11 +371,15 @@ class LlamaCppModule(nn.Module):
 
 
 def _work_folder() -> Path:
+    """A folder for one runtime step's files, named after this process: a process killed before its cleanup
+    leaves it behind, and the next step removes such leftovers (a GGUF file of the demo is 90–540 MB)."""
     from workbench.models.demo import demo_home
+    from workbench.tempdirs import owned_tempdir, remove_leftovers
 
     root = demo_home() / "runtime"
     root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=root, prefix="llama-cpp-"))
+    remove_leftovers(root, "llama-cpp-")
+    return owned_tempdir(root, "llama-cpp-")
 
 
 def export_for_llama_cpp(
