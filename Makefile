@@ -27,7 +27,7 @@ $(PY):
 $(VENV)/.installed: $(PY) pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION)
 	@$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-pin.txt
-	$(PIP) install -q -c $(VENV)/torch-pin.txt -e '.[quant,dashboard]'
+	$(PIP) install -q -c $(VENV)/torch-pin.txt -e '.[quant,dashboard,deploy]'
 	@$(MAKE) --no-print-directory llama-cpp
 	@touch $@
 
@@ -46,7 +46,7 @@ llama-cpp: $(PY)
 	fi
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) install -q -c $(VENV)/torch-pin.txt -e '.[quant,dashboard,test,postgres]'
+	$(PIP) install -q -c $(VENV)/torch-pin.txt -e '.[quant,dashboard,deploy,test,postgres]'
 	@touch $@
 
 setup: $(VENV)/.installed
