@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _require import require
 
 from workbench.errors import ConfigError
 from workbench.evaluate import Suite
@@ -192,7 +193,7 @@ assert L.llama_init_from_model(model, params) is not None
 @pytest.mark.parametrize(("context", "batch", "flash"), [(4096, 1, True), (8192, 1, False), (2048, 4, False)])
 def test_llama_cpp_itself_reserves_what_the_planner_says(context, batch, flash, tmp_path):
     """Runs llama.cpp on the demo's GGUF and reads the buffers it reports (needs llama-cpp-python)."""
-    pytest.importorskip("llama_cpp")
+    require("llama_cpp")
     from workbench.models.demo import DEMO_GGUF, demo_home
 
     gguf = demo_home() / "gguf" / DEMO_GGUF

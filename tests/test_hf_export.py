@@ -8,13 +8,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _require import require
 
 from workbench.errors import ConfigError
 from workbench.techniques import apply_
 from workbench.techniques.mixed import MixedPrecisionConfig
 from workbench.techniques.rtn import RTNConfig
 
-compressed_tensors = pytest.importorskip("compressed_tensors")
+compressed_tensors = require("compressed_tensors")
 
 from workbench.runtimes.hf_export import (
     _pack_int32,
@@ -178,7 +179,7 @@ def test_weights_off_their_recorded_grid_are_refused(tmp_path):
 
 
 def test_a_variant_packed_by_a_runtime_is_refused_by_both_exports(tmp_path, byte_tokenizer):
-    pytest.importorskip("torchao")
+    require("torchao")
     from workbench.runtimes.torch_packed import TorchPackedConfig
 
     variant = _variant(RTNConfig(bits=4, group_size=32, symmetric=True), TorchPackedConfig(kind="int8"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from _require import require
 
 from widgets import Workbench
 from workbench.evaluate import Suite
@@ -23,7 +24,7 @@ SUITE = Suite(
 
 @pytest.fixture()
 def app(registry_url, tmp_path, monkeypatch):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python missing: make setup installs it")
+    require("llama_cpp")
     monkeypatch.chdir(tmp_path)
     bench = Workbench(registry_url, model="tiny-llama", suite=SUITE, poll_interval=0)
     yield bench

@@ -8,6 +8,7 @@ import io
 
 import pytest
 import torch
+from _require import require
 from torch import nn
 
 from workbench.errors import ConfigError
@@ -16,7 +17,7 @@ from workbench.techniques import ApplyContext, apply_, check, config_from_dict, 
 from workbench.techniques._quant import decoder_linears
 from workbench.techniques.rtn import RTNConfig
 
-pytest.importorskip("torchao")
+require("torchao")
 
 from workbench.runtimes.torch_packed import TorchPackedConfig
 
