@@ -98,6 +98,24 @@ def test_gptq_codes_recovered_without_assuming_extreme_codes(tmp_path):
     assert report.type_counts()["Q4_0"] == 14
 
 
+def test_gptq_per_module_map_exports_each_tensor_in_its_own_type(tmp_path):
+    config = GPTQConfig(
+        bits=4,
+        group_size=32,
+        symmetric=True,
+        module_bits=(("*.v_proj", 8), ("model.layers.1.*", 5)),  # first match wins: layer 1's v stays 8
+    )
+    loaded, model = _variant("tiny-llama", config)
+    assert model.model.layers[1].self_attn.v_proj.wb_quant["bits"] == 8
+    assert model.model.layers[1].mlp.up_proj.wb_quant["bits"] == 5
+    assert model.model.layers[0].mlp.up_proj.wb_quant["bits"] == 4
+    report = _round_trip(loaded, model, tmp_path / "map.gguf")
+    assert report.types["blk.0.attn_v.weight"] == "Q8_0"
+    assert report.types["blk.1.attn_v.weight"] == "Q8_0"
+    assert report.types["blk.1.ffn_down.weight"] == "Q5_0"
+    assert report.types["blk.0.ffn_down.weight"] == "Q4_0"
+
+
 def test_a_variant_with_no_gguf_type_names_the_closest(tmp_path):
     loaded, model = _variant("tiny-llama", RTNConfig(bits=3, group_size=32))
     with pytest.raises(NoExactType) as err:

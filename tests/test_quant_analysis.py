@@ -5,14 +5,17 @@ from __future__ import annotations
 import copy
 import time
 
+import pandas as pd
 import pytest
 import torch
 
 from workbench.errors import ConfigError
+from workbench.models import load_model
 from workbench.quant_analysis import detect_grid, layer_sensitivity
 from workbench.techniques import apply_, config_from_dict, config_to_dict, make_config
 from workbench.techniques._quant import packed_bytes
 from workbench.techniques.mixed import mixed_bits_per_weight, mixed_from_sensitivity
+from workbench.techniques.rtn import RTNConfig
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -190,3 +193,88 @@ def test_mixed_from_sensitivity_needs_exactly_one_rule_and_an_affordable_budget(
 def test_mixed_pattern_that_matches_nothing_is_refused(tiny_llama):
     with pytest.raises(ConfigError, match="matches no decoder linear"):
         apply_(copy.deepcopy(tiny_llama), make_config("mixed", high_precision=("*.nope",)))
+
+
+def test_module_sensitivity_has_one_part_per_linear_with_its_shape():
+    from workbench.quant_analysis import layer_sensitivity
+    from workbench.techniques._quant import decoder_linears
+
+    loaded = load_model("tiny-llama")
+    ids = torch.randint(
+        0, loaded.model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)
+    )
+    frame = layer_sensitivity(
+        loaded.model, ids, config=RTNConfig(bits=4, group_size=32, symmetric=True), by="module"
+    )
+    linears = dict(decoder_linears(loaded.model))
+    assert list(frame["pattern"]) == list(linears)
+    for pattern, shapes in zip(frame["pattern"], frame["shapes"], strict=True):
+        assert shapes == [tuple(linears[pattern].weight.shape)]
+    # Each part alone moves the output (q/k barely, on a random model's near-uniform attention).
+    assert (frame[frame["pattern"].str.endswith("down_proj")]["kl_mean"] > 1e-7).all()
+
+
+def _frame(kls, shape=(64, 64)):
+    return pd.DataFrame(
+        {
+            "pattern": [f"m{i}" for i in range(len(kls))],
+            "kl_mean": kls,
+            "n_params": [shape[0] * shape[1]] * len(kls),
+            "shapes": [[shape]] * len(kls),
+        }
+    )
+
+
+def test_plan_module_bits_spends_the_budget_on_the_most_sensitive_parts():
+    from workbench.quant_analysis import plan_module_bits
+    from workbench.techniques._quant import packed_bytes
+
+    b4, b5, b8 = (packed_bytes((64, 64), b, 32, True) for b in (4, 5, 8))
+    frame = _frame([1.0, 0.01, 0.02, 0.5])
+    # Room for two 4->5 upgrades: the two most sensitive parts get them.
+    plan = plan_module_bits(frame, budget_bytes=4 * b4 + 2 * (b5 - b4))
+    assert plan.bits == 4 and dict(plan.module_bits) == {"m0": 5, "m3": 5}
+    assert plan.bytes == 4 * b4 + 2 * (b5 - b4) and plan.counts == {4: 2, 5: 2}
+    # Everything at 5 and one part at 8: the most sensitive one.
+    plan = plan_module_bits(frame, budget_bytes=3 * b5 + b8)
+    assert plan.bits == 5 and dict(plan.module_bits) == {"m0": 8}
+    # The prediction follows the 4^-bits rule from the measured 4-bit KL.
+    assert plan.predicted_kl == pytest.approx(1.0 / 256 + (0.01 + 0.02 + 0.5) / 4)
+    # The whole budget at the highest width: nothing listed, everything at 8.
+    plan = plan_module_bits(frame, budget_bpw=9.0)
+    assert plan.bits == 8 and plan.module_bits == ()
+    assert plan.bytes <= 9.0 * frame["n_params"].sum() / 8
+
+
+def test_plan_module_bits_refuses_budgets_and_frames_it_cannot_use():
+    from workbench.quant_analysis import plan_module_bits
+
+    frame = _frame([1.0, 0.5])
+    with pytest.raises(ConfigError, match="below what 4 bits alone cost"):
+        plan_module_bits(frame, budget_bpw=3.0)
+    with pytest.raises(ConfigError, match="exactly one of"):
+        plan_module_bits(frame)
+    with pytest.raises(ConfigError, match="lacks shapes"):
+        plan_module_bits(frame.drop(columns=["shapes"]), budget_bpw=5.0)
+    with pytest.raises(ConfigError, match="out of range"):
+        plan_module_bits(frame, choices=(4, 9), budget_bpw=5.0)
+
+
+def test_gptq_module_bits_are_checked_and_labelled():
+    from workbench.techniques.gptq import GPTQConfig, check_gptq
+
+    config = GPTQConfig(bits=4, module_bits=[["*.v_proj", 8], ["model.layers.0.*", 5]])  # as stored in JSON
+    assert config.module_bits == (("*.v_proj", 8), ("model.layers.0.*", 5))
+    assert config.bits_for("model.layers.0.self_attn.v_proj") == 8
+    assert config.bits_for("model.layers.0.mlp.up_proj") == 5
+    assert config.bits_for("model.layers.1.mlp.up_proj") == 4
+    assert "map 5b:1 8b:1 #" in config.label()
+    other = GPTQConfig(bits=4, module_bits=[["*.v_proj", 8], ["model.layers.1.*", 5]])
+    assert other.label() != config.label()
+    with pytest.raises(ConfigError, match="out of range"):
+        GPTQConfig(module_bits=(("*.v_proj", 9),))
+    with pytest.raises(ConfigError, match="not a .pattern, bits. pair"):
+        GPTQConfig(module_bits=("*.v_proj",))
+    loaded = load_model("tiny-llama")
+    with pytest.raises(ConfigError, match="matches no decoder linear"):
+        check_gptq(loaded.model, GPTQConfig(module_bits=(("*.vproj", 8),)))

@@ -164,6 +164,9 @@ def _parts(model: nn.Module, by: str) -> dict[str, tuple[str, list[tuple[str, nn
             index = rest.split(".", 1)[0]
             base = f"{prefix}.layers.{index}" if prefix else f"layers.{index}"
             parts.setdefault(f"layer {index}", (f"{base}.*", []))[1].append((name, module))
+    elif by == "module":
+        for name, module in linears:
+            parts[name] = (name, [(name, module)])  # the exact name is a glob matching only itself
     elif by == "type":
         for t in _TYPES:
             members = [(n, m) for n, m in linears if n.endswith(f".{t}")]
@@ -171,8 +174,8 @@ def _parts(model: nn.Module, by: str) -> dict[str, tuple[str, list[tuple[str, nn
                 parts[t] = (f"*.{t}", members)
     else:
         raise ConfigError(
-            f"sensitivity: by={by!r} must be 'layer' (one decoder block at a time) or 'type' "
-            "(one kind of linear, e.g. all down_proj, at a time)."
+            f"sensitivity: by={by!r} must be 'layer' (one decoder block at a time), 'type' "
+            "(one kind of linear, e.g. all down_proj, at a time) or 'module' (each linear alone)."
         )
     return parts
 
@@ -188,7 +191,8 @@ def layer_sensitivity(
     chunk_len: int = 128,
     progress: Progress | ProgressCallback | None = None,
 ) -> pd.DataFrame:
-    """KL divergence caused by quantizing one part at a time (``by="layer"`` blocks, ``by="type"`` linear kinds).
+    """KL divergence caused by quantizing one part at a time (``by="layer"`` blocks, ``by="type"`` linear kinds,
+    ``by="module"`` each linear alone: one forward pass of the chunks per linear).
 
     ``tokenizer_or_ids``: a tokenizer (then ``n_chunks`` × ``chunk_len`` tokens of the corpus's calibration part
     are used, never its evaluation part) or a (batch, seq) tensor of token ids. ``config``: an RTN-style config
@@ -196,8 +200,8 @@ def layer_sensitivity(
     clear. The model is left as it was (each part's weights are restored).
 
     Returns one row per part, in model order: ``name``, ``kl_mean`` (mean KL per token vs the unquantized
-    model), ``n_params``, ``pattern`` (a module-name glob selecting the part, for mixed precision) and
-    ``modules``.
+    model), ``n_params``, ``pattern`` (a module-name glob selecting the part, for mixed precision),
+    ``modules`` and ``shapes`` (each module's (out, in) weight shape, for exact packed sizes).
     """
     from workbench.techniques.rtn import RTNConfig
 
@@ -245,9 +249,120 @@ def layer_sensitivity(
                 "n_params": sum(m.weight.numel() for _, m in members),
                 "pattern": pattern,
                 "modules": [n for n, _ in members],
+                "shapes": [tuple(m.weight.shape) for _, m in members],
             }
         )
-    return pd.DataFrame(rows, columns=["name", "kl_mean", "n_params", "pattern", "modules"])
+    return pd.DataFrame(rows, columns=["name", "kl_mean", "n_params", "pattern", "modules", "shapes"])
 
 
-__all__ = ["GridReport", "detect_grid", "layer_sensitivity"]
+@dataclass(frozen=True)
+class BitsPlan:
+    """Bits per module chosen under a size budget: ``bits`` for most, ``module_bits`` for the rest.
+
+    ``module_bits`` is ready for a quantizer's per-module map (:class:`~workbench.techniques.gptq.GPTQConfig`):
+    (glob pattern, bits) pairs, first match wins. ``predicted_kl`` is the planner's estimate (the measured
+    per-part KL scaled by 4^-(extra bits)), not a measurement: evaluate the result.
+    """
+
+    bits: int
+    module_bits: tuple[tuple[str, int], ...]
+    bytes: int  # packed bytes of the planned parts (codes + scales + zero points)
+    n_params: int
+    predicted_kl: float
+    counts: dict[int, int]  # bits -> number of parts
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.bytes / max(self.n_params, 1)
+
+
+def plan_module_bits(
+    frame: pd.DataFrame,
+    *,
+    choices: tuple[int, ...] = (4, 5, 8),
+    measured_bits: int = 4,
+    budget_bytes: int | None = None,
+    budget_bpw: float | None = None,
+    group_size: int = 32,
+    symmetric: bool = True,
+    zero_point: str = "float",
+) -> BitsPlan:
+    """Choose each part's bits from ``choices`` so the packed parts fit a budget at the lowest predicted KL.
+
+    ``frame``: a :func:`layer_sensitivity` frame (any ``by``; ``by="module"`` gives a per-tensor map) measured
+    at ``measured_bits``. The estimate for a part at b bits is its measured KL × 4^(measured_bits - b): one more
+    bit halves the rounding step, so the squared error, to which a small KL is proportional, falls by 4. Every
+    part starts at the fewest bits; upgrades are taken greedily by predicted KL saved per extra byte (the
+    savings per byte shrink with each step up, so the greedy order is the knapsack's relaxation order) while
+    they fit. Give exactly one of ``budget_bytes`` (packed bytes of these parts) or ``budget_bpw``.
+    The predicted KL adds parts' KLs (parts interact little at these error sizes; measure the result).
+    """
+    import heapq
+
+    from workbench.techniques._grid import check_bits
+    from workbench.techniques._quant import packed_bytes
+
+    if (budget_bytes is None) == (budget_bpw is None):
+        raise ConfigError("plan: give exactly one of budget_bytes or budget_bpw.")
+    missing = {"kl_mean", "n_params", "pattern", "shapes"} - set(frame.columns)
+    if missing:
+        raise ConfigError(
+            f"plan: the sensitivity frame lacks {', '.join(sorted(missing))}; build it with "
+            "workbench.quant_analysis.layer_sensitivity."
+        )
+    if not choices:
+        raise ConfigError("plan: choices is empty; give the bit widths to choose from, e.g. (4, 5, 8).")
+    for b in choices:
+        check_bits("plan", "choices", b)
+    levels = sorted(set(choices))
+    n_params = int(frame["n_params"].sum())
+    budget = budget_bytes if budget_bytes is not None else budget_bpw * n_params / 8  # type: ignore[operator]
+
+    def cost(shapes: list, b: int) -> int:
+        return sum(packed_bytes(tuple(s), b, group_size, symmetric, zero_point) for s in shapes)
+
+    costs = [[cost(list(sh), b) for b in levels] for sh in frame["shapes"]]
+    kls = [
+        [float(kl) * 4.0 ** (measured_bits - b) for b in levels] for kl in frame["kl_mean"]
+    ]  # predicted KL of each part at each level
+    level = [0] * len(frame)
+    spent = sum(c[0] for c in costs)
+    if spent > budget + 1e-9:
+        raise ConfigError(
+            f"plan: the budget ({budget / 1e6:.2f} MB, {8 * budget / n_params:.3f} bits per weight) is below "
+            f"what {levels[0]} bits alone cost ({spent / 1e6:.2f} MB); raise the budget or add fewer bits "
+            "to choices."
+        )
+
+    def push(heap: list, i: int) -> None:
+        j = level[i]
+        if j + 1 < len(levels):
+            extra = costs[i][j + 1] - costs[i][j]
+            saved = kls[i][j] - kls[i][j + 1]
+            heapq.heappush(heap, (-saved / max(extra, 1), i, j + 1))
+
+    heap: list = []
+    for i in range(len(frame)):
+        push(heap, i)
+    while heap:
+        _, i, j = heapq.heappop(heap)
+        extra = costs[i][j] - costs[i][level[i]]
+        if spent + extra <= budget + 1e-9:
+            spent += extra
+            level[i] = j
+            push(heap, i)
+    chosen = [levels[j] for j in level]
+    counts = {b: chosen.count(b) for b in levels if b in chosen}
+    base = max(counts, key=lambda b: counts[b])  # the most common width is the default; the rest are listed
+    pairs = tuple((str(p), b) for p, b in zip(frame["pattern"], chosen, strict=True) if b != base)
+    return BitsPlan(
+        bits=base,
+        module_bits=pairs,
+        bytes=int(spent),
+        n_params=n_params,
+        predicted_kl=float(sum(kls[i][level[i]] for i in range(len(frame)))),
+        counts=counts,
+    )
+
+
+__all__ = ["BitsPlan", "GridReport", "detect_grid", "layer_sensitivity", "plan_module_bits"]

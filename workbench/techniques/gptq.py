@@ -18,6 +18,9 @@ docs/quantization.md). The algorithm is short, and this version follows the refe
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -27,10 +30,12 @@ from torch import nn
 
 from workbench.errors import ConfigError
 from workbench.techniques._calibration import LayerRunner, calibration_ids, decoder_layers, named_linears
-from workbench.techniques._grid import WeightGridConfig, check_at_least
+from workbench.techniques._grid import WeightGridConfig, check_at_least, check_bits
 from workbench.techniques._quant import (
     check_embedding_groups,
     check_group_size,
+    decoder_linears,
+    fused_experts,
     mark_quantized,
     quant_params,
     quantize_embeddings_from_config_,
@@ -75,6 +80,15 @@ class GPTQConfig(WeightGridConfig):
         default=128,
         metadata={"help": "Columns per lazy batch update (128 as in the reference); any positive size."},
     )
+    module_bits: tuple[tuple[str, int], ...] = field(
+        default=(),
+        metadata={
+            "help": "Per-module bit widths: (glob pattern, bits) pairs over decoder linear names, first match "
+            "wins; a module no pattern matches gets `bits`. E.g. (('*.v_proj', 8), ('model.layers.0.*', 5)). "
+            "Plan one for a size budget from measured sensitivity with "
+            "workbench.quant_analysis.plan_module_bits (the way llama.cpp's Q4_K_M keeps some tensors higher)."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -85,6 +99,42 @@ class GPTQConfig(WeightGridConfig):
         check_at_least("gptq", "n_samples", self.n_samples, 1, "32 is usual")
         check_at_least("gptq", "seq_len", self.seq_len, 8, "256 is usual")
         check_at_least("gptq", "block_size", self.block_size, 1, "128 as in the reference")
+        object.__setattr__(self, "module_bits", _module_bits(self.module_bits))
+
+    def bits_for(self, name: str) -> int:
+        """The bits of the module called ``name``: the first ``module_bits`` pattern it matches, else ``bits``."""
+        for pattern, bits in self.module_bits:
+            if fnmatch.fnmatchcase(name, pattern):
+                return bits
+        return self.bits
+
+    def label(self) -> str:
+        """As the base label, with a per-module map summarised (``map 5b:200 8b:10 #1a2b``): a map of hundreds
+        of patterns would not fit a legend, and the digest keeps two different maps apart."""
+        if not self.module_bits:
+            return super().label()
+        plain = dataclasses.replace(self, module_bits=())
+        counts: dict[int, int] = {}
+        for _, b in self.module_bits:
+            counts[b] = counts.get(b, 0) + 1
+        digest = hashlib.sha1(repr(self.module_bits).encode()).hexdigest()[:4]
+        summary = " ".join(f"{b}b:{n}" for b, n in sorted(counts.items()))
+        return f"{plain.label()} map {summary} #{digest}"
+
+
+def _module_bits(value: Any) -> tuple[tuple[str, int], ...]:
+    """``module_bits`` as a tuple of (pattern, bits): a dict or lists (as stored in JSON) are accepted."""
+    items = list(value.items()) if isinstance(value, dict) else list(value)
+    pairs = []
+    for item in items:
+        if isinstance(item, str) or len(item) != 2 or not isinstance(item[0], str) or not item[0]:
+            raise ConfigError(
+                f"gptq: module_bits entry {item!r} is not a (pattern, bits) pair; write e.g. "
+                "(('*.v_proj', 8),)."
+            )
+        check_bits("gptq", f"module_bits[{item[0]!r}]", item[1])
+        pairs.append((item[0], int(item[1])))
+    return tuple(pairs)
 
 
 def check_gptq(model: Any, config: GPTQConfig) -> None:
@@ -94,6 +144,14 @@ def check_gptq(model: Any, config: GPTQConfig) -> None:
     ]
     check_group_size("gptq", model, config.group_size, modules)
     check_embedding_groups("gptq", model, config.group_size, config.include_embeddings, config.include_head)
+    if config.module_bits:  # a typo would otherwise silently keep nothing at its bits
+        names = [n for n, _ in decoder_linears(model)] + [label for label, _, _, _ in fused_experts(model)]
+        for pattern, _ in config.module_bits:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                raise ConfigError(
+                    f"gptq: module_bits pattern {pattern!r} matches no decoder linear (names look like "
+                    f"{names[0]!r}; use e.g. '*.v_proj' or '{names[0].rsplit('.', 2)[0]}.*')."
+                )
 
 
 class _Hessian:
@@ -146,15 +204,19 @@ class _HessianHooks:
         self._last = None
 
 
-def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> torch.Tensor:
+def gptq_quantize(
+    weight: torch.Tensor, H: torch.Tensor, config: GPTQConfig, bits: int | None = None
+) -> torch.Tensor:
     """Return the dequantized GPTQ solution for one (rows, columns) weight given its Hessian.
 
-    Follows ``GPTQ.fasterquant`` of the reference step by step; the comments name its variables.
+    Follows ``GPTQ.fasterquant`` of the reference step by step; the comments name its variables. ``bits``
+    overrides ``config.bits`` (a module of a per-module map).
     """
     W = weight.detach().clone().float()
     H = H.clone()
     rows, cols = W.shape
-    bits, gs, sym, zp = config.bits, config.group_size, config.symmetric, config.zero_point
+    bits = config.bits if bits is None else bits
+    gs, sym, zp = config.group_size, config.symmetric, config.zero_point
 
     dead = torch.diag(H) == 0  # inputs that were always 0: any weight there is free, set it to 0
     H[dead, dead] = 1
@@ -222,6 +284,7 @@ declare_space("gptq", bits=range(2, 9), group_sizes=DEFAULT_GROUP_SIZES, symmetr
 def _apply_gptq(model: Any, config: GPTQConfig, ctx: ApplyContext) -> Any:
     ids = calibration_ids(ctx, config.n_samples, config.seq_len, "gptq")
     runner = LayerRunner(model, ids)
+    full_names = {id(m): n for n, m in decoder_linears(model)}  # per-module bits match the model's own names
     for layer in ctx.progress.iter(list(runner.layers), desc="gptq layer"):
         linears = named_linears(layer)
         hooks = _HessianHooks(linears)
@@ -237,8 +300,9 @@ def _apply_gptq(model: Any, config: GPTQConfig, ctx: ApplyContext) -> Any:
                 H is None
             ):  # no calibration token reached this linear: every input is dead, as the reference treats it
                 H = torch.zeros(mod.in_features, mod.in_features, device=mod.weight.device)
-            mod.weight.data = gptq_quantize(mod.weight.data, H, config)
-            mark_quantized(mod, config.bits, config.group_size, config.symmetric, config.zero_point, "gptq")
+            bits = config.bits_for(full_names.get(id(mod), name))
+            mod.weight.data = gptq_quantize(mod.weight.data, H, config, bits)
+            mark_quantized(mod, bits, config.group_size, config.symmetric, config.zero_point, "gptq")
         runner.advance(layer)  # inputs of the next layer come from this one with its weights quantized
     # Routed experts kept as 3D tensors see only the tokens routed to them; they get round to nearest here
     # (recorded with the run) so that sizes stay comparable.
@@ -249,6 +313,7 @@ def _apply_gptq(model: Any, config: GPTQConfig, ctx: ApplyContext) -> Any:
         config.symmetric,
         config.zero_point,
         "gptq (rtn for fused experts)",
+        bits_for=config.bits_for,
     )
     if fallback:
         ctx.extras["gptq"] = {"fused_expert_tensors_by_rtn": fallback}
