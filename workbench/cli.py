@@ -9,6 +9,7 @@
     workbench techniques [rtn]                   # what exists; one technique's fields with their help
     workbench run --help-technique rtn           # the same field list
     workbench runs --technique rtn --format md   # list / filter / export the registry
+    workbench distill-rank --model demo --candidate drop=4 --candidate ffn=768 --steps 20   # ranked students
     workbench fit 12 --context 8192 --batch 4 --kv q8_0   # memory, devices it fits, larger sizes of it
     workbench export 12 --format compressed-tensors --out out/ct   # run 12's variant as files + README.md card
     workbench registry upgrade --url sqlite:///workbench-runs.db
@@ -426,6 +427,40 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 1 if check == "FAILED" else 0
 
 
+def cmd_distill_rank(args: argparse.Namespace) -> int:
+    """Several student shapes, the same short distillation each, ranked (workbench.distill.candidates)."""
+    from workbench.distill.candidates import (
+        RankConfig,
+        check_budget,
+        default_candidates,
+        parse_candidate,
+        rank_candidates,
+    )
+    from workbench.techniques import make_config
+
+    check_budget(args.steps, args.tokens)  # before the model loads
+    distill = make_config("distill", **_params(args.param or ()))
+    shapes = tuple(parse_candidate(text) for text in args.candidate or ())
+    with _workspace(args) as ws:
+        config = RankConfig(
+            candidates=shapes or default_candidates(ws.load().model),
+            steps=args.steps,
+            tokens=args.tokens,
+            distill=distill,
+            rank_by=args.rank_by,
+        )
+        bar = _Bar("rank candidates")
+        try:
+            ranking = rank_candidates(
+                ws, config, progress=bar, tags=tuple(args.tag or ()), reuse=not args.force
+            )
+        finally:
+            bar.close()
+    print(ranking.table(args.format))
+    print(ranking.summary(), file=sys.stderr)
+    return 0
+
+
 def cmd_prepare_demo(args: argparse.Namespace) -> int:
     from workbench.models import prepare_demo
 
@@ -616,6 +651,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["upgrade"])
     p.add_argument("--url", default=None)
     p.set_defaults(fn=cmd_registry)
+
+    p = sub.add_parser(
+        "distill-rank", help="distil several student shapes with the same short budget and rank them"
+    )
+    common(p)
+    p.add_argument(
+        "--candidate",
+        action="append",
+        metavar="SHAPE",
+        help="a student shape, e.g. 'drop=4', 'ffn=768', 'drop=2 ffn=1152' (repeatable; default: drop 2/4/6 "
+        "of 30 layers and FFN 75%%/50%%, scaled to the model)",
+    )
+    p.add_argument("--steps", type=int, default=20, help="distillation steps every candidate gets")
+    p.add_argument("--tokens", type=int, default=0, help="training tokens every candidate gets (0: steps)")
+    p.add_argument(
+        "--param", action="append", metavar="NAME=VALUE", help="distill setting, e.g. loss=forward_kl"
+    )
+    p.add_argument(
+        "--rank-by", default="quality_per_param", choices=["quality_per_param", "recovered_per_param", "ppl"]
+    )
+    p.add_argument("--format", default="md", choices=["csv", "md", "html", "tex", "json"])
+    p.set_defaults(fn=cmd_distill_rank)
 
     p = sub.add_parser("prepare-demo", help="extract the embedded demo model and cache a safetensors copy")
     p.set_defaults(fn=cmd_prepare_demo)
