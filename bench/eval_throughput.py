@@ -1,6 +1,7 @@
 """Evaluation throughput and fidelity on the demo model: the workbench's evaluation path against a plain loop.
 
-Run: ``.venv/bin/python bench/eval_throughput.py [--chunks 20] [--threads 2] [--batch 2] [--no-bf16]``
+Run: ``.venv/bin/python bench/eval_throughput.py [--chunks 20] [--threads 2] [--batch 2] [--no-bf16]``;
+the knob study: ``.venv/bin/python bench/eval_throughput.py --study --chunks 8 --rounds 3``
 
 On the same 512-token chunks, in one process, interleaved chunk group by chunk group (so load from other
 processes hits both sides alike):
@@ -19,15 +20,27 @@ only as a reference. Fidelity: the perplexities of all three, and
 the KL divergence between the two paths' distributions (must be < 1e-5 at fp32). Base-output storage: KL from
 the stored base (hidden states, and the uint16 fallback) against the exact full-vocabulary KL on a few chunks of
 a 3-bit round-to-nearest copy. Optionally the bf16 fast path: its speed and its KL to fp32.
+
+``--study [--rounds 3] [--chunks 8]`` measures instead what each knob of the evaluation gives, on the same chunks,
+every side once per round, the order rotated round by round, medians over rounds (so load from other processes
+hits every side alike): torch threads, chunks per forward pass, output-head rows per block, attention
+implementation (sdpa / eager), ``torch.compile`` of the decoder body (its compile time apart), bf16 autocast, and
+llama.cpp on the same chunks through the workbench's runtime step at F32 and at Q8_0 and Q4_0 (llama.cpp's own
+quantizer). Each side's tokens/s, its per-round ratio to the workbench's default, and its fidelity to the fp32
+default (KL against the default's stored outputs, largest per-token NLL difference).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import os
+import statistics
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,17 +92,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2, help="chunks per forward pass on the workbench side")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 fast-path measurement")
+    parser.add_argument("--study", action="store_true", help="measure each knob's effect instead (see above)")
+    parser.add_argument("--rounds", type=int, default=3, help="--study: timed rounds (medians are reported)")
+    parser.add_argument("--model", default="demo", help="model spec (e.g. tiny-llama for a quick check)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.study:
+        study(args)
+        return
 
     from workbench import evaluate as ev
     from workbench.models import load_model
 
     t0 = time.perf_counter()
-    loaded = load_model("demo")
+    loaded = load_model(args.model)
     model, tok = loaded.model, loaded.tokenizer
     print(
-        f"demo model loaded in {time.perf_counter() - t0:.1f} s; threads = {torch.get_num_threads()}; "
+        f"{args.model} model loaded in {time.perf_counter() - t0:.1f} s; threads = {torch.get_num_threads()}; "
         f"attention = {model.config._attn_implementation}"
     )
     suite = ev.Suite(
@@ -234,6 +253,226 @@ def main() -> None:
             f"top1_agree = {b['top1_agree']:.4f}"
         )
     print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+
+
+# ---- --study: what each knob gives ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def setting(
+    model: torch.nn.Module, *, threads: int = 0, attn: str = "", head_rows: int = 0
+) -> Iterator[None]:
+    """One side's knobs for the duration of a call, restored afterwards (the sides share one model object)."""
+    from workbench.evaluation import scoring
+
+    old = torch.get_num_threads(), model.config._attn_implementation, scoring._BLOCK_BYTES
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        if attn:
+            model.set_attn_implementation(attn)
+        if head_rows:
+            # block_rows() = _BLOCK_BYTES // (4 * vocab): the bytes that give exactly `head_rows` rows per block.
+            scoring._BLOCK_BYTES = head_rows * 4 * int(model.config.vocab_size)
+        yield
+    finally:
+        torch.set_num_threads(old[0])
+        if attn:
+            model.set_attn_implementation(old[1])
+        scoring._BLOCK_BYTES = old[2]
+
+
+@dataclasses.dataclass
+class Side:
+    """One way of evaluating the same chunks: a module scored by ``score_tokens`` under a suite and knobs."""
+
+    knob: str
+    value: str
+    model: Any
+    suite: Any
+    knobs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    engine: str = "workbench"
+    note: str = ""
+    seconds: list[float] = dataclasses.field(default_factory=list)
+    nll: torch.Tensor | None = None
+    fidelity: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def score(self, chunks: torch.Tensor, base: Any = None, base_model: Any = None) -> Any:
+        from workbench import evaluate as ev
+
+        knobs = self.knobs if self.engine == "workbench" else {}
+        with setting(self.model, **knobs) if knobs else contextlib.nullcontext():
+            return ev.score_tokens(self.model, chunks, self.suite, base=base, base_model=base_model)
+
+    def timed(self, chunks: torch.Tensor) -> None:
+        t = time.perf_counter()
+        self.nll = self.score(chunks).nll
+        self.seconds.append(time.perf_counter() - t)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:200]
+
+
+def _llama_sides(loaded: Any, suite: Any, threads: int) -> tuple[list[Side], list[Any]]:
+    """llama.cpp at F32 (the runtime step's export) and at Q8_0 / Q4_0 (its quantizer on that F32 file)."""
+    from workbench.runtimes.llamacpp import LlamaCppModule, quantize_file
+
+    t = time.perf_counter()
+    f32 = _llama_cpp_f32(loaded, threads)
+    if f32 is None:
+        print("llama.cpp not measured (llama-cpp-python missing: make setup installs it)")
+        return [], []
+    sides = [
+        Side(
+            "llama.cpp", "F32", f32, suite, engine="llama.cpp", note=f"{f32.path.stat().st_size / 1e6:.0f} MB"
+        )
+    ]
+    keep = [f32]  # the F32 module owns the folder the quantized files are written to
+    for quant in ("Q8_0", "Q4_0"):
+        path = f32.path.parent / f"model-{quant}.gguf"
+        quantize_file(f32.path, path, quant, threads)
+        module = LlamaCppModule(path, vocab_size=int(loaded.model.config.vocab_size), threads=threads)
+        sides.append(
+            Side(
+                "llama.cpp",
+                quant,
+                module,
+                suite,
+                engine="llama.cpp",
+                note=f"{path.stat().st_size / 1e6:.0f} MB",
+            )
+        )
+    print(f"llama.cpp files written in {time.perf_counter() - t:.1f} s (F32 export, then Q8_0 and Q4_0)")
+    return sides, keep
+
+
+def study(args: argparse.Namespace) -> None:
+    """Every knob's effect on the workbench's evaluation speed, interleaved round by round; see the docstring."""
+    from workbench import evaluate as ev
+    from workbench.evaluation.scoring import block_rows
+    from workbench.models import load_model
+
+    loaded = load_model(args.model)
+    model, tok = loaded.model, loaded.tokenizer
+    threads = args.threads
+    suite = ev.Suite(
+        "bench-eval-study",
+        n_tokens=512 * args.chunks,
+        context_length=512,
+        scoring="full",
+        batch_size=args.batch,
+        speed=False,
+        n_generations=0,
+    )
+    chunks = ev.suite_chunks(tok, suite)
+    vocab = int(model.config.vocab_size)
+    rows_per_batch = args.batch * suite.scored_per_chunk
+    default_rows = block_rows(vocab)
+    print(
+        f"study: {args.model}, {chunks.shape[0]} chunks x 512 tokens, {args.rounds} rounds, threads = {threads}, "
+        f"default: batch {args.batch}, head block {default_rows} rows, attention "
+        f"{model.config._attn_implementation}, fp32"
+    )
+
+    ref = Side("default", f"threads {threads}, batch {args.batch}", model, suite)
+    sides = [ref]
+    if threads != 1:
+        sides.append(Side("threads", "1", model, suite, {"threads": 1}))
+    for b in (1, 2, 4, 8):
+        if b != args.batch:
+            sides.append(Side("batch (chunks)", str(b), model, dataclasses.replace(suite, batch_size=b)))
+    for rows in sorted({64, 2 * default_rows, rows_per_batch} - {default_rows}):
+        sides.append(Side("head block (rows)", str(rows), model, suite, {"head_rows": rows}))
+    if model.config._attn_implementation != "eager":
+        sides.append(Side("attention", "eager", model, suite, {"attn": "eager"}))
+    # The default again, half a round later: its ratio to the default is the noise of this run (an A/A test).
+    sides.insert(len(sides) // 2, Side("default, again", "(noise: A/A)", model, suite))
+    sides.append(Side("dtype", "bf16 autocast", model, dataclasses.replace(suite, compute_dtype="bfloat16")))
+
+    # torch.compile of the decoder body (score_tokens runs the body and the head apart), on its own copy.
+    with torch.inference_mode():
+        t = time.perf_counter()
+        ref.score(chunks[: args.batch])
+        t_eager_first = time.perf_counter() - t
+    compiled = copy.deepcopy(model)
+    compiled.model.compile()
+    t = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            Side("compile", "", compiled, suite).score(chunks[: args.batch])
+        t_compile = time.perf_counter() - t
+        sides.append(
+            Side("torch.compile", "mode default", compiled, suite, note=f"compile {t_compile:.0f} s")
+        )
+        print(
+            f"torch.compile: first call {t_compile:.1f} s (an uncompiled call on the same chunks: {t_eager_first:.1f} s)"
+        )
+    except Exception as err:  # noqa: BLE001 (reported as one line: what this torch/transformers says)
+        print(f"torch.compile failed: {_first_line(err)}")
+        del compiled
+
+    llama, keep = _llama_sides(loaded, suite, threads)
+    sides += llama
+
+    for side in sides:  # warm-up: allocator, kernel selection, llama.cpp context creation
+        side.score(chunks[: side.suite.batch_size])
+    loads = []
+    for r in range(args.rounds):
+        order = sides[r % len(sides) :] + sides[: r % len(sides)]  # rotated, so no side always runs first
+        for side in order:
+            side.timed(chunks)
+        loads.append(os.getloadavg()[0])
+        print(
+            f"round {r + 1}: default {chunks.numel() / ref.seconds[-1]:.1f} tok/s, load {loads[-1]:.1f}",
+            flush=True,
+        )
+
+    # Fidelity: KL against the fp32 default's stored outputs (one untimed pass per side, on the first chunks:
+    # at least one whole batch of the side, so its batch shape is what is compared), and the largest per-token
+    # NLL difference over all chunks (from the timed passes).
+    base = ev.base_outputs(model, tok, suite)
+    for side in sides:
+        few = chunks[: max(2, side.suite.batch_size)]
+        kl = ev.summarize(side.score(few, base=base, base_model=model)) if side is not ref else {}
+        side.fidelity = {
+            "ppl": ev.summarize(ev.TokenScores(side.nll))["ppl"],  # over all chunks, from the timed passes
+            "kl_mean": kl.get("kl_mean", 0.0),
+            "kl_max": kl.get("kl_max", 0.0),
+            "nll_diff": float((side.nll - ref.nll).abs().max()),
+        }
+
+    tokens = chunks.numel()
+    print()
+    print(
+        f"| knob | value | tok/s (median of {args.rounds}) | min–max | x default (median per round) | faster in "
+        f"| ppl | KL to fp32 default (mean / max) | max abs NLL diff | note |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for side in sides:
+        tok_s = [tokens / s for s in side.seconds]
+        ratio = [rs / ss for rs, ss in zip(ref.seconds, side.seconds, strict=True)]
+        wins = "—" if side is ref else f"{sum(x > 1 for x in ratio)}/{len(ratio)}"
+        f = side.fidelity
+        print(
+            f"| {side.knob} | {side.value} | {statistics.median(tok_s):.1f} | {min(tok_s):.0f}–{max(tok_s):.0f} "
+            f"| {statistics.median(ratio):.2f} | {wins} | {f['ppl']:.4f} "
+            f"| {f['kl_mean']:.1e} / {f['kl_max']:.1e} | {f['nll_diff']:.1e} | {side.note} |"
+        )
+    print()
+    for side in llama:
+        ratio = statistics.median(ss / rs for rs, ss in zip(ref.seconds, side.seconds, strict=True))
+        print(
+            f"workbench default / llama.cpp {side.value} = {ratio:.2f} (median per round; >= 1.00: the workbench is "
+            f"faster; a simulated {side.value} variant runs the default's fp32 kernels)"
+        )
+    print(
+        f"load average (1 min) at the end of each round: {', '.join(f'{x:.1f}' for x in loads)} "
+        f"on {os.cpu_count()} cores"
+    )
+    for module in keep:
+        module.close()
 
 
 if __name__ == "__main__":
