@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -287,3 +288,124 @@ def test_recorded_run_then_route_on_top(registry_url):
     assert stacked.metrics["kl_mean"] > 1e-4
     frame = Registry.open(registry_url).runs_frame()
     assert len(frame) == 2
+
+
+def _peaky_llama():
+    """The tiny Llama with a louder FFN and a sharper head, so that routing to fewer experts costs a visible KL
+    (the random model's near-uniform outputs hide it)."""
+    from workbench.tiny import tiny_llama
+
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.norm.weight.mul_(30)
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.mul_(8)
+    return model
+
+
+def _kl_to(model, reference_logits, ids):
+    from workbench.distill.losses import soft_loss
+
+    with torch.no_grad():
+        return float(soft_loss(model(input_ids=ids).logits.float(), reference_logits, "forward_kl"))
+
+
+def test_recovery_by_distillation_at_the_reduced_k(byte_tokenizer, tmp_path, monkeypatch):
+    """moefy -> route k=2 -> distill against the dense model: KL to it falls on held-out text, the model still
+    routes at k = 2, the same pipeline again loads the trained student, and the saved folder reloads."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))  # where the distilled student is kept
+    dense = _peaky_llama()
+    corpus = get_corpus("python-docs")
+    ids = torch.tensor(byte_tokenizer(corpus.text("evaluation")[:2000])["input_ids"][:256]).reshape(4, 64)
+    with torch.no_grad():
+        reference = dense(input_ids=ids).logits.float()
+    carve = [
+        make_config("moefy", n_experts=4, top_k=4, calibration_tokens=1024),
+        make_config("route", k=2, measure_tokens=0),
+    ]
+    recover = [*carve, make_config("distill", steps=20, seq_len=64, lr=1e-3, alpha=1.0, temperature=1.0)]
+
+    def run(pipeline):
+        ctx = ApplyContext(tokenizer=byte_tokenizer, corpus=corpus, base=dense, seed=0)
+        return apply_pipeline_(copy.deepcopy(dense), pipeline, ctx), ctx
+
+    carved, _ = run(carve)
+    recovered, ctx = run(recover)
+    before, after = _kl_to(carved, reference, ids), _kl_to(recovered, reference, ids)
+    assert before > 0.1, before  # k = 2 of 4 loses something to recover
+    assert after < 0.95 * before, (before, after)
+    assert ctx.metrics["training_steps"] == 20 and ctx.metrics["training_reused"] == 0
+    # Trained at k = 2, and still routing there (the experts a token skips are still skipped).
+    assert {b.top_k for _, b in moefy.moe_blocks(recovered)} == {2}
+    assert {b.top_k for b in anatomy(recovered).experts} == {2}
+    assert moefy.active_counts(recovered)["active_ffn_fraction"] == pytest.approx((16 + 2 * 28) / 128)
+    # The same pipeline again loads the finished student instead of training.
+    again, again_ctx = run(recover)
+    assert again_ctx.metrics["training_reused"] == 1
+    assert torch.equal(_logits(again), _logits(recovered))
+    # The student folder holds the carved tensors: the structure from the plan takes them back.
+    from workbench.tiny import tiny_llama
+
+    fresh = moefy.build_structure_(tiny_llama(), moefy.Plan.from_dict(ctx.extras["moefy"]["plan"]))
+    state = load_file(str(next(iter(Path(ctx.extras["student_folder"]).glob("*.safetensors")))))
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embeddings
+    moefy.set_top_k_(fresh, 2)
+    assert torch.allclose(_logits(fresh), _logits(recovered), atol=1e-6)
+
+
+def test_distilling_a_carved_model_at_k_equal_e_is_refused(byte_tokenizer, tiny_llama):
+    """At k = E a carved model uses more parameters per token than the dense teacher (its routers): nothing
+    to recover, and the message says to lower k first."""
+    pipeline = [
+        make_config("moefy", n_experts=4, top_k=4, calibration_tokens=512),
+        make_config("distill", steps=1, seq_len=64),
+    ]
+    ctx = ApplyContext(tokenizer=byte_tokenizer, corpus=get_corpus("python-docs"), base=tiny_llama, seed=0)
+    with pytest.raises(ConfigError, match="route to a lower k first"):
+        apply_pipeline_(copy.deepcopy(tiny_llama), pipeline, ctx)
+
+
+def test_quality_summary_ships_the_bench_table_only_for_the_cached_recipe(
+    byte_tokenizer, tiny_llama, tmp_path, monkeypatch
+):
+    """demo-moe without runs of its own shows the table measured by bench/moe_routing.py, labelled so; another
+    recipe, another model, or a model moefy did not make gets no such table."""
+    import json
+
+    from workbench.models import demo_moe
+
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
+    ctx = _ctx(byte_tokenizer)
+    model = apply_(
+        copy.deepcopy(tiny_llama), make_config("moefy", n_experts=8, top_k=8, calibration_tokens=512), ctx
+    )
+    folder = demo_moe.demo_moe_folder()
+    folder.mkdir(parents=True)
+    (folder / "experts.safetensors").write_bytes(b"")
+    info = {
+        "version": demo_moe.DEMO_MOE_VERSION,
+        "settings": demo_moe.DEMO_MOE_SETTINGS,
+        "plan": ctx.extras["moefy"]["plan"],
+        "source": "demo",
+        "build_seconds": 61.0,
+    }
+    (folder / "moefy.json").write_text(json.dumps(info))
+
+    summary = demo_moe.quality_summary(model, source="demo-moe")
+    assert summary.source == "shipped" and "bench/moe_routing.py" in summary.note
+    recipe = dict(summary.recipe)
+    assert recipe["neurons per expert"] == "14" and recipe["shared neurons"].startswith("16")
+    assert recipe["calibration"].startswith("4096") and recipe["seed"] == "0" and recipe["build"] == "61 s"
+    by_k = {p.k: p for p in summary.points}
+    assert by_k[6].ppl == 15.288 and by_k[6].delta_ppl == pytest.approx(15.288 / 11.919 - 1)
+    assert by_k[6].ffn_active == pytest.approx((16 + 6 * 14) / 128) and by_k[6].run_id is None
+
+    # The same blocks under another name, or a cached copy of another recipe: the recipe only, nothing shipped.
+    assert demo_moe.quality_summary(model, source="tiny-carved").source == ""
+    (folder / "moefy.json").write_text(json.dumps({**info, "version": demo_moe.DEMO_MOE_VERSION + 1}))
+    other = demo_moe.quality_summary(model, source="demo-moe")
+    assert other.source == "" and other.points == () and "calibration" not in dict(other.recipe)
+    assert demo_moe.quality_summary(tiny_llama, source="demo-moe") is None

@@ -135,3 +135,67 @@ def test_budget_mode_chooses_per_layer_k(moe_app):
     result = panel.results[-1]
     assert result.status == "done", result.error
     assert result.label == "route budget 90%" and result.metrics["active_experts"] < 2
+
+
+def _carved_loader(byte_tokenizer):
+    """A loader whose "tiny-carved" is the tiny Llama carved by moefy (4 experts of 28 neurons + 16 shared, k = 4)."""
+    import copy
+
+    from workbench.corpus import get_corpus
+    from workbench.models.loading import LoadedModel
+    from workbench.models.size import size_report
+    from workbench.models.spec import ModelSpec
+    from workbench.techniques import ApplyContext, apply_, make_config
+    from workbench.tiny import tiny_llama
+
+    ctx = ApplyContext(tokenizer=byte_tokenizer, corpus=get_corpus("python-docs"), seed=0)
+    model = apply_(
+        copy.deepcopy(tiny_llama()), make_config("moefy", n_experts=4, top_k=4, calibration_tokens=512), ctx
+    ).eval()
+    loaded = LoadedModel(
+        model, byte_tokenizer, ModelSpec("tiny-carved"), "tiny-carved-fp", "tiny-carved", size_report(model)
+    )
+    return lambda spec, progress=None: loaded
+
+
+def test_converted_model_shows_its_recipe_and_measured_quality(
+    registry_url, tmp_path, monkeypatch, byte_tokenizer
+):
+    """On a model moefy made, the tab says how it was made, then fills the quality table from the user's runs."""
+    monkeypatch.chdir(tmp_path)
+    bench = Workbench(
+        registry_url,
+        model="tiny-carved",
+        suite=SUITE,
+        poll_interval=0,
+        loader=_carved_loader(byte_tokenizer),
+    )
+    try:
+        bench.workspace.load()
+        panel = bench.route
+        summary = panel.summary
+        assert summary is not None and summary.source == "" and summary.points == ()
+        recipe = dict(summary.recipe)
+        assert recipe["experts per FFN"].startswith("4 ") and recipe["neurons per expert"] == "28"
+        assert recipe["shared neurons"].startswith("16") and recipe["router"] == "regression"
+        assert "How this model was made" in panel.about.value and "Nothing measured yet" in panel.about.value
+        bench.workspace.submit_run([])  # the baseline: the reference for Δppl
+        assert bench.jobs.wait(WAIT)
+        panel.k.value = 2
+        assert bench.jobs.wait(WAIT)
+        assert panel.results[-1].status == "done", panel.results[-1].error
+        panel.refresh_about()  # what the registry watcher does on its next poll
+        summary = panel.summary
+        assert summary.source == "registry"
+        (point,) = summary.points
+        assert (point.k, point.run_id) == (2, panel.results[-1].run_id)
+        assert point.ffn_active == pytest.approx((16 + 2 * 28) / 128)
+        assert point.ppl == pytest.approx(panel.results[-1].metrics["ppl"])
+        assert point.delta_ppl is not None and point.kl_mean > 0
+        assert "How good it is" in panel.about.value and "56.2%" in panel.about.value
+    finally:
+        bench.close()
+
+
+def test_native_moe_and_dense_models_show_no_recipe(moe_app):
+    assert moe_app.route.summary is None and moe_app.route.about.value == ""

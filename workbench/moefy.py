@@ -596,6 +596,42 @@ def active_counts(model: nn.Module) -> dict[str, float]:
     }
 
 
+def conversion_recipe(model: nn.Module) -> dict[str, Any] | None:
+    """How a converted model's blocks are laid out, read from the blocks themselves (None: no converted block).
+
+    ``mode`` (carve | upcycle), ``blocks``, ``n_experts``, ``width`` (neurons per expert) and ``n_shared`` (always-on
+    neurons), each a sorted list of the values the blocks hold, ``router`` (its scoring) and ``top_k`` (the ks the
+    blocks run now). Calibration text and seed are not in the weights; a model's ``moefy.json`` has them.
+    """
+    blocks = [b for _, b in moe_blocks(model)]
+    if not blocks:
+        return None
+
+    def values(get: Callable[[MoEfiedMLP], int]) -> list[int]:
+        return sorted({int(get(b)) for b in blocks})
+
+    return {
+        "mode": blocks[0].source,
+        "blocks": len(blocks),
+        "n_experts": values(lambda b: b.experts.gate_up_proj.shape[0]),
+        "width": values(lambda b: b.experts.down_proj.shape[-1]),
+        "n_shared": values(
+            lambda b: b.shared_expert.gate_proj.out_features if b.shared_expert is not None else 0
+        ),
+        "router": blocks[0].gate.scoring,
+        "top_k": values(lambda b: b.top_k),
+    }
+
+
+def ffn_fraction_at(recipe: dict[str, Any], k: int) -> float:
+    """FFN neurons a token runs at k over the dense FFN's, for a :func:`conversion_recipe` (first block's shape):
+    ``(n_shared + k * m) / (n_shared + E * m)``; k for upcycled blocks (k whole copies)."""
+    if recipe["mode"] == "upcycle":
+        return float(k)
+    shared, width, n_exp = recipe["n_shared"][0], recipe["width"][0], recipe["n_experts"][0]
+    return (shared + k * width) / (shared + n_exp * width)
+
+
 def set_top_k_(model: nn.Module, k: int) -> None:
     """Every converted block's k (what the expert slider does on a converted model)."""
     for name, b in moe_blocks(model):
@@ -621,8 +657,10 @@ __all__ = [
     "build_structure_",
     "carve_block",
     "carved_block",
+    "conversion_recipe",
     "convert_",
     "dense_ffns",
+    "ffn_fraction_at",
     "moe_blocks",
     "plan",
     "set_top_k_",

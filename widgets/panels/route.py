@@ -8,7 +8,9 @@ queue; the run records the measured mean active experts, active parameters and F
 quality metrics, and the expert-load matrix, drawn here as a heatmap. Pruning controls run ``prune_experts``
 (the heatmap then shows the experts that are left, with the load before beside it), and "Balance load" fits
 ``balance_experts``. On a dense model the panel says it has no experts and, where the library has the
-``moefy`` technique, offers to convert it.
+``moefy`` technique, offers to convert it. On a model converted by ``moefy`` (``demo-moe``) it shows how the
+model was made and how good it is at each k, as :func:`workbench.models.demo_moe.quality_summary` decides (the
+user's runs, else the table shipped with the recipe).
 """
 
 from __future__ import annotations
@@ -55,6 +57,27 @@ def expert_load_figure_for(matrix: list[list[float]], layers: list[int] | None, 
     return expert_load_figure(matrix, layers=layers, title_text=title_text)
 
 
+def _summary_html(summary: Any) -> str:
+    """The recipe as a two-column table and the quality points as one row each."""
+    esc = html.escape
+    recipe = "".join(
+        f"<tr><th style='text-align:left'>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in summary.recipe
+    )
+    parts = [f"<b>How this model was made</b><table>{recipe}</table>"]
+    if summary.points:
+        head = "".join(f"<th>{h}</th>" for h in ("setting", "FFN active", "ppl", "Δppl", "KL mean", "run"))
+        rows = []
+        for p in summary.points:
+            delta = f"{100 * p.delta_ppl:+.1f}%" if p.delta_ppl is not None else "–"
+            kl = f"{p.kl_mean:.3f}" if p.kl_mean is not None else "–"
+            run = str(p.run_id) if p.run_id is not None else "shipped"
+            cells = (esc(p.label), f"{p.ffn_active:.1%}", f"{p.ppl:.3f}", delta, kl, run)
+            rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        parts.append(f"<b>How good it is</b><table><tr>{head}</tr>{''.join(rows)}</table>")
+    parts.append(f"<i>{esc(summary.note)}</i>")
+    return "<div class='wb-moe-summary'>" + "".join(parts) + "</div>"
+
+
 def _set_range(slider: W.IntSlider, low: int, high: int, value: int) -> None:
     """Move a slider to [low, high] at ``value`` (a traitlets slider refuses min > max at every step)."""
     slider.max = max(high, slider.min)
@@ -73,10 +96,12 @@ class RoutePanel(W.VBox):
         self.ws = app.workspace
         self.space: Any = None
         self.results: list[Any] = []
+        self.summary: Any = None  # the loaded model's MoeSummary (None unless moefy made it)
         self.load_matrix: list[list[float]] = []
         self._syncing = False
 
         self.status = W.HTML("")
+        self.about = W.HTML("")  # recipe and measured quality of a model converted by moefy
         self.mode = W.ToggleButtons(
             options=MODES, value="k", description="Routing", style={"button_width": "110px"}
         )
@@ -200,6 +225,7 @@ class RoutePanel(W.VBox):
         self.balance_button.on_click(lambda _b: self.balance())
         self.moefy_button.on_click(lambda _b: self.moefy())
         app.watcher.subscribe(self.plot.refresh)
+        app.watcher.subscribe(self.refresh_about)
         app.on_model_loaded(lambda _loaded: self.refresh_space())
 
         self.controls = W.VBox(
@@ -213,6 +239,7 @@ class RoutePanel(W.VBox):
         super().__init__(
             [
                 self.status,
+                self.about,
                 self.moefy_button,
                 self.controls,
                 self.errors,
@@ -231,6 +258,7 @@ class RoutePanel(W.VBox):
         """Fit the controls to the loaded model (k range, renormalisation choices); dense: say so."""
         from workbench.techniques.route import route_space
 
+        self.refresh_about()
         loaded = self.ws.loaded_model()
         if loaded is None:
             self.space = None
@@ -287,6 +315,19 @@ class RoutePanel(W.VBox):
             note += " Dynamic routing (top-p, skipping) is not available for this router."
         self.status.value = render_note(note)
         self._show_mode()
+
+    def refresh_about(self) -> None:
+        """How the loaded model was made and how good it is, when moefy made it (else nothing)."""
+        from workbench.models.demo_moe import quality_summary
+        from workbench.moefy import moe_blocks
+
+        loaded = self.ws.loaded_model()
+        summary = None
+        if loaded is not None and moe_blocks(loaded.model):  # the registry is read only for converted models
+            runs = self.ws.runs_frame(model=self.ws.fingerprint, suite=self.ws.suite_filter)
+            summary = quality_summary(loaded.model, source=str(loaded.spec.source), runs=runs)
+        self.summary = summary
+        self.about.value = "" if summary is None else _summary_html(summary)
 
     def _show_mode(self) -> None:
         mode = self.mode.value

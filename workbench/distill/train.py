@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,12 +216,14 @@ def train_student(
     progress: Progress | None = None,
     checkpoint: Path | None = None,
     tokenizer: Any = None,
+    trainable: Callable[[str], bool] | None = None,
 ) -> TrainResult:
     """Train ``student`` in place on ``windows`` ``(N, S)`` against ``teacher`` (live) or ``store``.
 
     ``eval_ids`` ``(M, S)``: held-out windows for the evaluation points (perplexity and KL against the teacher).
     ``checkpoint``: the folder a stop saves to and a later call resumes from; once training finishes it holds the
     finished student, which a later call with the same folder loads instead of training.
+    ``trainable``: ``trainable(name)`` says which parameters train (None: all of them); the rest stay frozen.
     Progress partials carry ``distill_step``, ``distill_tokens``, ``train_loss`` and, at evaluation points,
     ``eval_perplexity`` and ``eval_kl``, so a panel can draw live curves.
     """
@@ -234,9 +237,16 @@ def train_student(
     n_windows, seq_len = windows.shape
     tokens_per_step = settings.batch_size * settings.grad_accum * (seq_len - 1)
     total = planned_steps(settings, tokens_per_step)
-    decay = [p for n, p in student.named_parameters() if p.ndim >= 2]
-    rest = [p for n, p in student.named_parameters() if p.ndim < 2]
+    # trainable(name): the parameters to train (None: all); the others are frozen, so their gradients are not
+    # computed (e.g. only the experts of a carved MoE).
+    named = [(n, p) for n, p in student.named_parameters() if trainable is None or trainable(n)]
+    if not named:
+        raise ValueError("train_student: trainable() selects no parameter of the student")
+    decay = [p for n, p in named if p.ndim >= 2]
+    rest = [p for n, p in named if p.ndim < 2]
     for p in student.parameters():
+        p.requires_grad_(False)
+    for _, p in named:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": settings.weight_decay}, {"params": rest, "weight_decay": 0.0}],

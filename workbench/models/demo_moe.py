@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,25 @@ DEMO_MOE_SETTINGS: dict[str, Any] = {
 # Bumped when the recipe or the file layout changes, so an older cached copy is rebuilt.
 DEMO_MOE_VERSION = 1
 _LOCK = threading.Lock()
+
+
+# What demo-moe of this recipe (DEMO_MOE_VERSION, DEMO_MOE_SETTINGS) measured, shown where the registry has no run
+# of it yet. Not computed here: copied from one run of the bench command below (docs/moe.md, "Measured"), so a
+# changed recipe drops it (quality_summary checks version and settings).
+DEMO_MOE_MEASURED: dict[str, Any] = {
+    "version": 1,
+    "settings": dict(DEMO_MOE_SETTINGS),
+    "command": ".venv/bin/python bench/moe_routing.py --threads 1 --chunks 8",
+    "text": "8 chunks of 512 tokens of python-docs (evaluation part), second-half scoring",
+    "dense_ppl": 11.919,
+    # (label, k, perplexity, mean KL against the dense demo)
+    "points": [
+        ("k = 8", 8, 11.919, 0.0),
+        ("k = 6", 6, 15.288, 0.296),
+        ("k = 4", 4, 28.847, 0.946),
+        ("k = 2", 2, 148.8, 2.539),
+    ],
+}
 
 
 def demo_moe_folder() -> Path:
@@ -75,6 +96,183 @@ def describe(info: dict[str, Any]) -> str:
         f"{'/'.join(map(str, width))} neurons + {'/'.join(map(str, shared))} shared, {s['router']} router, "
         f"from {s['calibration_tokens']} python-docs calibration tokens, no training; top-{s['top_k']}"
     )
+
+
+@dataclass(frozen=True)
+class QualityPoint:
+    """One measured setting of a converted model: ``k``, its FFN active fraction, perplexity, the change against
+    the reference (a fraction: 0.28 is +28%; None without a reference), mean KL against it, and the run it comes
+    from (None: the shipped table)."""
+
+    label: str
+    k: int
+    ffn_active: float
+    ppl: float
+    delta_ppl: float | None
+    kl_mean: float | None
+    run_id: int | None = None
+
+
+@dataclass(frozen=True)
+class MoeSummary:
+    """How a converted model was made and how good it is, for the Route tab (rendered there, decided here).
+
+    ``recipe``: (what, value) rows; ``points``: measured settings, fewest experts last; ``source``: ``"registry"``
+    (the user's own runs on the current suite), ``"shipped"`` (:data:`DEMO_MOE_MEASURED`) or ``""`` (nothing
+    measured yet); ``note``: where the numbers come from, in a sentence.
+    """
+
+    recipe: tuple[tuple[str, str], ...]
+    points: tuple[QualityPoint, ...]
+    source: str
+    note: str
+
+
+def _recipe_rows(recipe: dict[str, Any], info: dict[str, Any] | None) -> list[tuple[str, str]]:
+    def join(values: list[int]) -> str:
+        return "/".join(map(str, values))
+
+    upcycled = recipe["mode"] == "upcycle"
+    rows = [
+        ("made by", f"moefy {recipe['mode']}" + (f" of {info['source']}" if info else "") + ", no training"),
+        ("experts per FFN", join(recipe["n_experts"]) + f" in each of {recipe['blocks']} layers"),
+        ("neurons per expert", join(recipe["width"]) + (" (whole copies of the MLP)" if upcycled else "")),
+    ]
+    if not upcycled:
+        rows.append(("shared neurons", join(recipe["n_shared"]) + " (always on)"))
+    rows.append(("router", recipe["router"]))
+    if info:
+        s = info["settings"]
+        rows.append(("calibration", f"{s['calibration_tokens']} tokens of python-docs (calibration part)"))
+        rows.append(("seed", str(s["seed"])))
+        if info.get("build_seconds") is not None:
+            rows.append(("build", f"{info['build_seconds']:.0f} s"))
+    rows.append(("k now", join(recipe["top_k"])))
+    return rows
+
+
+def _number(value: Any) -> bool:
+    """A finite number (a frame cell is NaN or None where a run lacks the metric)."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _plain_route_k(steps: list[dict[str, Any]]) -> int | None:
+    """The k of a pipeline that is one fixed-k ``route`` step (nothing else changed), else None."""
+    if len(steps) != 1 or steps[0].get("technique") != "route":
+        return None
+    params = steps[0].get("params") or {}
+    dynamic = any(params.get(name) is not None for name in ("top_p", "skip_beta", "budget"))
+    if dynamic or params.get("k_per_layer") or params.get("renormalize", "model") != "model":
+        return None
+    k = params.get("k")
+    return int(k) if isinstance(k, int) else None
+
+
+def _registry_points(recipe: dict[str, Any], runs: Any) -> tuple[list[QualityPoint], float | None]:
+    """Fixed-k ``route`` runs, and ``route k → distill`` recoveries, of the loaded model in ``runs`` (a runs frame,
+    newest last: the newest run of a setting wins), with the baseline's perplexity as the reference."""
+    from workbench.moefy import ffn_fraction_at
+
+    if runs is None or len(runs) == 0 or "metric_ppl" not in runs.columns:
+        return [], None
+    reference = None
+    found: dict[tuple[int, str], QualityPoint] = {}
+    for row in runs.itertuples(index=False):
+        steps = json.loads(row.pipeline_json or "[]")
+        ppl = getattr(row, "metric_ppl", None)
+        if not _number(ppl):
+            continue
+        if not steps:
+            reference = float(ppl)
+            continue
+        k = _plain_route_k(steps)
+        label = ""
+        if k is None and len(steps) == 2 and steps[1].get("technique") == "distill":
+            k = _plain_route_k(steps[:1])
+            budget = {key: steps[1]["params"].get(key) for key in ("steps", "tokens", "seconds")}
+            label = " + distill " + ", ".join(f"{v:g} {key}" for key, v in budget.items() if v)
+        if k is None:
+            continue
+        kl = getattr(row, "metric_kl_mean", None)
+        found[(k, label)] = QualityPoint(
+            f"k = {k}{label}",
+            k,
+            ffn_fraction_at(recipe, k),
+            float(ppl),
+            None,
+            float(kl) if _number(kl) else None,
+            int(row.run_id),
+        )
+    points = sorted(found.values(), key=lambda p: (-p.k, p.label))
+    if reference is not None:
+        points = [
+            QualityPoint(p.label, p.k, p.ffn_active, p.ppl, p.ppl / reference - 1, p.kl_mean, p.run_id)
+            for p in points
+        ]
+    return points, reference
+
+
+def _same_shapes(recipe: dict[str, Any], info: dict[str, Any]) -> bool:
+    """Whether the model's blocks are the ones ``moefy.json`` describes (experts, widths, shared neurons)."""
+    plan = info["plan"]
+    return (
+        recipe["n_experts"] == [int(plan["n_experts"])]
+        and recipe["width"] == sorted(set(plan["width"]))
+        and recipe["n_shared"] == sorted(set(plan["n_shared"]))
+        and recipe["blocks"] == len(plan["width"])
+    )
+
+
+def quality_summary(model: Any, *, source: str = "", runs: Any = None) -> MoeSummary | None:
+    """The recipe and measured quality of a model converted by ``moefy`` (None for any other model).
+
+    ``source``: the loaded model's spec; for ``"demo-moe"`` whose blocks are the cached copy's, what its
+    ``moefy.json`` says (calibration, seed, build time) and the shipped table are added;
+    ``runs``: the registry's runs of this model on the current suite (``runs_frame``). The user's own fixed-k
+    ``route`` runs (and ``route → distill`` recoveries) are shown when there are any, with Δppl against the
+    baseline run (the model as loaded); otherwise, for ``demo-moe`` of the current recipe, the shipped table
+    measured by ``bench/moe_routing.py``.
+    """
+    from workbench.moefy import conversion_recipe, ffn_fraction_at
+
+    recipe = conversion_recipe(model)
+    if recipe is None:
+        return None
+    info = demo_moe_info() if source == DEMO_MOE else None
+    if info is not None and not _same_shapes(recipe, info):
+        info = None  # not the cached copy of this recipe: its moefy.json says nothing about this model
+    rows = tuple(_recipe_rows(recipe, info))
+    points, reference = _registry_points(recipe, runs)
+    if points:
+        against = (
+            "the baseline run (the model as loaded"
+            + (
+                ", which at k = E computes what the dense model does)"
+                if recipe["top_k"] == recipe["n_experts"]
+                else ")"
+            )
+            if reference is not None
+            else "nothing yet (run the baseline to see Δppl)"
+        )
+        note = f"Measured by your runs on this suite; Δppl and KL against {against}."
+        return MoeSummary(rows, tuple(points), "registry", note)
+    shipped = DEMO_MOE_MEASURED
+    if (
+        info is not None
+        and shipped["version"] == DEMO_MOE_VERSION
+        and shipped["settings"] == DEMO_MOE_SETTINGS
+    ):
+        dense = shipped["dense_ppl"]
+        table = tuple(
+            QualityPoint(label, k, ffn_fraction_at(recipe, k), ppl, ppl / dense - 1, kl)
+            for label, k, ppl, kl in shipped["points"]
+        )
+        note = (
+            f"Measured by `{shipped['command']}` on {shipped['text']} (dense perplexity {dense:g}); "
+            "run a k here to measure it on this suite."
+        )
+        return MoeSummary(rows, table, "shipped", note)
+    return MoeSummary(rows, (), "", "Nothing measured yet: run a k (or Run as sweep) to measure quality.")
 
 
 def prepare_demo_moe(progress: Progress) -> Path:
@@ -161,11 +359,15 @@ __all__ = [
     "DEMO_MOE",
     "DEMO_MOE_FILES",
     "DEMO_MOE_FOLDER",
+    "DEMO_MOE_MEASURED",
     "DEMO_MOE_SETTINGS",
     "DEMO_MOE_VERSION",
+    "MoeSummary",
+    "QualityPoint",
     "demo_moe_folder",
     "demo_moe_info",
     "describe",
     "load_demo_moe",
     "prepare_demo_moe",
+    "quality_summary",
 ]

@@ -263,10 +263,15 @@ def _apply_distill(model: Any, config: DistillConfig, ctx: ApplyContext) -> Any:
         import copy
 
         model = copy.deepcopy(loaded.model)
-    if n_parameters(model) > n_parameters(teacher):
+    # A dense model carved into experts (moefy) holds a little more than the teacher (its routers) but a token
+    # uses fewer: what is compared there is the parameters per token at the k it runs (recovery after moefy).
+    from workbench.moefy import active_counts, moe_blocks
+
+    student_n = int(active_counts(model)["active_params"]) if moe_blocks(model) else n_parameters(model)
+    if student_n > n_parameters(teacher):
         raise ConfigError(
-            f"distill: the student has {n_parameters(model):,} parameters, more than the teacher's "
-            f"{n_parameters(teacher):,}; distil into a smaller model."
+            f"distill: the student has {student_n:,} parameters (per token), more than the teacher's "
+            f"{n_parameters(teacher):,}; distil into a smaller model (after moefy: route to a lower k first)."
         )
     windows = _windows(ctx.tokenizer, ctx.corpus.text("training"), config.seq_len)
     if windows.shape[0] < config.batch_size:
