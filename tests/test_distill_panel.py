@@ -135,3 +135,63 @@ def test_bad_settings_show_their_message_and_queue_nothing(app, registry_url):
     assert panel.train() is None
     assert "budget" in panel.errors.message
     assert panel.quantize_student() is None and "Train a student first" in panel.errors.message
+
+
+def test_a_shape_change_shows_the_untrained_student_and_a_shape_measured_before_answers_at_once(
+    app, registry_url
+):
+    from widgets.panels._distill_candidates import UNTRAINED_TRACE
+
+    _loaded(app)
+    panel = app.distill
+    assert "not measured yet" in panel.untrained.note.value  # loading looks it up, queues nothing
+    assert len(_runs(registry_url)) == 0
+    panel.ffn.value = 64
+    assert panel.untrained.job is not None and app.jobs.wait(WAIT)
+    preview = panel.untrained.latest
+    assert preview is not None and preview.shape == panel.pipeline()[0] and not preview.reused
+    note = panel.untrained.note.value
+    assert "Untrained: perplexity" in note and "mean KL" in note and f"run {preview.run_id}" in note
+    assert preview.n_params < preview.teacher_params
+    names = [t.name for t in panel.plot.figure.data]
+    assert UNTRAINED_TRACE in names  # the ringed point, beside the prune run's own point
+    runs = _runs(registry_url)
+    assert set(runs["pipeline"]) == {"baseline", preview.label}
+    panel.ffn.value = 0  # another shape (one layer dropped, full width): measured anew
+    assert panel.untrained.latest is None and "measuring" in panel.untrained.note.value
+    assert app.jobs.wait(WAIT) and panel.untrained.latest.shape == panel.pipeline()[0]
+    panel.ffn.value = 64  # back: the registry answers on this thread, no job
+    back = panel.untrained.latest
+    assert back is not None and back.reused and back.run_id == preview.run_id
+    assert "Untrained: perplexity" in panel.untrained.note.value
+
+
+def test_rank_candidates_shows_the_ranked_table_and_the_points(app, registry_url):
+    _loaded(app)
+    panel = app.distill
+    box = panel.candidates
+    assert box.text.value == "drop=1; ffn=96; ffn=64"  # the model's default candidates
+    box.text.value, panel.steps.value = "drop=1 samples=2 seq_len=32; ffn=64 samples=2 seq_len=32", 2
+    assert box.rank() is not None and app.jobs.wait(WAIT)
+    ranking = box.ranking
+    assert ranking is not None and len(ranking.rows) == 2, panel.errors.message
+    assert [r.score for r in ranking.rows] == sorted((r.score for r in ranking.rows), reverse=True)
+    assert "<table" in box.table.value and "untrained_ppl" in box.table.value
+    assert "drop=1 samples=2 seq_len=32" in box.table.value and "Best of 2 candidates" in panel.message.value
+    assert {r.run_id for r in ranking.rows} <= set(panel.frame()["run_id"])
+    assert panel.plot.trace_points() >= 5  # the teacher, two untrained and two trained students
+    n = len(_runs(registry_url))
+    box.button.click()  # again: every run answered by the registry
+    assert app.jobs.wait(WAIT)
+    assert box.ranking.reused and len(_runs(registry_url)) == n and "no training" in panel.message.value
+
+
+def test_bad_candidates_are_refused_in_the_error_area_and_queue_nothing(app, registry_url):
+    _loaded(app)
+    panel = app.distill
+    panel.candidates.text.value = "drop=1; ffn=500"
+    assert panel.candidates.rank() is None
+    assert "candidate 2 (ffn=500)" in panel.errors.message and "FFN width is 128" in panel.errors.message
+    panel.candidates.text.value = " ; "
+    assert panel.candidates.rank() is None and "no candidates" in panel.errors.message
+    assert len(_runs(registry_url)) == 0

@@ -8,6 +8,8 @@ tokens: the recovery curve) live; the recorded curves replace them when the run 
 same student, budget and data order on labels only, its curves beside the KD ones. "Run as sweep" runs the
 settings at every depth of the Drop layers slider (the workspace decides the pipelines). Stop keeps the student
 trained so far (the run is recorded interrupted with its checkpoint) and "Resume" continues it.
+Moving a shape control shows the untrained student's size, perplexity and KL (its recorded prune run), ringed
+on the trade-off plot; "Rank candidates" distils several shapes with the same Steps budget and ranks them.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import plotly.graph_objects as go
 from widgets.common import ErrorArea, LivePlot, ProgressBar, render_note
 from widgets.jobs import Job
 from widgets.panels import Tab, register_tab
+from widgets.panels._distill_candidates import CandidateRanking, UntrainedPreview
 from workbench.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -117,6 +120,9 @@ class DistillPanel(W.VBox):
         self.errors = ErrorArea()
         self.curves_plot = LivePlot(self._curves_figure)
         self.plot = LivePlot(self._tradeoff_figure)
+        # The untrained student's line and the candidate ranking (_distill_candidates.py beside this file).
+        self.untrained = UntrainedPreview(self)
+        self.candidates = CandidateRanking(self)
         # Settings the panel has no control for (seq_len, batch_size, lr...), passed to DistillConfig as they are.
         self.overrides: dict[str, Any] = {}
         self.results: list[Any] = []
@@ -134,7 +140,7 @@ class DistillPanel(W.VBox):
         self.resume_button.on_click(lambda _b: self.resume())
         self.quantize_button.on_click(lambda _b: self.quantize_student())
         for control in (self.drop, self.ffn):
-            control.observe(lambda _c: self._show_shape(), names="value")
+            control.observe(lambda _c: self._show_shape(compute=True), names="value")
         app.watcher.subscribe(self.plot.refresh)
         app.on_model_loaded(lambda _loaded: self._show_shape())
         self._show_shape()
@@ -144,6 +150,7 @@ class DistillPanel(W.VBox):
                 W.HTML("<b>Student</b>"),
                 W.HBox([self.drop, self.ffn]),
                 self.shape_note,
+                self.untrained,
                 W.HTML("<b>Training</b>"),
                 W.HBox([self.loss, self.temperature, self.alpha]),
                 W.HBox([self.teacher, self.steps, self.eval_every]),
@@ -157,6 +164,7 @@ class DistillPanel(W.VBox):
                     ]
                 ),
                 W.HBox([self.quant_bits, self.quantize_button]),
+                self.candidates,
                 self.errors,
                 self.message,
                 self.curves_plot,
@@ -189,8 +197,10 @@ class DistillPanel(W.VBox):
             raise ConfigError(f"distill: {err}") from None
         return steps
 
-    def _show_shape(self) -> None:
-        """The student's size before training: layers and FFN width kept, parameters against the teacher's."""
+    def _show_shape(self, compute: bool = False) -> None:
+        """The student's size before training: layers and FFN width kept, parameters against the teacher's;
+        then its untrained quality, from the registry, else measured in the background when ``compute`` (a
+        shape control moved; a model loading only looks it up)."""
         loaded = self.ws.loaded_model()
         if loaded is None:
             self.shape_note.value = render_note(
@@ -206,6 +216,7 @@ class DistillPanel(W.VBox):
             self.ws.check(steps)
         except ConfigError as err:
             self.shape_note.value = render_note(str(err), "warn")
+            self.untrained.show(None, compute=False)
             return
         from workbench.distill import n_parameters
         from workbench.techniques.base import stacking_for
@@ -218,6 +229,7 @@ class DistillPanel(W.VBox):
             f"{student_n / 1e6:.2f}M parameters ({100 * student_n / teacher_n:.0f}% of the teacher's "
             f"{teacher_n / 1e6:.2f}M)."
         )
+        self.untrained.show(steps[0] if len(steps) > 1 else None, compute=compute)
 
     # ---- running ---------------------------------------------------------------------------------------
 
@@ -400,12 +412,13 @@ class DistillPanel(W.VBox):
     def _tradeoff_figure(self) -> go.Figure:
         from workbench.views import tradeoff_figure
 
-        return tradeoff_figure(
+        fig = tradeoff_figure(
             self.frame(),
             x="metric_size_mb",
             y="metric_ppl",
             empty_message="No distilled students yet: press Train.",
         )
+        return self.untrained.mark(fig)
 
 
 register_tab(Tab("Distill", attr="distill", build=DistillPanel, order=30))
