@@ -7,7 +7,9 @@ trains, its progress partials draw the training loss and the evaluation points (
 tokens: the recovery curve) live; the recorded curves replace them when the run ends. "Hard baseline" runs the
 same student, budget and data order on labels only, its curves beside the KD ones. "Run as sweep" runs the
 settings at every depth of the Drop layers slider (the workspace decides the pipelines). Stop keeps the student
-trained so far (the run is recorded interrupted with its checkpoint) and "Resume" continues it.
+trained so far (the run is recorded interrupted with its checkpoint) and "Resume" continues it. "Data" trains on
+the corpus or on sequences the teacher writes first (sequence-level KD; its progress shows in the bar and the
+message, and the generated corpus is kept for later runs).
 Moving a shape control shows the untrained student's size, perplexity and KL (its recorded prune run), ringed
 on the trade-off plot; "Rank candidates" distils several shapes with the same Steps budget and ranks them.
 """
@@ -75,6 +77,14 @@ class DistillPanel(W.VBox):
             description="Teacher",
             layout=short,
             tooltip="live teacher, or cached top-k / sampled targets (computed once)",
+        )
+        self.data = W.Dropdown(
+            options=["corpus", "teacher-generated"],
+            value="corpus",
+            description="Data",
+            layout=short,
+            tooltip="train on the corpus's training part, or on sequences the teacher writes from its prompts "
+            "(sequence-level KD: generated once, then reused)",
         )
         self.steps = W.IntText(value=50, description="Steps", layout=W.Layout(width="160px"))
         self.eval_every = W.IntText(
@@ -153,7 +163,7 @@ class DistillPanel(W.VBox):
                 self.untrained,
                 W.HTML("<b>Training</b>"),
                 W.HBox([self.loss, self.temperature, self.alpha]),
-                W.HBox([self.teacher, self.steps, self.eval_every]),
+                W.HBox([self.teacher, self.data, self.steps, self.eval_every]),
                 W.HBox(
                     [
                         self.train_button,
@@ -187,6 +197,7 @@ class DistillPanel(W.VBox):
             "temperature": float(self.temperature.value),
             "alpha": float(self.alpha.value),
             "teacher": "live" if hard else self.teacher.value,
+            "data": self.data.value,  # the hard baseline trains on the same data
             "steps": int(self.steps.value),
             "eval_every": int(self.eval_every.value),
             **self.overrides,
@@ -318,6 +329,11 @@ class DistillPanel(W.VBox):
 
     def _listener(self, label: str) -> Any:
         def listen(metrics: dict[str, Any]) -> None:
+            if "generation_sequences" in metrics:  # before training: the teacher writing its corpus
+                self.message.value = render_note(
+                    f"Teacher writing the training corpus: {metrics['generation_sequences']} of "
+                    f"{metrics['generation_of']} sequences done (kept for later runs)."
+                )
             with self._lock:
                 curve = self.curves.setdefault(
                     label, {"tokens": [], "loss": [], "eval_tokens": [], "eval_ppl": []}
