@@ -27,6 +27,13 @@ from typing import Any
 
 import torch
 
+from workbench.distill.generate import (
+    PROMPT_SOURCES,
+    GenerationConfig,
+    generate_corpus,
+    read_prompt_file,
+    validate_generation,
+)
 from workbench.distill.logit_store import build_store, ids_digest, weights_digest
 from workbench.distill.losses import LOSSES, SPARSE_LOSSES
 from workbench.distill.students import check_same_tokenizer, n_parameters
@@ -35,6 +42,18 @@ from workbench.errors import ConfigError
 from workbench.techniques.base import ApplyContext, register, register_stacking
 
 TEACHERS = ("live", "topk", "sampled")
+DATA = ("corpus", "teacher-generated")
+_GEN_FIELDS = (
+    "gen_source",
+    "gen_prompts",
+    "gen_prompt_file",
+    "gen_prompt_tokens",
+    "gen_new_tokens",
+    "gen_sequences",
+    "gen_temperature",
+    "gen_top_p",
+    "gen_batch_size",
+)
 
 
 @dataclass(frozen=True)
@@ -115,8 +134,51 @@ class DistillConfig:
             "settings; False trains afresh."
         },
     )
+    data: str = field(
+        default="corpus",
+        metadata={
+            "help": "What the student trains on: corpus (the corpus's training part) or teacher-generated "
+            "(sequences the teacher writes from prompts, generated once and kept: sequence-level KD). The "
+            "evaluation stays on the corpus's evaluation part either way.",
+            "choices": DATA,
+        },
+    )
+    gen_source: str = field(
+        default="corpus",
+        metadata={
+            "help": "Prompts for teacher-generated data: corpus (the training part cut into gen_prompt_tokens "
+            "prefixes), list (gen_prompts) or file (gen_prompt_file, one prompt a line).",
+            "choices": PROMPT_SOURCES,
+        },
+    )
+    gen_prompts: tuple[str, ...] = field(default=(), metadata={"help": "The prompts when gen_source='list'."})
+    gen_prompt_file: str = field(
+        default="", metadata={"help": "A text file of prompts (one a line) when gen_source='file'."}
+    )
+    gen_prompt_tokens: int = field(
+        default=32, metadata={"help": "Tokens per prompt prefix cut from the corpus (gen_source='corpus')."}
+    )
+    gen_new_tokens: int = field(
+        default=224, metadata={"help": "Tokens the teacher writes per prompt (fewer where it ends its text)."}
+    )
+    gen_sequences: int = field(default=32, metadata={"help": "Sequences the teacher generates."})
+    gen_temperature: float = field(
+        default=1.0, metadata={"help": "The teacher's sampling temperature; 0 is greedy decoding."}
+    )
+    gen_top_p: float = field(
+        default=1.0,
+        metadata={"help": "Nucleus sampling: draw from the smallest set of tokens holding gen_top_p."},
+    )
+    gen_batch_size: int = field(default=8, metadata={"help": "Prompts the teacher continues together."})
 
     def __post_init__(self) -> None:
+        if self.data not in DATA:
+            raise ConfigError(f"distill: data={self.data!r}; choose one of {', '.join(DATA)}.")
+        validate_generation(
+            {f[len("gen_") :]: getattr(self, f) for f in _GEN_FIELDS} | {"seed": 0, "stop_at_eos": True},
+            who="distill",
+            prefix="gen_",
+        )
         if self.loss not in LOSSES:
             raise ConfigError(f"distill: loss={self.loss!r}; choose one of {', '.join(LOSSES)}.")
         if not (
@@ -168,13 +230,30 @@ class DistillConfig:
             else f"{self.seconds:g} s"
         )
         if self.loss == "hard":
-            return f"distill hard {budget}"
+            return f"distill hard {budget}" + self._data_label()
         store = "" if self.teacher == "live" else f" {self.teacher}{self.top_k}"
         skew = f" skew{self.skew:g}" if self.loss in ("skew_kl", "jsd") else ""
         return (
             f"distill {self.loss} T{self.temperature:g} a{self.alpha:g}{skew}{store} {budget}"
+            + self._data_label()
             + self._changed()
         )
+
+    def _data_label(self) -> str:
+        """' teacher-gen 32x224 temp1' and the other generation settings that differ ('' for the corpus)."""
+        if self.data == "corpus":
+            return ""
+        how = "greedy" if self.gen_temperature == 0 else f"temp{self.gen_temperature:g}"
+        if self.gen_top_p < 1:
+            how += f" top-p{self.gen_top_p:g}"
+        text = f" teacher-gen {self.gen_sequences}x{self.gen_new_tokens} {how}"
+        if self.gen_source == "list":
+            text += f" prompts={list(self.gen_prompts)!r}"
+        elif self.gen_source == "file":
+            text += f" prompts={self.gen_prompt_file}"
+        elif self.gen_prompt_tokens != 32:
+            text += f" prefix{self.gen_prompt_tokens}"
+        return text + (f" gen_batch_size={self.gen_batch_size}" if self.gen_batch_size != 8 else "")
 
     def _changed(self) -> str:
         """The other settings that differ from their defaults, so different runs never share a label."""
@@ -192,6 +271,8 @@ class DistillConfig:
             "seconds",
             "resume",
         }
+        if self.data != "corpus":  # _data_label shows them
+            shown |= {"data", *_GEN_FIELDS}
         extra = [
             f"{f.name}={getattr(self, f.name)}"
             for f in fields(self)
@@ -205,6 +286,10 @@ class DistillConfig:
         keys = set(TrainSettings.__dataclass_fields__) - {"seed"}
         return TrainSettings(seed=seed, **{k: v for k, v in asdict(self).items() if k in keys})
 
+    def generation(self, seed: int) -> GenerationConfig:
+        """The teacher-generated data's settings (``gen_<name>`` → ``name``), seeded by the run's seed."""
+        return GenerationConfig(seed=seed, **{f[len("gen_") :]: getattr(self, f) for f in _GEN_FIELDS})
+
 
 def _student_model(config: DistillConfig) -> Any:
     from workbench.models import load_model
@@ -213,7 +298,10 @@ def _student_model(config: DistillConfig) -> Any:
 
 
 def check_distill(model: Any, config: DistillConfig) -> None:
-    """A named student must not be larger than the current model and must share its vocabulary size."""
+    """A named student must not be larger than the current model and must share its vocabulary size; a prompt
+    file for teacher-generated data must hold prompts."""
+    if config.data == "teacher-generated" and config.gen_source == "file":
+        read_prompt_file(config.gen_prompt_file, who="distill", name="gen_prompt_file")
     if not config.student:
         return
     loaded = _student_model(config)
@@ -249,6 +337,34 @@ def checkpoint_root() -> Path:
     return Path(demo_home()) / "distill_checkpoints"
 
 
+def _generated_windows(
+    teacher: Any, config: DistillConfig, ctx: ApplyContext, teacher_digest: str, progress: Any
+) -> torch.Tensor:
+    """Training windows ``(N, seq_len)`` cut from the sequences the teacher writes (generated once, then read
+    from the cache), with the generation's cost in the step's metrics and a sample in its extras."""
+    generated = generate_corpus(
+        teacher,
+        ctx.tokenizer,
+        config.generation(ctx.seed),
+        corpus=ctx.corpus,
+        progress=progress,
+        teacher_digest=teacher_digest,
+    )
+    # The cost of making the corpus, kept with it: a run that reuses it reports what it cost and reused = 1.
+    ctx.metrics["generation_seconds"] = generated.seconds
+    ctx.metrics["generation_tokens"] = generated.new_tokens
+    ctx.metrics["generation_sequences"] = generated.n_sequences
+    ctx.metrics["generation_tokens_per_s"] = generated.new_tokens / max(generated.seconds, 1e-9)
+    ctx.metrics["generation_reused"] = int(generated.reused)
+    ctx.extras["generation"] = {
+        "folder": str(generated.folder),
+        "prompt_tokens": int(sum(generated.prompt_lengths)),
+        "sample_prompt": ctx.tokenizer.decode(generated.sequence(0)[: generated.prompt_lengths[0]].tolist()),
+        "sample": ctx.tokenizer.decode(generated.continuation(0).tolist())[:500],
+    }
+    return generated.windows(config.seq_len)
+
+
 @register("distill", DistillConfig, kind="distill", check=check_distill)
 def _apply_distill(model: Any, config: DistillConfig, ctx: ApplyContext) -> Any:
     teacher = ctx.base
@@ -273,14 +389,26 @@ def _apply_distill(model: Any, config: DistillConfig, ctx: ApplyContext) -> Any:
             f"distill: the student has {student_n:,} parameters (per token), more than the teacher's "
             f"{n_parameters(teacher):,}; distil into a smaller model (after moefy: route to a lower k first)."
         )
-    windows = _windows(ctx.tokenizer, ctx.corpus.text("training"), config.seq_len)
+    teacher_digest = weights_digest(teacher)
+    progress = ctx.progress
+    ctx.extras["training_data"] = config.data
+    if config.data == "teacher-generated":
+        windows = _generated_windows(teacher, config, ctx, teacher_digest, ctx.progress.span(0.0, 0.4))
+        progress = ctx.progress.span(0.4, 1.0)
+        if windows.shape[0] < config.batch_size:
+            raise ConfigError(
+                f"distill: the teacher-generated corpus holds {windows.shape[0]} windows of {config.seq_len} "
+                f"tokens, fewer than batch_size={config.batch_size}; raise gen_sequences or gen_new_tokens, "
+                "or lower seq_len or batch_size."
+            )
+    else:
+        windows = _windows(ctx.tokenizer, ctx.corpus.text("training"), config.seq_len)
     if windows.shape[0] < config.batch_size:
         raise ConfigError(
             f"distill: the corpus's training part holds {windows.shape[0]} windows of {config.seq_len} "
             f"tokens, fewer than batch_size={config.batch_size}; lower seq_len or batch_size."
         )
     held_out = _windows(ctx.tokenizer, ctx.corpus.text("calibration"), config.seq_len)[: config.eval_windows]
-    teacher_digest = weights_digest(teacher)
     settings = {k: v for k, v in asdict(config).items() if k != "resume"}
     key = hashlib.sha256(
         json.dumps(
@@ -298,7 +426,7 @@ def _apply_distill(model: Any, config: DistillConfig, ctx: ApplyContext) -> Any:
     if not config.resume:
         shutil.rmtree(checkpoint, ignore_errors=True)
     store = None
-    train_progress = ctx.progress
+    train_progress = progress
     if config.teacher != "live" and config.loss != "hard" and config.alpha > 0:
         store = build_store(
             teacher,
@@ -307,10 +435,10 @@ def _apply_distill(model: Any, config: DistillConfig, ctx: ApplyContext) -> Any:
             k=config.top_k,
             temperature=config.temperature,
             seed=ctx.seed,
-            progress=ctx.progress.span(0.0, 0.2),
+            progress=progress.span(0.0, 0.2),
             teacher_digest=teacher_digest,
         )
-        train_progress = ctx.progress.span(0.2, 1.0)
+        train_progress = progress.span(0.2, 1.0)
         ctx.metrics["store_bytes_per_token"] = store.bytes_per_token
     result = train_student(
         model,
