@@ -186,10 +186,11 @@ def test_distill_on_teacher_generated_data_trains_and_records_the_generation(hom
     assert ctx.extras["generation"]["sample_prompt"] in CORPUS.text("training")
     assert "teacher-gen 8x24" in config.label() and config.label().startswith("distill hard")
     # Token-level KD on the same generated sequences (the hard + soft mix) reuses the generated corpus.
-    kd = replace(config, loss="forward_kl", alpha=0.5)
+    kd = replace(config, loss="forward_kl", alpha=0.5, teacher="topk", top_k=8)  # a store over those windows
     ctx2 = _ctx(teacher)
     apply_(tiny_llama(seed=5, layers=2), kd, ctx2)
     assert ctx2.metrics["generation_reused"] == 1 and ctx2.metrics["training_steps"] == 10
+    assert ctx2.metrics["store_bytes_per_token"] == 8 * 6
     assert ctx2.metrics["generation_seconds"] == ctx.metrics["generation_seconds"]
     # The corpus-trained baseline with the same settings sees other windows: the data option changes the run.
     corpus_run = replace(config, data="corpus")
