@@ -4,6 +4,7 @@
 - :mod:`~workbench.distill.losses`: forward / reverse / skew KL, generalised JSD, T² scaling, alpha mixing.
 - :mod:`~workbench.distill.train`: the training loop (budgets, schedule, stop and resume, evaluation points).
 - :mod:`~workbench.distill.logit_store`: top-k and sampled teacher stores, cached on disk.
+- :mod:`~workbench.distill.generate`: a corpus the teacher writes from prompts (sequence-level KD), cached.
 - :mod:`~workbench.distill.export`: a student as a Hugging Face folder and back as a model spec.
 
 The technique files (``workbench/techniques/prune_layers.py`` and ``distill.py``) are thin over this package.
@@ -12,6 +13,7 @@ The technique files (``workbench/techniques/prune_layers.py`` and ``distill.py``
 from __future__ import annotations
 
 from workbench.distill.export import save_student, student_spec
+from workbench.distill.generate import GeneratedCorpus, GenerationConfig, generate_corpus
 from workbench.distill.logit_store import STORE_KINDS, TeacherStore, build_store, store_bias, weights_digest
 from workbench.distill.losses import LOSSES, distill_loss, hard_loss, soft_loss, sparse_forward_kl
 from workbench.distill.students import (
@@ -31,6 +33,8 @@ __all__ = [
     "LOSSES",
     "PROBE_TEXT",
     "STORE_KINDS",
+    "GeneratedCorpus",
+    "GenerationConfig",
     "TeacherStore",
     "TrainResult",
     "TrainSettings",
@@ -40,6 +44,7 @@ __all__ = [
     "check_width",
     "distill_loss",
     "drop_layers",
+    "generate_corpus",
     "hard_loss",
     "layers_to_drop",
     "n_parameters",
