@@ -6,6 +6,9 @@
 - :mod:`~workbench.distill.logit_store`: top-k and sampled teacher stores, cached on disk.
 - :mod:`~workbench.distill.generate`: a corpus the teacher writes from prompts (sequence-level KD), cached.
 - :mod:`~workbench.distill.export`: a student as a Hugging Face folder and back as a model spec.
+- :mod:`~workbench.distill.preview`: a shape's untrained student (size, perplexity, KL) as its recorded run.
+- :mod:`~workbench.distill.candidates`: several shapes, the same short distillation each, ranked.
+  (Neither is imported here: both build on ``workbench.techniques``, which imports this package.)
 
 The technique files (``workbench/techniques/prune_layers.py`` and ``distill.py``) are thin over this package.
 """

@@ -214,6 +214,7 @@ def check_candidates(model: Any, config: RankConfig) -> int:
         shape = steps[0]
         where = f"rank: candidate {i + 1} ({candidate_text(shape)})"
         try:
+            check_pipeline(model, steps[:1])  # the shape alone first: its message without a step number
             check_pipeline(model, steps)
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
