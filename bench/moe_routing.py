@@ -1,6 +1,6 @@
 """Dense to MoE on the demo model: ``demo-moe`` at k = E, 3E/4, E/2, E/4 against the dense original, in one run.
 
-Run: ``.venv/bin/python bench/moe_routing.py [--chunks 8] [--threads 2] [--rebuild]``
+Run: ``.venv/bin/python bench/moe_routing.py [--chunks 8] [--threads 2] [--rebuild] [--recover-steps 12]``
 
 For each k (and dynamic top-p settings, through the ``route`` technique) it prints the active FFN fraction (neurons a token runs over the dense FFN's), active parameters per
 token, perplexity and mean KL divergence against the dense demo on the same chunks (second-half scoring), and
@@ -8,6 +8,12 @@ prefill / decode tokens per second with their ratio to the dense model measured 
 time ``demo-moe`` took to build (measured now with ``--rebuild`` or when it is missing, else as recorded when it
 was built). The targets are CMoE's reference points on 7B models, printed as references beside what is reached;
 the per-token neuron oracle measured on the demo (docs/moe.md) shows what no expert router could beat.
+
+``--recover-steps N`` adds recovery: at each k of ``--recover-ks`` the carved model is trained against the dense
+demo for N optimizer steps of knowledge distillation on python-docs' training part, at that k (what the pipeline
+``route k → distill`` does, through the same loop, ``workbench.distill.train.train_student``, with the settings a
+``DistillConfig`` of the printed values maps to), then measured on the same chunks. ``--recover-params`` trains
+all parameters (default), only the MoE blocks (experts, shared experts, routers) or only their down projections.
 """
 
 from __future__ import annotations
@@ -34,6 +40,57 @@ TARGETS = {
 ORACLE = {0.25: 28.5, 0.50: 4.1, 0.75: 0.1, 1.0: 0.0}
 
 
+# What --recover-params trains, by parameter name (None: everything).
+RECOVER_PARAMS = {
+    "all": None,
+    "moe": lambda name: ".mlp." in name,
+    "down": lambda name: name.endswith(("experts.down_proj", "shared_expert.down_proj.weight")),
+}
+
+
+def recover(loaded, dense, k: int, args) -> tuple[object, dict]:
+    """demo-moe at k, distilled from the dense demo for ``args.recover_steps`` steps at that k."""
+    from workbench import moefy
+    from workbench.corpus import get_corpus
+    from workbench.distill.train import train_student
+    from workbench.techniques import make_config
+
+    def _windows(tokenizer, text: str, seq_len: int) -> torch.Tensor:  # as the distill technique cuts them
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        n = ids.numel() // seq_len
+        return ids[: n * seq_len].reshape(n, seq_len)
+
+    config = make_config(
+        "distill",
+        steps=args.recover_steps,
+        seq_len=128,
+        batch_size=2,
+        lr=args.recover_lr,
+        warmup_steps=2,
+        alpha=1.0,
+        temperature=1.0,
+    )
+    corpus = get_corpus("python-docs")
+    windows = _windows(loaded.tokenizer, corpus.text("training"), config.seq_len)
+    held_out = _windows(loaded.tokenizer, corpus.text("calibration"), config.seq_len)[: config.eval_windows]
+    student = copy.deepcopy(loaded.model)
+    moefy.set_top_k_(student, k)
+    result = train_student(
+        student,
+        dense.model,
+        windows,
+        config.settings(0),
+        eval_ids=held_out,
+        trainable=RECOVER_PARAMS[args.recover_params],
+    )
+    return student, {
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "seconds": result.seconds,
+        "config": config.label(),
+    }
+
+
 def oracle_at(fraction: float) -> float | None:
     points = sorted(ORACLE.items())
     for (f0, p0), (f1, p1) in itertools.pairwise(points):
@@ -57,10 +114,21 @@ def main() -> None:
         help="dynamic top-p settings (route technique) measured as well",
     )
     parser.add_argument(
-        "--rounds", type=int, default=5, help="interleaved speed rounds (medians are printed)"
+        "--rounds", type=int, default=5, help="interleaved speed rounds (medians are printed; 0: no speed)"
     )
     parser.add_argument("--prompt", type=int, default=256, help="prefill prompt tokens")
     parser.add_argument("--decode", type=int, default=32, help="greedy decode steps per round (KV cache)")
+    parser.add_argument(
+        "--recover-steps", type=int, default=0, help="distillation steps of recovery per k (0: no recovery)"
+    )
+    parser.add_argument("--recover-ks", type=int, nargs="*", default=[6, 4], help="ks recovered")
+    parser.add_argument("--recover-lr", type=float, default=3e-4, help="peak learning rate of recovery")
+    parser.add_argument(
+        "--recover-params",
+        choices=sorted(RECOVER_PARAMS),
+        default="all",
+        help="what recovery trains: all parameters, the MoE blocks only, or their down projections only",
+    )
     args = parser.parse_args()
     os.environ.setdefault(
         "WORKBENCH_HOME", os.path.join(os.path.dirname(__file__), "..", ".cache", "workbench-home")
@@ -142,6 +210,18 @@ def main() -> None:
             ).metrics
             dynamic[f"top-p {p:g}"] = variant
             rows.append((f"top-p {p:g}", counts, dict(m)))
+    recovered = []  # (k, counts, metrics, training) after distillation at k; quality only, no speed (unchanged)
+    for k in args.recover_ks if args.recover_steps else ():
+        student, training = recover(loaded, dense, k, args)
+        m = evaluate(
+            student, loaded.tokenizer, suite, base_model=dense.model, base_fingerprint=dense.fingerprint
+        ).metrics
+        recovered.append((k, moefy.active_counts(student), dict(m), training))
+        print(
+            f"recovered k={k}: {training['steps']} steps, {training['tokens']} training tokens, "
+            f"{training['seconds']:.0f} s ({training['config']}, {args.recover_params} parameters)",
+            flush=True,
+        )
     # Speed: rounds over dense and every k in turn, medians, so load from other processes hits all points alike.
     prompt = torch.tensor(
         dense.tokenizer(get_corpus("python-docs").text("evaluation")[:4000], add_special_tokens=False)[
@@ -158,8 +238,9 @@ def main() -> None:
             timings[k].append(measure_speed(model, prompt, args.decode, repeats=1))
         for name, variant in dynamic.items():
             timings[name].append(measure_speed(variant, prompt, args.decode, repeats=1))
+    nan = float("nan")  # --rounds 0: quality only
     speed = {
-        key: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v))
+        key: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) if v else (nan, nan)
         for key, v in timings.items()
     }
     d["prefill_tok_s"], d["decode_tok_s"] = speed["dense"]
@@ -186,6 +267,13 @@ def main() -> None:
             f"{100 * (m['ppl'] / d['ppl'] - 1):>+7.1f}% {oracle_txt:>7} {m['kl_mean']:>8.4f} "
             f"{m['prefill_tok_s']:>10.0f} {m['prefill_tok_s'] / d['prefill_tok_s']:>8.2f} "
             f"{m['decode_tok_s']:>9.1f} {m['decode_tok_s'] / d['decode_tok_s']:>8.2f}"
+        )
+    for k, counts, m, training in recovered:
+        point = f"k={k}+rec"
+        print(
+            f"{point:>10} {counts['active_ffn_fraction']:>8.1%} {counts['active_params'] / 1e6:>10.1f}M "
+            f"{m['ppl']:>8.3f} {100 * (m['ppl'] / d['ppl'] - 1):>+7.1f}% {'':>7} {m['kl_mean']:>8.4f}   "
+            f"({training['steps']} steps, {training['seconds']:.0f} s of training)"
         )
     print(
         f"\nbuild demo-moe: {build_s:.0f} s ({'built in this run' if built_now else 'as recorded when it was built'}"
