@@ -86,6 +86,10 @@ def test_generation_is_deterministic_for_a_seed_and_differs_across_seeds(tmp_pat
     # The prompts are used in turn, and the two samples of one prompt differ (each sequence has its own draws).
     assert a.sequence(0)[: a.prompt_lengths[0]].tolist() == a.sequence(2)[: a.prompt_lengths[2]].tolist()
     assert a.continuation(0).tolist() != a.continuation(2).tolist()
+    # Prompts given as a list (the CLI, JSON) are kept as a tuple: the frozen configs stay hashable.
+    listed = DistillConfig(data="teacher-generated", gen_source="list", gen_prompts=["def f(x):", "The fox"])
+    assert listed.gen_prompts == ("def f(x):", "The fox") and hash(listed) == hash(replace(listed))
+    assert listed.generation(0) == replace(config, sequences=32, new_tokens=224)
 
 
 def test_cached_batched_generation_computes_what_a_full_forward_does(tmp_path):

@@ -128,6 +128,8 @@ class GenerationConfig:
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.prompts, list):  # a list from the CLI or JSON: frozen configs hash, keep a tuple
+            object.__setattr__(self, "prompts", tuple(self.prompts))
         validate_generation(asdict(self))
 
     def label(self) -> str:
@@ -391,7 +393,7 @@ def generate_corpus(
 
     n = len(prompts)
     total = n * config.new_tokens
-    made = [0]  # tokens generated so far (a stopped row counts its remaining steps as done)
+    made = 0  # tokens the teacher wrote (a row ended at EOS writes fewer than new_tokens)
     started = time.perf_counter()
     continuations: list[list[int]] = []
     was_training = teacher.training
@@ -416,7 +418,7 @@ def generate_corpus(
 
                 written = _generate_batch(teacher, batch, start, config, eos, pad, on_token)
                 continuations.extend(written)
-                made[0] += sum(len(w) for w in written)
+                made += sum(len(w) for w in written)
     except RunInterrupted:
         raise RunInterrupted(
             f"Teacher generation stopped after {len(continuations)} of {n} sequences; nothing was kept, so the "
@@ -425,7 +427,7 @@ def generate_corpus(
     finally:
         teacher.train(was_training)
     seconds = time.perf_counter() - started
-    progress.update(1.0, f"teacher wrote {made[0]} tokens in {seconds:.1f} s")
+    progress.update(1.0, f"teacher wrote {made} tokens in {seconds:.1f} s")
 
     lengths = [len(p) + len(c) for p, c in zip(prompts, continuations, strict=True)]
     offsets = np.zeros(n + 1, dtype=np.int64)
@@ -434,7 +436,7 @@ def generate_corpus(
         (t for p, c in zip(prompts, continuations, strict=True) for t in (*p, *c)), dtype=np.int32
     )
     prompt_lengths = np.array([len(p) for p in prompts], dtype=np.int64)
-    result = GeneratedCorpus(ids, offsets, prompt_lengths, seconds, made[0], folder)
+    result = GeneratedCorpus(ids, offsets, prompt_lengths, seconds, made, folder)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
@@ -445,7 +447,7 @@ def generate_corpus(
             "config": asdict(config),
             "teacher": digest,
             "sequences": n,
-            "new_tokens": made[0],
+            "new_tokens": made,
             "seconds": seconds,
             "format": FORMAT,
         }

@@ -8,6 +8,10 @@ part, so the run's own evaluation text stays unseen. See :mod:`workbench.distill
 resume, and :mod:`workbench.distill.logit_store` for the cached teacher targets (``teacher="topk"`` or
 ``"sampled"``).
 
+``data="teacher-generated"`` trains on sequences the teacher writes first from prompts (sequence-level KD, the
+``gen_*`` settings; :mod:`workbench.distill.generate`, generated once per teacher, prompts and settings and kept
+on disk) instead of the corpus's training part; the evaluation text is the same either way.
+
 A stopped run keeps the student trained so far in a checkpoint folder under ``demo_home()`` (the run is
 recorded ``interrupted`` with that path); running the same pipeline again resumes from it. A finished run
 leaves the trained student there (``extras["student_folder"]``, a model folder ``load_model`` reads), and a
@@ -174,6 +178,8 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.data not in DATA:
             raise ConfigError(f"distill: data={self.data!r}; choose one of {', '.join(DATA)}.")
+        if isinstance(self.gen_prompts, list):  # from the CLI or JSON; frozen configs hash, so keep a tuple
+            object.__setattr__(self, "gen_prompts", tuple(self.gen_prompts))
         validate_generation(
             {f[len("gen_") :]: getattr(self, f) for f in _GEN_FIELDS} | {"seed": 0, "stop_at_eos": True},
             who="distill",
