@@ -94,6 +94,9 @@ def main() -> None:
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 fast-path measurement")
     parser.add_argument("--study", action="store_true", help="measure each knob's effect instead (see above)")
     parser.add_argument("--rounds", type=int, default=3, help="--study: timed rounds (medians are reported)")
+    parser.add_argument(
+        "--minutes", type=float, default=10.0, help="--study: fewer rounds (at least one) past this wall time"
+    )
     parser.add_argument("--model", default="demo", help="model spec (e.g. tiny-llama for a quick check)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -354,6 +357,7 @@ def study(args: argparse.Namespace) -> None:
     from workbench.evaluation.scoring import block_rows
     from workbench.models import load_model
 
+    t_study = time.perf_counter()
     loaded = load_model(args.model)
     model, tok = loaded.model, loaded.tokenizer
     threads = args.threads
@@ -420,14 +424,23 @@ def study(args: argparse.Namespace) -> None:
         side.score(chunks[: side.suite.batch_size])
     loads = []
     for r in range(args.rounds):
+        t_round = time.perf_counter()
         order = sides[r % len(sides) :] + sides[: r % len(sides)]  # rotated, so no side always runs first
         for side in order:
             side.timed(chunks)
         loads.append(os.getloadavg()[0])
+        t_round = time.perf_counter() - t_round
         print(
-            f"round {r + 1}: default {chunks.numel() / ref.seconds[-1]:.1f} tok/s, load {loads[-1]:.1f}",
+            f"round {r + 1}: {t_round:.0f} s, default {chunks.numel() / ref.seconds[-1]:.1f} tok/s, "
+            f"load {loads[-1]:.1f}",
             flush=True,
         )
+        # Another round and the fidelity passes (about a third of a round) must fit in the wall-time limit.
+        if r + 1 < args.rounds and time.perf_counter() - t_study + 1.4 * t_round > 60 * args.minutes:
+            print(
+                f"stopping after {r + 1} of {args.rounds} rounds: the next would pass --minutes {args.minutes:g}"
+            )
+            break
 
     # Fidelity: KL against the fp32 default's stored outputs (one untimed pass per side, on the first chunks:
     # at least one whole batch of the side, so its batch shape is what is compared), and the largest per-token
@@ -446,7 +459,7 @@ def study(args: argparse.Namespace) -> None:
     tokens = chunks.numel()
     print()
     print(
-        f"| knob | value | tok/s (median of {args.rounds}) | min–max | x default (median per round) | faster in "
+        f"| knob | value | tok/s (median of {len(ref.seconds)}) | min–max | x default (median per round) | faster in "
         f"| ppl | KL to fp32 default (mean / max) | max abs NLL diff | note |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -469,7 +482,7 @@ def study(args: argparse.Namespace) -> None:
         )
     print(
         f"load average (1 min) at the end of each round: {', '.join(f'{x:.1f}' for x in loads)} "
-        f"on {os.cpu_count()} cores"
+        f"on {os.cpu_count()} cores; wall time {(time.perf_counter() - t_study) / 60:.1f} min"
     )
     for module in keep:
         module.close()
