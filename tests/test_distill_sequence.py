@@ -255,6 +255,13 @@ def test_bad_generation_settings_are_refused_with_what_to_do(params, message):
     assert str(err.value).startswith("distill: ")
 
 
+def test_on_the_corpus_the_prompt_source_need_not_be_complete_but_values_are_checked():
+    kept = DistillConfig(gen_source="list")  # not used while data='corpus'
+    assert "gen_source=list" in kept.label()  # still a different run, so a different label
+    with pytest.raises(ConfigError, match="gen_new_tokens=0"):
+        DistillConfig(gen_new_tokens=0)
+
+
 def test_bad_generation_settings_are_refused_before_any_generation(tmp_path):
     for params, message in [
         ({"new_tokens": 0}, "new_tokens=0"),

@@ -45,11 +45,15 @@ FORMAT = 1  # bump when the layout changes; old entries are then simply not foun
 PROMPT_SOURCES = ("corpus", "list", "file")
 
 
-def validate_generation(values: dict[str, Any], *, who: str = "generate", prefix: str = "") -> None:
+def validate_generation(
+    values: dict[str, Any], *, who: str = "generate", prefix: str = "", used: bool = True
+) -> None:
     """Refuse bad generation settings with a ConfigError naming the field as the caller spells it.
 
     ``values`` holds :class:`GenerationConfig`'s field names; ``prefix`` is prepended in messages (the distill
-    technique's flat fields are ``gen_<name>``) and ``who`` starts them.
+    technique's flat fields are ``gen_<name>``) and ``who`` starts them. With ``used=False`` (settings kept for
+    later, e.g. distill on the corpus) only the values themselves are checked, not whether the prompt source
+    has its prompts.
     """
 
     def bad(name: str, text: str) -> ConfigError:
@@ -68,22 +72,23 @@ def validate_generation(values: dict[str, Any], *, who: str = "generate", prefix
     top_p = values["top_p"]
     if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise bad("top_p", "must be in (0, 1] (1 keeps the whole distribution).")
-    if source == "list":
-        prompts = values["prompts"]
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise bad("prompts", "must be a list of prompt strings.")
-        if not [p for p in prompts if p.strip()]:
+    prompts = values["prompts"]
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise bad("prompts", "must be a list of prompt strings.")
+    if source == "list" and used:
+        given = [p for p in prompts if p.strip()]
+        if not given:
             raise ConfigError(
                 f"{who}: {prefix}source='list' needs at least one prompt that is not blank "
                 f"(got {len(prompts)}); give {prefix}prompts, or use {prefix}source='corpus'."
             )
-        if temperature == 0 and values["sequences"] > len(prompts):
+        if temperature == 0 and values["sequences"] > len(given):
             raise ConfigError(
-                f"{who}: {prefix}sequences={values['sequences']} exceeds the {len(prompts)} prompts, and greedy "
+                f"{who}: {prefix}sequences={values['sequences']} exceeds the {len(given)} prompts, and greedy "
                 f"decoding ({prefix}temperature=0) writes the same continuation for a repeated prompt; lower "
                 f"{prefix}sequences or sample ({prefix}temperature > 0)."
             )
-    if source == "file" and not str(values["prompt_file"]).strip():
+    if source == "file" and used and not str(values["prompt_file"]).strip():
         raise ConfigError(
             f"{who}: {prefix}source='file' needs {prefix}prompt_file (a text file with one prompt a line)."
         )

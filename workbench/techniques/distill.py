@@ -184,6 +184,7 @@ class DistillConfig:
             {f[len("gen_") :]: getattr(self, f) for f in _GEN_FIELDS} | {"seed": 0, "stop_at_eos": True},
             who="distill",
             prefix="gen_",
+            used=self.data == "teacher-generated",  # on the corpus the prompt source need not be complete
         )
         if self.loss not in LOSSES:
             raise ConfigError(f"distill: loss={self.loss!r}; choose one of {', '.join(LOSSES)}.")
