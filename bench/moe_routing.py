@@ -121,8 +121,11 @@ def main() -> None:
     parser.add_argument(
         "--recover-steps", type=int, default=0, help="distillation steps of recovery per k (0: no recovery)"
     )
+    parser.add_argument(
+        "--ks", type=int, nargs="*", default=None, help="ks measured (default E, 3E/4, E/2, E/4)"
+    )
     parser.add_argument("--recover-ks", type=int, nargs="*", default=[6, 4], help="ks recovered")
-    parser.add_argument("--recover-lr", type=float, default=3e-4, help="peak learning rate of recovery")
+    parser.add_argument("--recover-lr", type=float, default=1e-4, help="peak learning rate of recovery")
     parser.add_argument(
         "--recover-params",
         choices=sorted(RECOVER_PARAMS),
@@ -178,7 +181,7 @@ def main() -> None:
     n_exp = DEMO_MOE_SETTINGS["n_experts"]
     rows = []
     model = copy.deepcopy(loaded.model)
-    ks = (n_exp, 3 * n_exp // 4, n_exp // 2, n_exp // 4)
+    ks = tuple(args.ks) if args.ks else (n_exp, 3 * n_exp // 4, n_exp // 2, n_exp // 4)
     for k in ks:
         moefy.set_top_k_(model, k)
         counts = moefy.active_counts(model)

@@ -399,9 +399,11 @@ def test_quality_summary_ships_the_bench_table_only_for_the_cached_recipe(
     recipe = dict(summary.recipe)
     assert recipe["neurons per expert"] == "14" and recipe["shared neurons"].startswith("16")
     assert recipe["calibration"].startswith("4096") and recipe["seed"] == "0" and recipe["build"] == "61 s"
-    by_k = {p.k: p for p in summary.points}
-    assert by_k[6].ppl == 15.288 and by_k[6].delta_ppl == pytest.approx(15.288 / 11.919 - 1)
-    assert by_k[6].ffn_active == pytest.approx((16 + 6 * 14) / 128) and by_k[6].run_id is None
+    by_label = {p.label: p for p in summary.points}
+    six = by_label["k = 6"]
+    assert six.ppl == 15.288 and six.delta_ppl == pytest.approx(15.288 / 11.919 - 1)
+    assert six.ffn_active == pytest.approx((16 + 6 * 14) / 128) and six.run_id is None
+    assert by_label["k = 6 + distill 12 steps"].ppl < six.ppl  # the shipped recovery row
 
     # The same blocks under another name, or a cached copy of another recipe: the recipe only, nothing shipped.
     assert demo_moe.quality_summary(model, source="tiny-carved").source == ""
