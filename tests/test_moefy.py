@@ -411,3 +411,24 @@ def test_quality_summary_ships_the_bench_table_only_for_the_cached_recipe(
     other = demo_moe.quality_summary(model, source="demo-moe")
     assert other.source == "" and other.points == () and "calibration" not in dict(other.recipe)
     assert demo_moe.quality_summary(tiny_llama, source="demo-moe") is None
+
+
+def test_recovery_pipeline_as_a_recorded_run(registry_url, tmp_path, monkeypatch):
+    """moefy -> route k=1 -> distill on tiny-llama through run_experiment: recorded with the training metrics,
+    at k = 1, and the same request again is answered from the registry."""
+    from workbench.experiment import run_experiment
+
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
+    pipeline = [
+        make_config("moefy", n_experts=4, top_k=4, calibration_tokens=512),
+        make_config("route", k=1),
+        make_config("distill", steps=3, seq_len=64, alpha=1.0, temperature=1.0),
+    ]
+    first = run_experiment("tiny-llama", pipeline, "quick", registry=registry_url)
+    assert first.status == "done", first.error
+    assert first.metrics["training_steps"] == 3 and first.metrics["active_experts"] == pytest.approx(1.0)
+    assert (
+        first.metrics["stage2_active_params"] < first.metrics["stage1_active_params"]
+    )  # route's k < moefy's
+    again = run_experiment("tiny-llama", pipeline, "quick", registry=registry_url)
+    assert again.reused and again.run_id == first.run_id

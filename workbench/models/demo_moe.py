@@ -54,8 +54,9 @@ _LOCK = threading.Lock()
 DEMO_MOE_MEASURED: dict[str, Any] = {
     "version": 1,
     "settings": dict(DEMO_MOE_SETTINGS),
-    "command": ".venv/bin/python bench/moe_routing.py --threads 1 --chunks 8 (the distilled rows: with "
-    "--ks K --recover-steps 12 --recover-ks K, 12 steps of 2 x 128 tokens at the k shown, lr 1e-4)",
+    "command": ".venv/bin/python bench/moe_routing.py --threads 1 --chunks 8",
+    "recovery": "the '+ distill' rows with --ks K --recover-steps 12 --recover-ks K added (12 steps of 2 × 128 "
+    "training tokens at that k, lr 1e-4)",
     "text": "8 chunks of 512 tokens of python-docs (evaluation part), second-half scoring",
     "dense_ppl": 11.919,
     # (label, k, perplexity, mean KL against the dense demo); "+ distill": recovered by route k → distill
@@ -267,8 +268,8 @@ def quality_summary(model: Any, *, source: str = "", runs: Any = None) -> MoeSum
             for label, k, ppl, kl in shipped["points"]
         )
         note = (
-            f"Measured by `{shipped['command']}` on {shipped['text']} (dense perplexity {dense:g}); "
-            "run a k here to measure it on this suite."
+            f"Measured by {shipped['command']} on {shipped['text']} (dense perplexity {dense:g}); "
+            f"{shipped['recovery']}. Run a k here to measure it on this suite."
         )
         return MoeSummary(rows, table, "shipped", note)
     return MoeSummary(rows, (), "", "Nothing measured yet: run a k (or Run as sweep) to measure quality.")
