@@ -389,3 +389,15 @@ def test_every_technique_file_is_listed_and_every_listed_one_registers():
 def test_an_optional_backend_that_is_missing_still_registers_its_technique():
     # bnb and quanto import their packages only when used, so they are always registered.
     assert {"bnb", "quanto"} <= set(technique_names("quantize"))
+
+
+def test_fields_added_later_are_stored_only_when_set():
+    """Runs recorded before a field existed keep matching: the field is left out of the JSON at its default."""
+    from workbench.techniques.gptq import GPTQConfig
+
+    assert "module_bits" not in config_to_dict(GPTQConfig())["params"]
+    mapped = GPTQConfig(module_bits=(("*.v_proj", 8),))
+    stored = config_to_dict(mapped)
+    assert stored["params"]["module_bits"] == [["*.v_proj", 8]]
+    assert config_from_dict(stored) == mapped
+    assert "data" not in config_to_dict(make_config("distill"))["params"]

@@ -449,7 +449,14 @@ def _jsonable(value: Any) -> Any:
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     tech = technique_for(config)
-    params = {f.name: _jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    # Fields a config gained after runs were recorded with it are left out while at their default, so the
+    # stored pipelines of those runs (matched as JSON text for reuse) stay what they were.
+    added = set(getattr(config, "ADDED_FIELDS", ()))
+    params = {
+        f.name: _jsonable(getattr(config, f.name))
+        for f in dataclasses.fields(config)
+        if not (f.name in added and getattr(config, f.name) == f.default)
+    }
     return {"technique": tech.name, "version": tech.version, "params": params}
 
 

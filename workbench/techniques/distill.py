@@ -27,7 +27,7 @@ import math
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -63,6 +63,20 @@ _GEN_FIELDS = (
 @dataclass(frozen=True)
 class DistillConfig:
     """Knowledge distillation of the current model from the teacher (the loaded base model)."""
+
+    # Stored only when set (see config_to_dict): runs recorded before these existed still match their pipelines.
+    ADDED_FIELDS: ClassVar[tuple[str, ...]] = (
+        "data",
+        "gen_source",
+        "gen_prompts",
+        "gen_prompt_file",
+        "gen_prompt_tokens",
+        "gen_new_tokens",
+        "gen_sequences",
+        "gen_temperature",
+        "gen_top_p",
+        "gen_batch_size",
+    )
 
     loss: str = field(
         default="forward_kl",

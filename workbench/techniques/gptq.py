@@ -55,6 +55,7 @@ class GPTQConfig(WeightGridConfig):
     """
 
     technique: ClassVar[str] = "gptq"
+    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("module_bits",)  # stored only when set (see config_to_dict)
 
     act_order: bool = field(
         default=True,
