@@ -60,15 +60,11 @@ def recover(loaded, dense, k: int, args) -> tuple[object, dict]:
         n = ids.numel() // seq_len
         return ids[: n * seq_len].reshape(n, seq_len)
 
+    from workbench.techniques.moefy import RECOVERY_SETTINGS
+
+    # The settings of the Route tab's "Recover at k" (recovery_pipeline), with this run's steps and lr.
     config = make_config(
-        "distill",
-        steps=args.recover_steps,
-        seq_len=128,
-        batch_size=2,
-        lr=args.recover_lr,
-        warmup_steps=2,
-        alpha=1.0,
-        temperature=1.0,
+        "distill", **{**RECOVERY_SETTINGS, "steps": args.recover_steps, "lr": args.recover_lr}
     )
     corpus = get_corpus("python-docs")
     windows = _windows(loaded.tokenizer, corpus.text("training"), config.seq_len)

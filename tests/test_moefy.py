@@ -366,6 +366,12 @@ def test_distilling_a_carved_model_at_k_equal_e_is_refused(byte_tokenizer, tiny_
     ctx = ApplyContext(tokenizer=byte_tokenizer, corpus=get_corpus("python-docs"), base=tiny_llama, seed=0)
     with pytest.raises(ConfigError, match="route to a lower k first"):
         apply_pipeline_(copy.deepcopy(tiny_llama), pipeline, ctx)
+    from workbench.techniques.moefy import recovery_pipeline
+
+    with pytest.raises(ConfigError, match="steps=0"):
+        recovery_pipeline(2, 0)
+    route, distill = recovery_pipeline(2, 5)
+    assert (route.k, distill.steps, distill.alpha, distill.temperature) == (2, 5, 1.0, 1.0)
 
 
 def test_quality_summary_ships_the_bench_table_only_for_the_cached_recipe(

@@ -193,23 +193,22 @@ def test_converted_model_shows_its_recipe_and_measured_quality(
         assert point.ppl == pytest.approx(panel.results[-1].metrics["ppl"])
         assert point.delta_ppl is not None and point.kl_mean > 0
         assert "How good it is" in panel.about.value and "56.2%" in panel.about.value
-        # A recovery (route k → distill, the loaded model at k = E as the teacher) is a row of its own.
-        from workbench.techniques import make_config
-
-        recovery = [
-            make_config("route", k=2),
-            make_config("distill", steps=3, seq_len=64, alpha=1.0, temperature=1.0),
-        ]
-        job = bench.workspace.submit_run(recovery)
+        # "Recover at k" (route k → distill, the loaded model at k = E as the teacher) adds a row of its own.
+        assert panel.recover_box.layout.display == ""
+        panel.recover_steps.value = 3
+        panel.recover()
         assert bench.jobs.wait(WAIT)
-        assert job.result.status == "done", job.result.error
+        recovered = panel.results[-1]
+        assert recovered.status == "done", recovered.error
+        assert recovered.metrics["training_steps"] == 3
         panel.refresh_about()
         labels = {p.label: p for p in panel.summary.points}
         assert set(labels) == {"k = 2", "k = 2 + distill 3 steps"}
-        assert labels["k = 2 + distill 3 steps"].run_id == job.result.run_id
+        assert labels["k = 2 + distill 3 steps"].run_id == recovered.run_id
     finally:
         bench.close()
 
 
 def test_native_moe_and_dense_models_show_no_recipe(moe_app):
     assert moe_app.route.summary is None and moe_app.route.about.value == ""
+    assert moe_app.route.recover_box.layout.display == "none"

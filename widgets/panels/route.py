@@ -10,7 +10,7 @@ quality metrics, and the expert-load matrix, drawn here as a heatmap. Pruning co
 ``balance_experts``. On a dense model the panel says it has no experts and, where the library has the
 ``moefy`` technique, offers to convert it. On a model converted by ``moefy`` (``demo-moe``) it shows how the
 model was made and how good it is at each k, as :func:`workbench.models.demo_moe.quality_summary` decides (the
-user's runs, else the table shipped with the recipe).
+user's runs, else the table shipped with the recipe), and "Recover at k" distils it at the slider's k.
 """
 
 from __future__ import annotations
@@ -179,6 +179,17 @@ class RoutePanel(W.VBox):
         self.prune_button = W.Button(
             description="Prune experts", icon="scissors", layout=W.Layout(width="140px")
         )
+        self.recover_steps = W.BoundedIntText(
+            value=12, min=1, max=100_000, description="steps", layout=W.Layout(width="160px")
+        )
+        self.recover_button = W.Button(
+            description="Recover at k",
+            icon="graduation-cap",
+            tooltip="Distil the converted model at the slider's k from the model as loaded (route k → distill)",
+            layout=W.Layout(width="140px"),
+        )
+        # shown only on a model moefy made (recovery trains its carved experts)
+        self.recover_box = W.HBox([self.recover_steps, self.recover_button], layout=W.Layout(display="none"))
         self.moefy_button = W.Button(
             description="Convert to MoE (moefy)",
             icon="random",
@@ -224,6 +235,7 @@ class RoutePanel(W.VBox):
         self.prune_button.on_click(lambda _b: self.prune())
         self.balance_button.on_click(lambda _b: self.balance())
         self.moefy_button.on_click(lambda _b: self.moefy())
+        self.recover_button.on_click(lambda _b: self.recover())
         app.watcher.subscribe(self.plot.refresh)
         app.watcher.subscribe(self.refresh_about)
         app.on_model_loaded(lambda _loaded: self.refresh_space())
@@ -234,6 +246,7 @@ class RoutePanel(W.VBox):
                 W.HBox([self.k, self.top_p, self.skip_beta, self.budget, self.renormalize]),
                 W.HBox([self.per_layer, self.run_button, self.sweep_button, self.progress]),
                 W.HBox([self.prune_method, self.prune_keep, self.prune_button, self.balance_button]),
+                self.recover_box,
             ]
         )
         super().__init__(
@@ -328,6 +341,7 @@ class RoutePanel(W.VBox):
             summary = quality_summary(loaded.model, source=str(loaded.spec.source), runs=runs)
         self.summary = summary
         self.about.value = "" if summary is None else _summary_html(summary)
+        self.recover_box.layout.display = "none" if summary is None else ""
 
     def _show_mode(self) -> None:
         mode = self.mode.value
@@ -436,6 +450,17 @@ class RoutePanel(W.VBox):
         from workbench.techniques import make_config
 
         return self._run([make_config("balance_experts"), make_config("route")])
+
+    def recover(self) -> Any:
+        """Recovery of a converted model at the slider's k: ``route k → distill`` (recovery_pipeline)."""
+        from workbench.techniques.moefy import recovery_pipeline
+
+        try:
+            pipeline = recovery_pipeline(int(self.k.value), int(self.recover_steps.value))
+        except ConfigError as err:
+            self.errors.show(err)
+            return None
+        return self._run(pipeline)
 
     def moefy(self) -> Any:
         from workbench.techniques import make_config

@@ -178,4 +178,29 @@ def _apply_moefy(model: Any, config: MoefyConfig, ctx: ApplyContext) -> Any:
     return model
 
 
-__all__ = ["CALIBRATION_SEQ_LEN", "MoefyConfig", "check_moefy"]
+# Recovery of a carved model: knowledge distillation from the base model at the k it will run (pure KL at
+# T = 1: the labels of the text are not the target). Measured on demo-moe (docs/moe.md, "Recovery"): training
+# every parameter recovers most per minute, lr 1e-4 lowers KL at both k = 6 and k = 4 where 3e-4 overfits k = 6.
+RECOVERY_SETTINGS: dict[str, Any] = {
+    "seq_len": 128,
+    "batch_size": 2,
+    "lr": 1e-4,
+    "warmup_steps": 2,
+    "alpha": 1.0,
+    "temperature": 1.0,
+}
+
+
+def recovery_pipeline(k: int, steps: int = 12) -> list[Any]:
+    """``route k → distill``: the steps that recover a converted model at k against the run's base model (the
+    dense original, or the converted model stored at k = E, which computes the same)."""
+    from workbench.techniques import make_config
+
+    if not isinstance(steps, int) or steps < 1:
+        raise ConfigError(
+            f"moefy recovery: steps={steps!r}; use at least 1 distillation step (12 is measured)."
+        )
+    return [make_config("route", k=int(k)), make_config("distill", steps=steps, **RECOVERY_SETTINGS)]
+
+
+__all__ = ["CALIBRATION_SEQ_LEN", "RECOVERY_SETTINGS", "MoefyConfig", "check_moefy", "recovery_pipeline"]
