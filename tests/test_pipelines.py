@@ -193,7 +193,7 @@ def test_changing_only_the_last_step_reuses_the_prefix_and_matches_a_fresh_compu
     first = run_experiment(
         loaded, [a, b, RTNConfig(bits=4)], "quick", registry=registry_url, prefix_cache=cache
     )
-    assert first.ok and CALLS == {"a": 1, "b": 1} and len(cache) == 1
+    assert first.ok and CALLS == {"a": 1, "b": 1} and len(cache) == 2  # [a, b] and the whole [a, b, rtn]
 
     second = run_experiment(
         loaded, [a, b, RTNConfig(bits=3)], "quick", registry=registry_url, prefix_cache=cache
@@ -218,6 +218,19 @@ def test_changing_only_the_last_step_reuses_the_prefix_and_matches_a_fresh_compu
         loaded, [a, b, RTNConfig(bits=4)], "quick", registry=registry_url, prefix_cache=cache, reuse=False
     )
     assert CALLS == {"a": 2, "b": 2} and third.metrics["kl_mean"] == pytest.approx(first.metrics["kl_mean"])
+
+
+def test_a_run_extended_by_one_step_starts_from_the_runs_own_model(loaded, registry_url):
+    """Measured in a runtime after its simulation (the same steps plus one), a variant is not computed again."""
+    cache = PrefixCache()
+    a = CountConfig(0.9, name="a")
+    alone = run_experiment(loaded, [a], "quick", registry=registry_url, prefix_cache=cache)
+    assert alone.ok and CALLS == {"a": 1} and len(cache) == 1
+    extended = run_experiment(
+        loaded, [a, RTNConfig(bits=4)], "quick", registry=registry_url, prefix_cache=cache
+    )
+    assert extended.ok and CALLS == {"a": 1}
+    assert [s["reused"] for s in extended.extras["stages"]] == [True, False]
 
 
 def test_a_technique_that_opts_out_is_never_reused_from_the_cache(loaded, registry_url):

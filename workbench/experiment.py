@@ -349,6 +349,10 @@ def _run(
                         cache.put(key(steps[: i + 1]), current, list(ctx.stages), steps[: i + 1])
 
                 work = apply_pipeline_(work, steps, ctx, start=start, after_step=keep_prefix)
+                if cache is not None and technique_for(steps[-1]).kind != "deploy":
+                    # The whole pipeline's model too: the same variant measured in a runtime next (the
+                    # pipeline plus a deploy step) starts from it instead of quantizing again.
+                    cache.put(key(steps), work, list(ctx.stages), steps)
             else:
                 work = (
                     loaded.model
