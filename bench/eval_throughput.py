@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+KNOBS = ("threads", "batch", "head", "attention", "bf16", "compile", "llama")  # what --study can measure
 REFERENCE_RATIO = 918 / 581  # llama.cpp F32 / plain loop measured once earlier (2 threads): a reference only
 
 
@@ -96,6 +97,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="--study: timed rounds (medians are reported)")
     parser.add_argument(
         "--minutes", type=float, default=10.0, help="--study: fewer rounds (at least one) past this wall time"
+    )
+    parser.add_argument("--knobs", default=",".join(KNOBS), help="--study: which knobs to measure")
+    parser.add_argument("--batches", default="1,2,4,8", help="--study: chunks per forward pass to compare")
+    parser.add_argument(
+        "--head-rows",
+        default="",
+        help="--study: head block rows to compare (default: 64, twice the default, a batch)",
     )
     parser.add_argument("--model", default="demo", help="model spec (e.g. tiny-llama for a quick check)")
     args = parser.parse_args()
@@ -351,6 +359,28 @@ def _llama_sides(loaded: Any, suite: Any, threads: int) -> tuple[list[Side], lis
     return sides, keep
 
 
+def _compiled_side(model: Any, ref: Side, chunks: torch.Tensor, suite: Any, batch: int) -> list[Side]:
+    """``torch.compile`` of the decoder body (score_tokens runs the body and the head apart), on its own copy."""
+    with torch.inference_mode():
+        t = time.perf_counter()
+        ref.score(chunks[:batch])
+        t_eager_first = time.perf_counter() - t
+    compiled = copy.deepcopy(model)
+    compiled.model.compile()
+    t = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            Side("compile", "", compiled, suite).score(chunks[:batch])
+    except Exception as err:  # noqa: BLE001 (reported as one line: what this torch/transformers says)
+        print(f"torch.compile failed: {_first_line(err)}")
+        return []
+    t_compile = time.perf_counter() - t
+    print(
+        f"torch.compile: first call {t_compile:.1f} s (an uncompiled call on the same chunks: {t_eager_first:.1f} s)"
+    )
+    return [Side("torch.compile", "mode default", compiled, suite, note=f"compile {t_compile:.0f} s")]
+
+
 def study(args: argparse.Namespace) -> None:
     """Every knob's effect on the workbench's evaluation speed, interleaved round by round; see the docstring."""
     from workbench import evaluate as ev
@@ -380,44 +410,31 @@ def study(args: argparse.Namespace) -> None:
         f"{model.config._attn_implementation}, fp32"
     )
 
+    knobs = set(args.knobs.split(","))
+    unknown = knobs - set(KNOBS)
+    if unknown:
+        raise SystemExit(f"--knobs: unknown {', '.join(sorted(unknown))}; choose from {','.join(KNOBS)}")
     ref = Side("default", f"threads {threads}, batch {args.batch}", model, suite)
     sides = [ref]
-    if threads != 1:
+    if "threads" in knobs and threads != 1:
         sides.append(Side("threads", "1", model, suite, {"threads": 1}))
-    for b in (1, 2, 4, 8):
+    for b in [int(x) for x in args.batches.split(",")] if "batch" in knobs else []:
         if b != args.batch:
             sides.append(Side("batch (chunks)", str(b), model, dataclasses.replace(suite, batch_size=b)))
-    for rows in sorted({64, 2 * default_rows, rows_per_batch} - {default_rows}):
+    head_rows = [int(x) for x in args.head_rows.split(",")] if args.head_rows else [64, 2 * default_rows]
+    for rows in sorted(set(head_rows + [rows_per_batch]) - {default_rows}) if "head" in knobs else []:
         sides.append(Side("head block (rows)", str(rows), model, suite, {"head_rows": rows}))
-    if model.config._attn_implementation != "eager":
+    if "attention" in knobs and model.config._attn_implementation != "eager":
         sides.append(Side("attention", "eager", model, suite, {"attn": "eager"}))
     # The default again, half a round later: its ratio to the default is the noise of this run (an A/A test).
-    sides.insert(len(sides) // 2, Side("default, again", "(noise: A/A)", model, suite))
-    sides.append(Side("dtype", "bf16 autocast", model, dataclasses.replace(suite, compute_dtype="bfloat16")))
-
-    # torch.compile of the decoder body (score_tokens runs the body and the head apart), on its own copy.
-    with torch.inference_mode():
-        t = time.perf_counter()
-        ref.score(chunks[: args.batch])
-        t_eager_first = time.perf_counter() - t
-    compiled = copy.deepcopy(model)
-    compiled.model.compile()
-    t = time.perf_counter()
-    try:
-        with torch.inference_mode():
-            Side("compile", "", compiled, suite).score(chunks[: args.batch])
-        t_compile = time.perf_counter() - t
+    sides.insert(max(1, len(sides) // 2), Side("default, again", "(noise: A/A)", model, suite))
+    if "bf16" in knobs:
         sides.append(
-            Side("torch.compile", "mode default", compiled, suite, note=f"compile {t_compile:.0f} s")
+            Side("dtype", "bf16 autocast", model, dataclasses.replace(suite, compute_dtype="bfloat16"))
         )
-        print(
-            f"torch.compile: first call {t_compile:.1f} s (an uncompiled call on the same chunks: {t_eager_first:.1f} s)"
-        )
-    except Exception as err:  # noqa: BLE001 (reported as one line: what this torch/transformers says)
-        print(f"torch.compile failed: {_first_line(err)}")
-        del compiled
-
-    llama, keep = _llama_sides(loaded, suite, threads)
+    if "compile" in knobs:
+        sides += _compiled_side(model, ref, chunks, suite, args.batch)
+    llama, keep = _llama_sides(loaded, suite, threads) if "llama" in knobs else ([], [])
     sides += llama
 
     for side in sides:  # warm-up: allocator, kernel selection, llama.cpp context creation
