@@ -256,7 +256,8 @@ def main() -> int:
                 best_name, best = min(exact, key=lambda nm: nm[1]["kl_mean"])
                 verdict = "lower" if best["kl_mean"] < anchor["kl_mean"] else "NOT lower"
                 print(
-                    f"best workbench file no larger than Q4_K_M: {best_name}: {best['gguf_file_mb']:.1f} MB, "
+                    f"best workbench file no larger than Q4_K_M: {best_name}: {best['gguf_file_mb']:.3f} MB "
+                    f"(Q4_K_M: {anchor['gguf_file_mb']:.3f} MB), "
                     f"KL {best['kl_mean']:.4f}: {verdict} than Q4_K_M's (ratio "
                     f"{best['kl_mean'] / max(anchor['kl_mean'], 1e-12):.2f})"
                 )
