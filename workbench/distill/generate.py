@@ -26,8 +26,6 @@ import hashlib
 import inspect
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from workbench.distill.logit_store import write_entry
 from workbench.errors import ConfigError, RunInterrupted
 from workbench.progress import Progress
 
@@ -442,29 +441,15 @@ def generate_corpus(
     )
     prompt_lengths = np.array([len(p) for p in prompts], dtype=np.int64)
     result = GeneratedCorpus(ids, offsets, prompt_lengths, seconds, made, folder)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    try:
-        np.save(tmp / "ids.npy", ids)
-        np.save(tmp / "offsets.npy", offsets)
-        np.save(tmp / "prompt_lengths.npy", prompt_lengths)
-        meta = {
-            "config": asdict(config),
-            "teacher": digest,
-            "sequences": n,
-            "new_tokens": made,
-            "seconds": seconds,
-            "format": FORMAT,
-        }
-        # meta.json is what marks an entry complete; it is written last, inside the folder renamed into place.
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process stored the same entry first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    meta = {
+        "config": asdict(config),
+        "teacher": digest,
+        "sequences": n,
+        "new_tokens": made,
+        "seconds": seconds,
+        "format": FORMAT,
+    }
+    write_entry(folder, {"ids.npy": ids, "offsets.npy": offsets, "prompt_lengths.npy": prompt_lengths}, meta)
     return result
 
 

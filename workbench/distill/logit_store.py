@@ -26,6 +26,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -127,6 +128,25 @@ def _entry_key(
     return f"{kind}{k}-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def write_entry(folder: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """Store a cache entry so that it is complete or absent: arrays and ``meta.json`` (written last, the mark of
+    a complete entry) go to a temporary folder beside ``folder``, renamed into place; when another process stored
+    the same entry first, theirs is kept."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    try:
+        for name, array in arrays.items():
+            np.save(tmp / name, array)
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process stored the same entry first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 @torch.no_grad()
 def build_store(
     teacher: nn.Module,
@@ -174,28 +194,16 @@ def build_store(
             ids[start : start + len(batch)] = drawn.reshape(len(batch), s, k).numpy()
             weights[start : start + len(batch)] = freq.reshape(len(batch), s, k).numpy()
     progress.update(1.0, "teacher logits stored")
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    try:
-        np.save(tmp / "ids.npy", ids)
-        np.save(tmp / "weights.npy", weights)
-        meta = {
-            "kind": kind,
-            "k": k,
-            "temperature": temperature,
-            "seed": seed,
-            "windows": [n, s],
-            "teacher": digest,
-            "format": FORMAT,
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process stored the same entry first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    meta = {
+        "kind": kind,
+        "k": k,
+        "temperature": temperature,
+        "seed": seed,
+        "windows": [n, s],
+        "teacher": digest,
+        "format": FORMAT,
+    }
+    write_entry(folder, {"ids.npy": ids, "weights.npy": weights}, meta)
     return TeacherStore(kind, ids, weights, temperature, folder)
 
 

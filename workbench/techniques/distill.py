@@ -65,18 +65,7 @@ class DistillConfig:
     """Knowledge distillation of the current model from the teacher (the loaded base model)."""
 
     # Stored only when set (see config_to_dict): runs recorded before these existed still match their pipelines.
-    ADDED_FIELDS: ClassVar[tuple[str, ...]] = (
-        "data",
-        "gen_source",
-        "gen_prompts",
-        "gen_prompt_file",
-        "gen_prompt_tokens",
-        "gen_new_tokens",
-        "gen_sequences",
-        "gen_temperature",
-        "gen_top_p",
-        "gen_batch_size",
-    )
+    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("data", *_GEN_FIELDS)
 
     loss: str = field(
         default="forward_kl",
