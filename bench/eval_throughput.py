@@ -49,6 +49,21 @@ KNOBS = ("threads", "batch", "head", "attention", "bf16", "compile", "llama")  #
 REFERENCE_RATIO = 918 / 581  # llama.cpp F32 / plain loop measured once earlier (2 threads): a reference only
 
 
+def bench_suite(name: str, args):
+    """``--chunks`` chunks of 512 tokens, every position after the first scored, ``--batch`` chunks per pass."""
+    from workbench import evaluate as ev
+
+    return ev.Suite(
+        name,
+        n_tokens=512 * args.chunks,
+        context_length=512,
+        scoring="full",
+        batch_size=args.batch,
+        speed=False,
+        n_generations=0,
+    )
+
+
 def plain_nll(model: torch.nn.Module, chunk: torch.Tensor) -> torch.Tensor:
     """The plain loop's NLL for one chunk: full logits, log-softmax, every position after the first."""
     logits = model(chunk[None]).logits[0]
@@ -122,15 +137,7 @@ def main() -> None:
         f"{args.model} model loaded in {time.perf_counter() - t0:.1f} s; threads = {torch.get_num_threads()}; "
         f"attention = {model.config._attn_implementation}"
     )
-    suite = ev.Suite(
-        "bench-eval",
-        n_tokens=512 * args.chunks,
-        context_length=512,
-        scoring="full",
-        batch_size=args.batch,
-        speed=False,
-        n_generations=0,
-    )
+    suite = bench_suite("bench-eval", args)
     chunks = ev.suite_chunks(tok, suite)
     n = chunks.shape[0]
     llama = _llama_cpp_f32(loaded, args.threads)
@@ -391,15 +398,7 @@ def study(args: argparse.Namespace) -> None:
     loaded = load_model(args.model)
     model, tok = loaded.model, loaded.tokenizer
     threads = args.threads
-    suite = ev.Suite(
-        "bench-eval-study",
-        n_tokens=512 * args.chunks,
-        context_length=512,
-        scoring="full",
-        batch_size=args.batch,
-        speed=False,
-        n_generations=0,
-    )
+    suite = bench_suite("bench-eval-study", args)
     chunks = ev.suite_chunks(tok, suite)
     vocab = int(model.config.vocab_size)
     rows_per_batch = args.batch * suite.scored_per_chunk
